@@ -1,0 +1,699 @@
+/* The checkpoint format (doc/FORMAT.md): explicit little-endian fields, a
+ * CRC-32 over everything before it, atomic file writes, and a loader that
+ * validates every field before it trusts it. */
+#include "internal.h"
+#include "kernels.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define CKPT_MAGIC "IMMLCKPT"
+#define CKPT_VERSION 1u
+#define CKPT_HEADER 24 /* magic 8, version 4, reserved 4, payload size 8 */
+#define CKPT_TRAILER 4 /* CRC-32 */
+
+/* ---- CRC-32 (IEEE 802.3, reflected 0xEDB88320) ---------------------- */
+
+static uint32_t crc32_ieee(const unsigned char *p, size_t n) {
+  uint32_t table[256];
+  for (uint32_t i = 0; i < 256; i++) {
+    uint32_t c = i;
+    for (int j = 0; j < 8; j++)
+      c = (c & 1u) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+    table[i] = c;
+  }
+  uint32_t crc = 0xFFFFFFFFu;
+  for (size_t i = 0; i < n; i++)
+    crc = table[(crc ^ p[i]) & 0xFFu] ^ (crc >> 8);
+  return crc ^ 0xFFFFFFFFu;
+}
+
+/* ---- writer: with base NULL it only counts ------------------------- */
+
+typedef struct writer {
+  unsigned char *base;
+  size_t pos;
+} writer;
+
+static void put_bytes(writer *w, const void *src, size_t n) {
+  if (w->base)
+    memcpy(w->base + w->pos, src, n);
+  w->pos += n;
+}
+
+static void put_u32(writer *w, uint32_t v) {
+  unsigned char b[4] = {(unsigned char)v, (unsigned char)(v >> 8),
+                        (unsigned char)(v >> 16), (unsigned char)(v >> 24)};
+  put_bytes(w, b, 4);
+}
+
+static void put_u64(writer *w, uint64_t v) {
+  put_u32(w, (uint32_t)v);
+  put_u32(w, (uint32_t)(v >> 32));
+}
+
+static void put_f32(writer *w, float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  put_u32(w, u);
+}
+
+static void put_f32s(writer *w, const float *x, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    put_f32(w, x[i]);
+}
+
+static void write_model(writer *w, const imml_model *m) {
+  const imml_config *c = &m->cfg;
+  const int M = c->n_modalities, k = c->knowledge_dim;
+  put_bytes(w, CKPT_MAGIC, 8);
+  put_u32(w, CKPT_VERSION);
+  put_u32(w, 0); /* reserved */
+  const size_t size_pos = w->pos;
+  put_u64(w, 0); /* payload size, patched below */
+  const size_t payload_start = w->pos;
+  /* config */
+  put_u32(w, (uint32_t)M);
+  for (int mm = 0; mm < M; mm++)
+    put_u32(w, (uint32_t)c->dims[mm]);
+  put_u32(w, (uint32_t)c->hidden_dim);
+  put_u32(w, (uint32_t)k);
+  put_u32(w, (uint32_t)c->n_classes);
+  put_u32(w, (uint32_t)c->max_batch);
+  put_u32(w, (uint32_t)c->dict_size);
+  put_f32(w, c->beta);
+  put_f32(w, c->gamma1);
+  put_f32(w, c->gamma2);
+  put_f32(w, c->tau);
+  put_u32(w, (uint32_t)c->predominant);
+  put_u32(w, (uint32_t)c->warmup_steps);
+  put_u32(w, (uint32_t)c->slot_mode);
+  put_u64(w, c->seed);
+  put_u32(w, (uint32_t)m->builtin_ft);
+  /* predominant-modality state */
+  put_u32(w, (uint32_t)m->p_fixed);
+  put_u32(w, (uint32_t)(m->p_fixed ? m->p : -1));
+  put_u32(w, (uint32_t)m->steps);
+  put_f32s(w, m->ema, (size_t)M);
+  /* parameters */
+  put_u32(w, (uint32_t)m->n_tensors);
+  for (int i = 0; i < m->n_tensors; i++) {
+    const imml_tensor *t = &m->tensors[i];
+    const uint32_t len = (uint32_t)strlen(t->name);
+    put_u32(w, len);
+    put_bytes(w, t->name, len);
+    put_u32(w, (uint32_t)t->rows);
+    put_u32(w, (uint32_t)t->cols);
+    put_f32s(w, m->params + t->offset, (size_t)t->rows * t->cols);
+  }
+  /* strata dictionary */
+  put_u32(w, (uint32_t)m->dict_fill);
+  put_u32(w, (uint32_t)m->dict_pos);
+  put_f32s(w, m->dict, (size_t)m->dict_fill * M * k);
+  /* optimiser */
+  put_u32(w, (uint32_t)m->opt.active);
+  if (m->opt.active) {
+    const imml_optim_config *o = &m->opt.cfg;
+    put_u32(w, (uint32_t)o->kind);
+    put_f32(w, o->lr);
+    put_f32(w, o->weight_decay);
+    put_f32(w, o->momentum);
+    put_u32(w, (uint32_t)o->nesterov);
+    put_f32(w, o->beta1);
+    put_f32(w, o->beta2);
+    put_f32(w, o->eps);
+    put_f32(w, o->clip_norm);
+    put_u64(w, (uint64_t)m->opt.t);
+    put_u32(w, (uint32_t)m->opt.has_buf);
+    put_f32s(w, m->opt.m1, m->n_params);
+    put_f32s(w, m->opt.m2, m->n_params);
+  }
+  const uint64_t payload = (uint64_t)(w->pos - payload_start);
+  if (w->base) {
+    writer patch = {w->base, size_pos};
+    put_u64(&patch, payload);
+    const uint32_t crc = crc32_ieee(w->base, w->pos);
+    put_u32(w, crc);
+  } else {
+    w->pos += CKPT_TRAILER;
+  }
+}
+
+static size_t checkpoint_size(const imml_model *m) {
+  writer w = {NULL, 0};
+  write_model(&w, m);
+  return w.pos;
+}
+
+imml_status imml_save_mem(imml_model *m, void *buf, size_t capacity,
+                          size_t *size) {
+  if (!m)
+    return IMML_ERR_NULL;
+  m->errmsg[0] = '\0';
+  if (!size)
+    return imml_fail(m, IMML_ERR_NULL, "size is NULL");
+  const size_t need = checkpoint_size(m);
+  if (!buf) {
+    *size = need;
+    return IMML_OK;
+  }
+  if (capacity < need) {
+    *size = need;
+    return imml_fail(m, IMML_ERR_BUFFER_SMALL,
+                     "capacity = %zu bytes: the checkpoint needs %zu", capacity,
+                     need);
+  }
+  writer w = {buf, 0};
+  write_model(&w, m);
+  *size = w.pos;
+  return IMML_OK;
+}
+
+imml_status imml_save(imml_model *m, const char *path) {
+  if (!m)
+    return IMML_ERR_NULL;
+  m->errmsg[0] = '\0';
+  if (!path)
+    return imml_fail(m, IMML_ERR_NULL, "path is NULL");
+  const size_t need = checkpoint_size(m);
+  unsigned char *buf = imml_alloc(&m->alloc, need);
+  if (!buf)
+    return imml_fail(m, IMML_ERR_NOMEM,
+                     "out of memory for a %zu-byte checkpoint buffer", need);
+  writer w = {buf, 0};
+  write_model(&w, m);
+  const size_t plen = strlen(path);
+  char *tmp = imml_alloc(&m->alloc, plen + 16);
+  if (!tmp) {
+    imml_free(&m->alloc, buf);
+    return imml_fail(m, IMML_ERR_NOMEM, "out of memory for a file name");
+  }
+  memcpy(tmp, path, plen);
+  memcpy(tmp + plen, ".tmp.XXXXXX", 12);
+  imml_status st = IMML_OK;
+  int fd = mkstemp(tmp);
+  if (fd < 0) {
+    st = imml_fail(m, IMML_ERR_IO,
+                   "cannot create a temporary file beside "
+                   "'%s': %s",
+                   path, strerror(errno));
+    goto out;
+  }
+  size_t done = 0;
+  while (done < need) {
+    ssize_t r = write(fd, buf + done, need - done);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r <= 0) {
+      st = imml_fail(m, IMML_ERR_IO, "writing '%s': %s", tmp,
+                     r < 0 ? strerror(errno) : "no progress");
+      break;
+    }
+    done += (size_t)r;
+  }
+  if (st == IMML_OK && fsync(fd) != 0)
+    st = imml_fail(m, IMML_ERR_IO, "fsync of '%s': %s", tmp, strerror(errno));
+  if (close(fd) != 0 && st == IMML_OK)
+    st = imml_fail(m, IMML_ERR_IO, "closing '%s': %s", tmp, strerror(errno));
+  if (st == IMML_OK && rename(tmp, path) != 0)
+    st = imml_fail(m, IMML_ERR_IO, "renaming '%s' to '%s': %s", tmp, path,
+                   strerror(errno));
+  if (st != IMML_OK)
+    unlink(tmp);
+out:
+  imml_free(&m->alloc, tmp);
+  imml_free(&m->alloc, buf);
+  return st;
+}
+
+/* ---- reader: every read is bounds-checked -------------------------- */
+
+typedef struct reader {
+  const unsigned char *p;
+  size_t pos, end;
+  char *err;
+  size_t err_size;
+  imml_status st;
+} reader;
+
+static int need(reader *r, size_t n, const char *field) {
+  if (r->st != IMML_OK)
+    return 0;
+  if (n > r->end - r->pos) {
+    imml_set_err(r->err, r->err_size,
+                 "%s at offset %zu: needs %zu bytes, only %zu remain", field,
+                 r->pos, n, r->end - r->pos);
+    r->st = IMML_ERR_TRUNCATED;
+    return 0;
+  }
+  return 1;
+}
+
+static uint32_t get_u32(reader *r, const char *field) {
+  if (!need(r, 4, field))
+    return 0;
+  const unsigned char *b = r->p + r->pos;
+  r->pos += 4;
+  return (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 |
+         (uint32_t)b[3] << 24;
+}
+
+static uint64_t get_u64(reader *r, const char *field) {
+  const uint64_t lo = get_u32(r, field);
+  const uint64_t hi = get_u32(r, field);
+  return lo | hi << 32;
+}
+
+static float get_f32(reader *r, const char *field) {
+  const uint32_t u = get_u32(r, field);
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+static int get_f32s(reader *r, float *x, size_t n, const char *field) {
+  size_t bytes;
+  if (!imml_size_mul(&bytes, n, 4) || !need(r, bytes, field))
+    return 0;
+  const size_t at = r->pos;
+  for (size_t i = 0; i < n; i++)
+    x[i] = get_f32(r, field);
+  if (!k_all_finite(n, x)) {
+    imml_set_err(r->err, r->err_size, "%s at offset %zu holds NaN or infinity",
+                 field, at);
+    r->st = IMML_ERR_NONFINITE;
+    return 0;
+  }
+  return 1;
+}
+
+static int bad(reader *r, imml_status st, size_t at, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 4, 5)))
+#endif
+    ;
+static int bad(reader *r, imml_status st, size_t at, const char *fmt, ...) {
+  char msg[200];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  imml_set_err(r->err, r->err_size, "%s (offset %zu)", msg, at);
+  r->st = st;
+  return 0;
+}
+
+/* Reads a u32 that must fit a non-negative int. */
+static int get_int(reader *r, const char *field, int *out) {
+  const size_t at = r->pos;
+  const uint32_t v = get_u32(r, field);
+  if (r->st != IMML_OK)
+    return 0;
+  if (v > 0x7FFFFFFFu)
+    return bad(r, IMML_ERR_FORMAT, at, "%s = %u is out of range", field, v);
+  *out = (int)v;
+  return 1;
+}
+
+static int read_config(reader *r, imml_config *c, int *dims, int *builtin) {
+  imml_config_init(c);
+  size_t at = r->pos;
+  const uint32_t M = get_u32(r, "config.n_modalities");
+  if (r->st != IMML_OK)
+    return 0;
+  if (M < 2 || M > IMML_MAX_MODALITIES)
+    return bad(r, IMML_ERR_FORMAT, at,
+               "config.n_modalities = %u: must be in "
+               "2..%d",
+               M, IMML_MAX_MODALITIES);
+  c->n_modalities = (int)M;
+  for (uint32_t mm = 0; mm < M; mm++)
+    if (!get_int(r, "config.dims", &dims[mm]))
+      return 0;
+  c->dims = dims;
+  get_int(r, "config.hidden_dim", &c->hidden_dim);
+  get_int(r, "config.knowledge_dim", &c->knowledge_dim);
+  get_int(r, "config.n_classes", &c->n_classes);
+  get_int(r, "config.max_batch", &c->max_batch);
+  get_int(r, "config.dict_size", &c->dict_size);
+  c->beta = get_f32(r, "config.beta");
+  c->gamma1 = get_f32(r, "config.gamma1");
+  c->gamma2 = get_f32(r, "config.gamma2");
+  c->tau = get_f32(r, "config.tau");
+  c->predominant = (int32_t)get_u32(r, "config.predominant");
+  get_int(r, "config.warmup_steps", &c->warmup_steps);
+  get_int(r, "config.slot_mode", &c->slot_mode);
+  c->seed = get_u64(r, "config.seed");
+  at = r->pos;
+  const uint32_t b = get_u32(r, "builtin_ft");
+  if (r->st != IMML_OK)
+    return 0;
+  if (b > 1)
+    return bad(r, IMML_ERR_FORMAT, at, "builtin_ft = %u: must be 0 or 1", b);
+  *builtin = (int)b;
+  char msg[200];
+  imml_status st = imml_config_validate(c, NULL, NULL, msg, sizeof msg);
+  if (st != IMML_OK)
+    return bad(r,
+               st == IMML_ERR_TOO_LARGE ? IMML_ERR_TOO_LARGE : IMML_ERR_FORMAT,
+               CKPT_HEADER, "%s", msg);
+  return 1;
+}
+
+/* Bytes the rest of the payload must hold at least, from the config alone:
+ * rejects absurd sizes before anything is allocated. */
+static int check_room(reader *r, const imml_config *c, uint64_t n_params) {
+  const uint64_t M = (uint64_t)c->n_modalities;
+  uint64_t min_bytes = 12 + 4 * M + 4 + 4 * n_params + 8;
+  if (min_bytes > r->end - r->pos)
+    return bad(r, IMML_ERR_TRUNCATED, r->pos,
+               "the config implies %llu parameters but only %zu bytes remain",
+               (unsigned long long)n_params, r->end - r->pos);
+  return 1;
+}
+
+static imml_status parse(const unsigned char *buf, size_t size,
+                         const imml_ft_ops *ft, const imml_allocator *alloc,
+                         imml_model **out, char *err, size_t n) {
+  reader r = {buf, 0, size, err, n, IMML_OK};
+  if (size < 8 ? memcmp(buf, CKPT_MAGIC, size) != 0
+               : memcmp(buf, CKPT_MAGIC, 8) != 0) {
+    imml_set_err(err, n, "bad magic at offset 0: not an imml checkpoint");
+    return IMML_ERR_BAD_MAGIC;
+  }
+  if (size < CKPT_HEADER + CKPT_TRAILER) {
+    imml_set_err(err, n,
+                 "%zu bytes: shorter than the %d-byte header and "
+                 "checksum",
+                 size, CKPT_HEADER + CKPT_TRAILER);
+    return IMML_ERR_TRUNCATED;
+  }
+  r.pos = 8;
+  const uint32_t version = get_u32(&r, "version");
+  if (version != CKPT_VERSION) {
+    imml_set_err(err, n,
+                 "format version %u at offset 8: this library reads "
+                 "version %u",
+                 version, CKPT_VERSION);
+    return IMML_ERR_BAD_VERSION;
+  }
+  const uint32_t reserved = get_u32(&r, "reserved");
+  if (reserved != 0) {
+    imml_set_err(err, n, "reserved field at offset 12 = %u: must be 0",
+                 reserved);
+    return IMML_ERR_FORMAT;
+  }
+  const uint64_t payload = get_u64(&r, "payload size");
+  const uint64_t avail = size - CKPT_HEADER - CKPT_TRAILER;
+  if (payload > avail) {
+    imml_set_err(err, n,
+                 "payload size %llu at offset 16: only %llu bytes "
+                 "follow the header",
+                 (unsigned long long)payload, (unsigned long long)avail);
+    return IMML_ERR_TRUNCATED;
+  }
+  if (payload < avail) {
+    imml_set_err(err, n,
+                 "payload size %llu at offset 16: %llu bytes of "
+                 "trailing data",
+                 (unsigned long long)payload,
+                 (unsigned long long)(avail - payload));
+    return IMML_ERR_FORMAT;
+  }
+  const size_t crc_at = size - CKPT_TRAILER;
+  const uint32_t stored =
+      (uint32_t)buf[crc_at] | (uint32_t)buf[crc_at + 1] << 8 |
+      (uint32_t)buf[crc_at + 2] << 16 | (uint32_t)buf[crc_at + 3] << 24;
+  const uint32_t actual = crc32_ieee(buf, crc_at);
+  if (stored != actual) {
+    imml_set_err(err, n, "CRC-32 at offset %zu is %08x, the data gives %08x",
+                 crc_at, stored, actual);
+    return IMML_ERR_CHECKSUM;
+  }
+  r.end = crc_at;
+
+  imml_config c;
+  int dims[IMML_MAX_MODALITIES];
+  int builtin = 0;
+  if (!read_config(&r, &c, dims, &builtin))
+    return r.st;
+  if (!builtin && !ft) {
+    imml_set_err(err, n,
+                 "the checkpoint was saved with host F&T callbacks: "
+                 "pass the same imml_ft_ops to load it");
+    return IMML_ERR_NEED_CALLBACKS;
+  }
+  if (builtin && ft) {
+    imml_set_err(err, n,
+                 "the checkpoint uses the built-in F&T: pass ft = "
+                 "NULL");
+    return IMML_ERR_INVALID_ARG;
+  }
+  imml_ft_ops ops;
+  if (ft) {
+    imml_status st = imml_ft_validate(ft, &ops, err, n);
+    if (st != IMML_OK)
+      return st;
+  }
+  const int M = c.n_modalities, k = c.knowledge_dim;
+  /* predominant-modality state */
+  size_t at = r.pos;
+  const uint32_t p_fixed = get_u32(&r, "p_fixed");
+  const int32_t p = (int32_t)get_u32(&r, "p");
+  int steps = 0;
+  get_int(&r, "warmup steps", &steps);
+  float ema[IMML_MAX_MODALITIES];
+  if (!get_f32s(&r, ema, (size_t)M, "ema"))
+    return r.st;
+  if (p_fixed > 1 || (p_fixed && (p < 0 || p >= M)) || (!p_fixed && p != -1))
+    return bad(&r, IMML_ERR_FORMAT, at,
+               "predominant state (fixed %u, p %d) is invalid for %d "
+               "modalities",
+               p_fixed, p, M),
+           r.st;
+  if (c.predominant >= 0 && (!p_fixed || p != c.predominant))
+    return bad(&r, IMML_ERR_FORMAT, at,
+               "config names predominant %d but the state says %d",
+               c.predominant, p),
+           r.st;
+  if (!p_fixed && steps >= c.warmup_steps)
+    return bad(&r, IMML_ERR_FORMAT, at,
+               "warm-up steps %d >= warmup_steps %d but p is not fixed", steps,
+               c.warmup_steps),
+           r.st;
+  for (int mm = 0; mm < M; mm++)
+    if (!(ema[mm] >= 0.0f && ema[mm] <= 1.0f))
+      return bad(&r, IMML_ERR_FORMAT, at, "ema[%d] = %g outside [0, 1]", mm,
+                 (double)ema[mm]),
+             r.st;
+  imml_tensor layout[IMML_MAX_TENSORS];
+  int nt = 0;
+  const uint64_t np = imml_params_layout(&c, builtin, layout, &nt);
+  if (!check_room(&r, &c, np))
+    return r.st;
+  /* Sizes are now bounded by the bytes present: safe to allocate. */
+  c.allocator = alloc ? *alloc : c.allocator;
+  imml_model *m = NULL;
+  imml_status st = imml_model_build(&c, dims, ft ? &ops : NULL, &m, err, n);
+  if (st != IMML_OK)
+    return st;
+  m->p_fixed = (int)p_fixed;
+  m->p = p;
+  m->steps = steps;
+  memcpy(m->ema, ema, (size_t)M * sizeof(float));
+  at = r.pos;
+  const uint32_t ntf = get_u32(&r, "tensor count");
+  if (r.st == IMML_OK && ntf != (uint32_t)m->n_tensors)
+    bad(&r, IMML_ERR_FORMAT, at, "%u tensors, the config implies %d", ntf,
+        m->n_tensors);
+  for (int i = 0; i < m->n_tensors && r.st == IMML_OK; i++) {
+    const imml_tensor *t = &m->tensors[i];
+    at = r.pos;
+    const uint32_t len = get_u32(&r, "tensor name length");
+    if (r.st != IMML_OK)
+      break;
+    if (len != strlen(t->name) || !need(&r, len, "tensor name") ||
+        memcmp(r.p + r.pos, t->name, len) != 0) {
+      if (r.st == IMML_OK)
+        bad(&r, IMML_ERR_FORMAT, at, "tensor %d: expected name '%s'", i,
+            t->name);
+      break;
+    }
+    r.pos += len;
+    at = r.pos;
+    const uint32_t rows = get_u32(&r, "tensor rows");
+    const uint32_t cols = get_u32(&r, "tensor cols");
+    if (r.st == IMML_OK &&
+        (rows != (uint32_t)t->rows || cols != (uint32_t)t->cols)) {
+      bad(&r, IMML_ERR_FORMAT, at,
+          "tensor '%s' is %u x %u, the config implies %d x %d", t->name, rows,
+          cols, t->rows, t->cols);
+      break;
+    }
+    get_f32s(&r, m->params + t->offset, (size_t)t->rows * t->cols, t->name);
+  }
+  at = r.pos;
+  int fill = 0, pos = 0;
+  get_int(&r, "dictionary fill", &fill);
+  get_int(&r, "dictionary position", &pos);
+  if (r.st == IMML_OK &&
+      (fill > c.dict_size || (fill < c.dict_size && pos != fill) ||
+       (fill == c.dict_size && pos >= c.dict_size)))
+    bad(&r, IMML_ERR_FORMAT, at,
+        "dictionary fill %d / position %d invalid for dict_size %d", fill, pos,
+        c.dict_size);
+  if (r.st == IMML_OK) {
+    m->dict_fill = fill;
+    m->dict_pos = pos;
+    get_f32s(&r, m->dict, (size_t)fill * M * k, "dictionary entries");
+  }
+  at = r.pos;
+  const uint32_t has_opt = get_u32(&r, "optimiser flag");
+  if (r.st == IMML_OK && has_opt > 1)
+    bad(&r, IMML_ERR_FORMAT, at, "optimiser flag = %u: must be 0 or 1",
+        has_opt);
+  if (r.st == IMML_OK && has_opt) {
+    imml_optim_config o;
+    imml_optim_config_init(&o, IMML_OPT_ADAMW);
+    at = r.pos;
+    get_int(&r, "optim.kind", &o.kind);
+    o.lr = get_f32(&r, "optim.lr");
+    o.weight_decay = get_f32(&r, "optim.weight_decay");
+    o.momentum = get_f32(&r, "optim.momentum");
+    get_int(&r, "optim.nesterov", &o.nesterov);
+    o.beta1 = get_f32(&r, "optim.beta1");
+    o.beta2 = get_f32(&r, "optim.beta2");
+    o.eps = get_f32(&r, "optim.eps");
+    o.clip_norm = get_f32(&r, "optim.clip_norm");
+    const uint64_t t = get_u64(&r, "optim.step");
+    int has_buf = 0;
+    get_int(&r, "optim.has_buf", &has_buf);
+    char msg[200];
+    if (r.st == IMML_OK) {
+      imml_optim_config ok;
+      if (imml_optim_validate(&o, &ok, msg, sizeof msg) != IMML_OK)
+        bad(&r, IMML_ERR_FORMAT, at, "%s", msg);
+      else if (t > (uint64_t)INT64_MAX || has_buf > 1)
+        bad(&r, IMML_ERR_FORMAT, at,
+            "optimiser step %llu / has_buf %d "
+            "invalid",
+            (unsigned long long)t, has_buf);
+      else if (imml_optim_alloc(m, &ok) != IMML_OK) {
+        imml_set_err(err, n, "%s", m->errmsg);
+        r.st = IMML_ERR_NOMEM;
+      } else {
+        m->opt.t = (int64_t)t;
+        m->opt.has_buf = has_buf;
+        get_f32s(&r, m->opt.m1, m->n_params, "optimiser moment 1");
+        get_f32s(&r, m->opt.m2, m->n_params, "optimiser moment 2");
+      }
+    }
+  }
+  if (r.st == IMML_OK && r.pos != r.end)
+    bad(&r, IMML_ERR_FORMAT, r.pos, "%zu unexpected bytes before the CRC",
+        r.end - r.pos);
+  if (r.st != IMML_OK) {
+    imml_model_free(m);
+    return r.st;
+  }
+  *out = m;
+  return IMML_OK;
+}
+
+void imml_load_options_init(imml_load_options *opt) {
+  if (!opt)
+    return;
+  memset(opt, 0, sizeof *opt);
+  opt->struct_size = sizeof *opt;
+}
+
+imml_status imml_load_mem_ex(const void *buf, size_t size,
+                             const imml_ft_ops *ft,
+                             const imml_load_options *opt, imml_model **out) {
+  char *err = NULL;
+  size_t n = 0;
+  if (opt && opt->struct_size >= sizeof *opt) {
+    err = opt->errmsg;
+    n = opt->errmsg_size;
+  }
+  if (err && n)
+    err[0] = '\0';
+  if (!out) {
+    imml_set_err(err, n, "out is NULL");
+    return IMML_ERR_NULL;
+  }
+  *out = NULL;
+  if (opt && opt->struct_size < sizeof *opt) {
+    return IMML_ERR_INVALID_ARG;
+  }
+  if (!buf) {
+    imml_set_err(err, n, "buffer is NULL");
+    return IMML_ERR_NULL;
+  }
+  const imml_allocator *alloc = opt ? &opt->allocator : NULL;
+  if (alloc && !alloc->malloc_fn != !alloc->free_fn) {
+    imml_set_err(err, n,
+                 "allocator: malloc_fn and free_fn must both be set "
+                 "or both be NULL");
+    return IMML_ERR_INVALID_ARG;
+  }
+  return parse(buf, size, ft, alloc, out, err, n);
+}
+
+imml_status imml_load_mem(const void *buf, size_t size, const imml_ft_ops *ft,
+                          imml_model **out) {
+  return imml_load_mem_ex(buf, size, ft, NULL, out);
+}
+
+imml_status imml_load_ex(const char *path, const imml_ft_ops *ft,
+                         const imml_load_options *opt, imml_model **out) {
+  char *err = NULL;
+  size_t n = 0;
+  if (opt && opt->struct_size >= sizeof *opt) {
+    err = opt->errmsg;
+    n = opt->errmsg_size;
+  }
+  if (!out || !path) {
+    imml_set_err(err, n, "%s is NULL", out ? "path" : "out");
+    return IMML_ERR_NULL;
+  }
+  *out = NULL;
+  const imml_allocator *alloc = opt ? &opt->allocator : NULL;
+  FILE *f = fopen(path, "rb");
+  if (!f) {
+    imml_set_err(err, n, "cannot open '%s': %s", path, strerror(errno));
+    return IMML_ERR_IO;
+  }
+  imml_status st = IMML_OK;
+  unsigned char *buf = NULL;
+  long len = -1;
+  if (fseek(f, 0, SEEK_END) == 0)
+    len = ftell(f);
+  if (len < 0 || fseek(f, 0, SEEK_SET) != 0) {
+    imml_set_err(err, n, "cannot determine the size of '%s'", path);
+    st = IMML_ERR_IO;
+  } else {
+    buf = imml_alloc(alloc, (size_t)len);
+    if (!buf) {
+      imml_set_err(err, n, "out of memory reading '%s' (%ld bytes)", path, len);
+      st = IMML_ERR_NOMEM;
+    } else if (fread(buf, 1, (size_t)len, f) != (size_t)len) {
+      imml_set_err(err, n, "reading '%s' failed", path);
+      st = IMML_ERR_IO;
+    }
+  }
+  fclose(f);
+  if (st == IMML_OK)
+    st = imml_load_mem_ex(buf, (size_t)len, ft, opt, out);
+  imml_free(alloc, buf);
+  return st;
+}
+
+imml_status imml_load(const char *path, const imml_ft_ops *ft,
+                      imml_model **out) {
+  return imml_load_ex(path, ft, NULL, out);
+}

@@ -1,0 +1,136 @@
+/* The beta-generalization front-door adjustment (METHOD.md section 2):
+ * the strata ring, the cross-sample attention, the F&T slots, and their
+ * backward.  No gradient ever flows into the strata. */
+#include "internal.h"
+#include "kernels.h"
+
+#include <math.h>
+#include <string.h>
+
+fdc_view fdc_dict_view(const imml_model *m) {
+  fdc_view v;
+  const int k = m->cfg.knowledge_dim, M = m->cfg.n_modalities;
+  memset(&v, 0, sizeof v);
+  for (int mm = 0; mm < M; mm++)
+    v.d[mm] = m->dict + (size_t)mm * k;
+  v.ld = M * k;
+  v.n = m->dict_fill;
+  return v;
+}
+
+fdc_view fdc_batch_view(const imml_model *m, const float *const *z, int n) {
+  fdc_view v;
+  memset(&v, 0, sizeof v);
+  for (int mm = 0; mm < m->cfg.n_modalities; mm++)
+    v.d[mm] = z[mm];
+  v.ld = m->cfg.knowledge_dim;
+  v.n = n;
+  return v;
+}
+
+/* Modality at position pos of the stacked order [p; a1; a2; ...]. */
+static int order_at(int p, int pos) {
+  if (pos == 0)
+    return p;
+  return pos - 1 < p ? pos - 1 : pos;
+}
+
+void fdc_forward(const imml_model *m, imml_acts *a, int p,
+                 const float *const *z, float *const *slot, const fdc_view *v) {
+  const imml_config *c = &m->cfg;
+  const int B = a->batch, k = c->knowledge_dim, M = c->n_modalities, J = v->n;
+  const float *wq = m->params + m->tensors[IMML_PER_MODALITY * M].offset;
+  const float *wk = m->params + m->tensors[IMML_PER_MODALITY * M + 1].offset;
+  /* q (B, k) = [z_p; z_a1; ...] (B, Mk) Wq (Mk, k), one block at a time;
+   * c (J, k) likewise from the strata with Wk. */
+  for (int pos = 0; pos < M; pos++) {
+    const int mm = order_at(p, pos);
+    const float beta0 = pos == 0 ? 0.0f : 1.0f;
+    k_gemm(0, 0, B, k, k, 1.0f, z[mm], k, wq + (size_t)pos * k * k, k, beta0,
+           a->q, k);
+    k_gemm(0, 0, J, k, k, 1.0f, v->d[mm], v->ld, wk + (size_t)pos * k * k, k,
+           beta0, a->kk, k);
+  }
+  /* alpha (B, J) = softmax(q cᵀ / sqrt(k)) */
+  k_gemm(0, 1, B, J, k, 1.0f / sqrtf((float)k), a->q, k, a->kk, k, 0.0f,
+         a->alpha, J);
+  k_softmax_rows(B, J, a->alpha, J, a->alpha, J);
+  /* w = beta alpha + (1 - beta) / J */
+  const float beta = c->beta, flat = (1.0f - c->beta) / (float)J;
+  const size_t nw = (size_t)B * J;
+  for (size_t i = 0; i < nw; i++)
+    a->w[i] = beta * a->alpha[i] + flat;
+  const int cond = c->slot_mode == IMML_SLOT_CONDITIONAL;
+  for (int mm = 0; mm < M; mm++) {
+    if ((mm == p || cond) && slot[mm] != z[mm])
+      memcpy(slot[mm], z[mm], (size_t)B * k * sizeof(float));
+    if (mm == p)
+      continue;
+    /* xhat_a (B, k) = w (B, J) d_a (J, k); conditional adds it to z_a */
+    k_gemm(0, 0, B, k, J, 1.0f, a->w, J, v->d[mm], v->ld, cond ? 1.0f : 0.0f,
+           slot[mm], k);
+  }
+  a->view = *v;
+  a->p = p;
+}
+
+void fdc_backward(imml_model *m, float *G) {
+  const imml_config *c = &m->cfg;
+  imml_acts *a = &m->train;
+  imml_grads_scratch *g = &m->g;
+  const int B = a->batch, k = c->knowledge_dim, M = c->n_modalities;
+  const size_t bk = (size_t)B * k * sizeof(float);
+  /* Slots: dz_m = dslot_m, except strict mode where z_a reaches its slot
+   * only through the (detached) strata. */
+  for (int mm = 0; mm < M; mm++) {
+    if (a->warm || mm == a->p || c->slot_mode == IMML_SLOT_CONDITIONAL)
+      memcpy(g->dz[mm], g->dslot[mm], bk);
+    else
+      memset(g->dz[mm], 0, bk);
+  }
+  if (a->warm || c->beta == 0.0f)
+    return; /* no attention, or alpha has weight 0: zero gradient */
+  const fdc_view *v = &a->view;
+  const int J = v->n, p = a->p;
+  const float inv_sqrt_k = 1.0f / sqrtf((float)k);
+  float *dwq = G + m->tensors[IMML_PER_MODALITY * M].offset;
+  float *dwk = G + m->tensors[IMML_PER_MODALITY * M + 1].offset;
+  const float *wq = m->params + m->tensors[IMML_PER_MODALITY * M].offset;
+  /* dalpha (B, J) = beta sum_a dxhat_a (B, k) d_aᵀ (k, J) */
+  int first = 1;
+  for (int mm = 0; mm < M; mm++) {
+    if (mm == p)
+      continue;
+    k_gemm(0, 1, B, J, k, c->beta, g->dslot[mm], k, v->d[mm], v->ld,
+           first ? 0.0f : 1.0f, g->dw, J);
+    first = 0;
+  }
+  /* dE = alpha ⊙ (dalpha - rowsum(dalpha ⊙ alpha)) */
+  k_softmax_backward_rows(B, J, a->alpha, J, g->dw, J, g->de, J);
+  /* dQ (B, k) = dE (B, J) c (J, k) / sqrt(k); dK (J, k) = dEᵀ Q / sqrt(k) */
+  k_gemm(0, 0, B, k, J, inv_sqrt_k, g->de, J, a->kk, k, 0.0f, g->dq, k);
+  k_gemm(1, 0, J, k, B, inv_sqrt_k, g->de, J, a->q, k, 0.0f, g->dk, k);
+  for (int pos = 0; pos < M; pos++) {
+    const int mm = order_at(p, pos);
+    const size_t blk = (size_t)pos * k * k;
+    /* dWq block += z_mᵀ dQ; dWk block += d_mᵀ dK; dz_m += dQ Wq_blockᵀ */
+    k_gemm(1, 0, k, k, B, 1.0f, a->z[mm], k, g->dq, k, 1.0f, dwq + blk, k);
+    k_gemm(1, 0, k, k, J, 1.0f, v->d[mm], v->ld, g->dk, k, 1.0f, dwk + blk, k);
+    k_gemm(0, 1, B, k, k, 1.0f, g->dq, k, wq + blk, k, 1.0f, g->dz[mm], k);
+  }
+}
+
+void fdc_push(imml_model *m, const float *const *z, int batch) {
+  const int J = m->cfg.dict_size, k = m->cfg.knowledge_dim,
+            M = m->cfg.n_modalities;
+  const int start = batch > J ? batch - J : 0;
+  for (int i = start; i < batch; i++) {
+    float *entry = m->dict + (size_t)m->dict_pos * M * k;
+    for (int mm = 0; mm < M; mm++)
+      memcpy(entry + (size_t)mm * k, z[mm] + (size_t)i * k,
+             (size_t)k * sizeof(float));
+    m->dict_pos = (m->dict_pos + 1) % J;
+    if (m->dict_fill < J)
+      m->dict_fill++;
+  }
+}

@@ -1,0 +1,226 @@
+/*
+ * The model struct and the prototypes shared inside lib/.  Nothing here is
+ * exported: the shared library's symbols are those of imml.h only.
+ */
+#ifndef IMML_INTERNAL_H
+#define IMML_INTERNAL_H
+
+#include "imml.h"
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define IMML_ERRMSG_SIZE 256
+#define IMML_NAME_SIZE 16
+/* Per modality: w1 b1 w2 b2 wc bc; then fdc.wq fdc.wk ft.w ft.b. */
+#define IMML_PER_MODALITY 6
+#define IMML_MAX_TENSORS (IMML_PER_MODALITY * IMML_MAX_MODALITIES + 4)
+
+enum { T_W1 = 0, T_B1, T_W2, T_B2, T_WC, T_BC };
+
+typedef struct imml_tensor {
+  char name[IMML_NAME_SIZE];
+  int rows, cols;
+  int fan_in;    /* n_in of the layer (METHOD.md section 6) */
+  size_t offset; /* into params / grads, in floats */
+} imml_tensor;
+
+/* A read-only view of the strata a forward attends over: either the
+ * dictionary (row stride M k) or the batch's own detached knowledge. */
+typedef struct fdc_view {
+  const float *d[IMML_MAX_MODALITIES]; /* d[m]: (n, k), row stride ld */
+  int ld;
+  int n; /* J_eff */
+} fdc_view;
+
+/* Activations of one forward.  The model owns one for training (with the
+ * feature copies the backward needs) and one for evaluation; a public
+ * imml_workspace wraps another for imml_predict. */
+typedef struct imml_acts {
+  int batch;
+  int warm; /* 1: forward ran in warm-up (slots = z, no L_con) */
+  int p;    /* predominant modality used (-1 in warm-up) */
+  int has_labels;
+  fdc_view view;                    /* the strata attended over */
+  float *h[IMML_MAX_MODALITIES];    /* (B, d_m) copies, training only */
+  float *u[IMML_MAX_MODALITIES];    /* (B, H) relu(h W1 + b1) */
+  float *z[IMML_MAX_MODALITIES];    /* (B, k) knowledge */
+  float *o[IMML_MAX_MODALITIES];    /* (B, C) unimodal logits */
+  float *po[IMML_MAX_MODALITIES];   /* (B, C) softmax(o) */
+  float *nz[IMML_MAX_MODALITIES];   /* (B, k) row-normalised z */
+  float *r[IMML_MAX_MODALITIES];    /* (B) normalisation denominators */
+  float *s[IMML_MAX_MODALITIES];    /* (B, B) n_p n_aᵀ / tau, auxiliaries */
+  float *slot[IMML_MAX_MODALITIES]; /* (B, k) F&T inputs */
+  float *q;                         /* (B, k) */
+  float *kk;                        /* (Jmax, k) */
+  float *alpha;                     /* (B, Jmax) */
+  float *w;                         /* (B, Jmax) */
+  float *logits;                    /* (B, C) */
+  float *probs;                     /* (B, C) softmax(logits) */
+  int *labels;                      /* (B) */
+  int correct[IMML_MAX_MODALITIES]; /* unimodal correct counts */
+  imml_losses losses;
+} imml_acts;
+
+/* Backward scratch (training only). */
+typedef struct imml_grads_scratch {
+  float *dlogits;                    /* (B, C) */
+  float *dslot[IMML_MAX_MODALITIES]; /* (B, k) */
+  float *dz[IMML_MAX_MODALITIES];    /* (B, k) */
+  float *dn_p;                       /* (B, k) */
+  float *dn_a;                       /* (B, k) */
+  float *ds;                         /* (B, B) */
+  float *dw;                         /* (B, Jmax) */
+  float *de;                         /* (B, Jmax) */
+  float *dq;                         /* (B, k) */
+  float *dk;                         /* (Jmax, k) */
+  float *dout;                       /* (B, C) */
+  float *du;                         /* (B, H) */
+} imml_grads_scratch;
+
+typedef struct imml_optim {
+  int active;
+  imml_optim_config cfg;
+  int64_t t;   /* completed updates */
+  float *m1;   /* (n_params) momentum / first moment */
+  float *m2;   /* (n_params) second moment (AdamW) */
+  int has_buf; /* SGD: momentum buffer initialised */
+  void *block; /* the allocation holding m1, m2 */
+} imml_optim;
+
+struct imml_model {
+  imml_allocator alloc;
+  imml_config cfg; /* cfg.dims points at dims[] */
+  int dims[IMML_MAX_MODALITIES];
+  int builtin_ft;
+  imml_ft_ops ft;
+  char errmsg[IMML_ERRMSG_SIZE];
+
+  int n_tensors;
+  imml_tensor tensors[IMML_MAX_TENSORS];
+  size_t n_params;
+  float *params; /* (n_params) */
+  float *grads;  /* (n_params) */
+  float *stage;  /* (n_params) gradients of one backward, before commit */
+
+  /* Strata dictionary: J entries of M k floats, entry j = [d_j0; d_j1; ..]
+   * in modality order. */
+  float *dict;
+  int dict_fill; /* J_eff */
+  int dict_pos;  /* next ring slot to write */
+
+  /* Predominant modality (METHOD.md section 5). */
+  int p; /* -1 until fixed */
+  int p_fixed;
+  int steps; /* completed training steps while choosing */
+  float ema[IMML_MAX_MODALITIES];
+
+  int pending; /* a training forward awaits its backward */
+  int jmax;    /* max(J, max_batch): rows of any strata view */
+  imml_acts train;
+  imml_acts eval;
+  imml_grads_scratch g;
+
+  imml_optim opt;
+  void *arena;
+  size_t arena_bytes;
+};
+
+struct imml_workspace {
+  imml_allocator alloc;
+  imml_config cfg; /* shape the workspace was sized for */
+  int dims[IMML_MAX_MODALITIES];
+  int jmax;
+  char errmsg[IMML_ERRMSG_SIZE];
+  imml_acts acts;
+  void *arena;
+};
+
+/* status.c */
+void imml_set_err(char *buf, size_t size, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+imml_status imml_fail(imml_model *m, imml_status st, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+/* rng.c (METHOD.md section 6) */
+typedef struct imml_rng {
+  uint64_t s[4];
+} imml_rng;
+void imml_rng_seed(imml_rng *r, uint64_t seed);
+uint64_t imml_rng_next(imml_rng *r);
+/* Fills n values U(-1/sqrt(n_in), 1/sqrt(n_in)), one draw each. */
+void imml_rng_uniform_init(imml_rng *r, float *x, size_t n, int n_in);
+
+/* config.c: validation with field-naming messages and overflow-checked
+ * size arithmetic. */
+imml_status imml_config_validate(const imml_config *cfg, imml_config *out,
+                                 int *dims_out, char *err, size_t err_size);
+imml_status imml_ft_validate(const imml_ft_ops *ft, imml_ft_ops *out, char *err,
+                             size_t err_size);
+/* a += b, a *= b with overflow detection; return 0 on overflow. */
+int imml_size_add(size_t *a, size_t b);
+int imml_size_mul(size_t *out, size_t a, size_t b);
+
+/* arena.c */
+void *imml_alloc(const imml_allocator *a, size_t bytes);
+void imml_free(const imml_allocator *a, void *p);
+/* A bump carver over one block; with base NULL it only counts. */
+typedef struct imml_carver {
+  char *base;
+  size_t used;
+  int overflow;
+} imml_carver;
+void *imml_carve(imml_carver *c, size_t count, size_t elem);
+/* Carves an activation set for max_batch rows; training adds the feature
+ * copies. */
+void imml_carve_acts(imml_carver *c, const imml_config *cfg, int jmax,
+                     int training, imml_acts *a);
+uint64_t imml_params_layout(const imml_config *cfg, int builtin_ft,
+                            imml_tensor *t, int *n_tensors);
+
+/* mdken.c (METHOD.md section 1) */
+void mdken_forward(const imml_model *m, imml_acts *a, const float *const *h);
+void mdken_contrastive_forward(const imml_model *m, imml_acts *a);
+void mdken_backward(imml_model *m, float *g, float *const *dh);
+
+/* fdc.c (METHOD.md section 2) */
+fdc_view fdc_dict_view(const imml_model *m);
+fdc_view fdc_batch_view(const imml_model *m, const float *const *z, int n);
+/* Slots from knowledge z (M pointers (B, k)) over view v; writes q, kk,
+ * alpha, w of a. */
+void fdc_forward(const imml_model *m, imml_acts *a, int p,
+                 const float *const *z, float *const *slot, const fdc_view *v);
+void fdc_backward(imml_model *m, float *g);
+void fdc_push(imml_model *m, const float *const *z, int batch);
+
+/* model.c */
+imml_status imml_model_build(const imml_config *cfg, const int *dims,
+                             const imml_ft_ops *ft, imml_model **out, char *err,
+                             size_t n);
+imml_status imml_check_batch(const imml_config *c, int batch,
+                             const float *const *x, const int *labels,
+                             int need_labels, char *err, size_t n);
+imml_status imml_run_forward(const imml_model *m, imml_acts *a, int training,
+                             int batch, const float *const *h,
+                             const int *labels, char *err, size_t n);
+
+/* optim.c */
+imml_status imml_optim_validate(const imml_optim_config *in,
+                                imml_optim_config *out, char *err, size_t n);
+imml_status imml_optim_alloc(imml_model *m, const imml_optim_config *c);
+
+/* ft.c (METHOD.md section 3) */
+int ft_forward(const imml_model *m, imml_acts *a, int training);
+int ft_backward(imml_model *m, float *g);
+
+#define IMML_PARAM(m, base, mod, which)                                        \
+  ((base) + (m)->tensors[(mod)*IMML_PER_MODALITY + (which)].offset)
+
+#endif /* IMML_INTERNAL_H */

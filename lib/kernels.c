@@ -1,0 +1,256 @@
+/* Numerical kernels; see kernels.h for the contract of each. */
+#include "kernels.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <string.h>
+
+void k_gemm(int trans_a, int trans_b, int m, int n, int kk, float alpha,
+            const float *a, int lda, const float *b, int ldb, float beta,
+            float *c, int ldc) {
+  if (m <= 0 || n <= 0)
+    return;
+  if (kk <= 0) { /* empty sum: C = beta C, as BLAS defines it */
+    for (int i = 0; i < m; i++)
+      for (int j = 0; j < n; j++)
+        c[(size_t)i * ldc + j] =
+            beta == 0.0f ? 0.0f : beta * c[(size_t)i * ldc + j];
+    return;
+  }
+  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+              trans_b ? CblasTrans : CblasNoTrans, m, n, kk, alpha, a, lda, b,
+              ldb, beta, c, ldc);
+}
+
+void k_linear_forward(int batch, int n_in, int n_out, const float *x, int ldx,
+                      const float *w, const float *b, float *y) {
+  float beta = 0.0f;
+  if (b) {
+    for (int i = 0; i < batch; i++)
+      memcpy(y + (size_t)i * n_out, b, (size_t)n_out * sizeof *y);
+    beta = 1.0f;
+  }
+  /* y (B, n_out) = x (B, n_in) W (n_in, n_out) [+ y] */
+  k_gemm(0, 0, batch, n_out, n_in, 1.0f, x, ldx, w, n_out, beta, y, n_out);
+}
+
+void k_linear_backward(int batch, int n_in, int n_out, const float *x, int ldx,
+                       const float *w, const float *dy, float *dw, float *db,
+                       float *dx, int lddx, float dx_beta) {
+  /* dW (n_in, n_out) += xᵀ (n_in, B) dy (B, n_out) */
+  if (dw)
+    k_gemm(1, 0, n_in, n_out, batch, 1.0f, x, ldx, dy, n_out, 1.0f, dw, n_out);
+  if (db)
+    for (int i = 0; i < batch; i++) {
+      const float *row = dy + (size_t)i * n_out;
+      for (int j = 0; j < n_out; j++)
+        db[j] += row[j];
+    }
+  /* dx (B, n_in) = dy (B, n_out) Wᵀ (n_out, n_in) */
+  if (dx)
+    k_gemm(0, 1, batch, n_in, n_out, 1.0f, dy, n_out, w, n_out, dx_beta, dx,
+           lddx);
+}
+
+void k_relu_forward(size_t n, const float *x, float *y) {
+  for (size_t i = 0; i < n; i++)
+    y[i] = x[i] > 0.0f ? x[i] : 0.0f;
+}
+
+void k_relu_backward(size_t n, const float *y, const float *dy, float *dx) {
+  for (size_t i = 0; i < n; i++)
+    dx[i] = y[i] > 0.0f ? dy[i] : 0.0f;
+}
+
+/* Row maximum and log of the shifted exponential sum (summed in double). */
+static void row_lse(int cols, const float *x, size_t stride, float *mx,
+                    float *lse) {
+  float m = x[0];
+  for (int j = 1; j < cols; j++)
+    if (x[(size_t)j * stride] > m)
+      m = x[(size_t)j * stride];
+  double s = 0.0;
+  for (int j = 0; j < cols; j++)
+    s += expf(x[(size_t)j * stride] - m);
+  *mx = m;
+  *lse = (float)log(s);
+}
+
+void k_softmax_rows(int rows, int cols, const float *x, int ldx, float *y,
+                    int ldy) {
+  for (int i = 0; i < rows; i++) {
+    const float *xi = x + (size_t)i * ldx;
+    float *yi = y + (size_t)i * ldy;
+    float m = xi[0];
+    for (int j = 1; j < cols; j++)
+      if (xi[j] > m)
+        m = xi[j];
+    double s = 0.0;
+    for (int j = 0; j < cols; j++) {
+      yi[j] = expf(xi[j] - m);
+      s += yi[j];
+    }
+    const float inv = (float)(1.0 / s);
+    for (int j = 0; j < cols; j++)
+      yi[j] *= inv;
+  }
+}
+
+void k_log_softmax_rows(int rows, int cols, const float *x, int ldx, float *y,
+                        int ldy) {
+  for (int i = 0; i < rows; i++) {
+    const float *xi = x + (size_t)i * ldx;
+    float *yi = y + (size_t)i * ldy;
+    float m, lse;
+    row_lse(cols, xi, 1, &m, &lse);
+    for (int j = 0; j < cols; j++)
+      yi[j] = xi[j] - m - lse;
+  }
+}
+
+void k_softmax_backward_rows(int rows, int cols, const float *a, int lda,
+                             const float *da, int ldda, float *dx, int lddx) {
+  for (int i = 0; i < rows; i++) {
+    const float *ai = a + (size_t)i * lda;
+    const float *dai = da + (size_t)i * ldda;
+    float *dxi = dx + (size_t)i * lddx;
+    double dot = 0.0;
+    for (int j = 0; j < cols; j++)
+      dot += (double)dai[j] * ai[j];
+    const float d = (float)dot;
+    for (int j = 0; j < cols; j++)
+      dxi[j] = ai[j] * (dai[j] - d);
+  }
+}
+
+double k_xent_forward(int batch, int classes, const float *logits,
+                      const int *labels, float *probs) {
+  double total = 0.0;
+  for (int i = 0; i < batch; i++) {
+    const float *oi = logits + (size_t)i * classes;
+    float m, lse;
+    row_lse(classes, oi, 1, &m, &lse);
+    total -= (double)(oi[labels[i]] - m - lse);
+  }
+  if (probs)
+    k_softmax_rows(batch, classes, logits, classes, probs, classes);
+  return total / batch;
+}
+
+void k_xent_backward(int batch, int classes, const float *probs,
+                     const int *labels, float scale, float *dlogits,
+                     float dbeta) {
+  const float g = scale / (float)batch;
+  for (int i = 0; i < batch; i++) {
+    const float *pi = probs + (size_t)i * classes;
+    float *di = dlogits + (size_t)i * classes;
+    for (int j = 0; j < classes; j++) {
+      const float t = (j == labels[i]) ? 1.0f : 0.0f;
+      const float v = g * (pi[j] - t);
+      di[j] = dbeta == 0.0f ? v : dbeta * di[j] + v;
+    }
+  }
+}
+
+int k_argmax(int n, const float *x) {
+  int best = 0;
+  for (int j = 1; j < n; j++)
+    if (x[j] > x[best])
+      best = j;
+  return best;
+}
+
+int k_count_correct(int batch, int classes, const float *logits,
+                    const int *labels) {
+  int c = 0;
+  for (int i = 0; i < batch; i++)
+    c += k_argmax(classes, logits + (size_t)i * classes) == labels[i];
+  return c;
+}
+
+#define NORM_EPS 1e-12f
+
+void k_l2norm_forward(int rows, int cols, const float *z, float *nz, float *r) {
+  for (int i = 0; i < rows; i++) {
+    const float *zi = z + (size_t)i * cols;
+    float *ni = nz + (size_t)i * cols;
+    double ss = 0.0;
+    for (int j = 0; j < cols; j++)
+      ss += (double)zi[j] * zi[j];
+    float nrm = (float)sqrt(ss);
+    const float den = nrm > NORM_EPS ? nrm : NORM_EPS;
+    r[i] = den;
+    for (int j = 0; j < cols; j++)
+      ni[j] = zi[j] / den;
+  }
+}
+
+void k_l2norm_backward(int rows, int cols, const float *nz, const float *r,
+                       const float *dn, float *dz) {
+  for (int i = 0; i < rows; i++) {
+    const float *ni = nz + (size_t)i * cols;
+    const float *dni = dn + (size_t)i * cols;
+    float *dzi = dz + (size_t)i * cols;
+    const float inv = 1.0f / r[i];
+    if (r[i] > NORM_EPS) {
+      double dot = 0.0;
+      for (int j = 0; j < cols; j++)
+        dot += (double)ni[j] * dni[j];
+      const float d = (float)dot;
+      for (int j = 0; j < cols; j++)
+        dzi[j] += (dni[j] - ni[j] * d) * inv;
+    } else {
+      /* ||z|| <= 1e-12: n = z / 1e-12 is linear in z. */
+      for (int j = 0; j < cols; j++)
+        dzi[j] += dni[j] * inv;
+    }
+  }
+}
+
+double k_supcon_forward(int batch, const float *s, int rs, int cs,
+                        const int *labels) {
+  double total = 0.0;
+  for (int i = 0; i < batch; i++) {
+    const float *si = s + (size_t)i * rs;
+    float m, lse;
+    row_lse(batch, si, (size_t)cs, &m, &lse);
+    double acc = 0.0;
+    int npos = 0;
+    for (int j = 0; j < batch; j++)
+      if (labels[j] == labels[i]) {
+        acc += (double)(si[(size_t)j * cs] - m - lse);
+        npos++;
+      }
+    total -= acc / npos;
+  }
+  return total / batch;
+}
+
+void k_supcon_backward(int batch, const float *s, int rs, int cs,
+                       const int *labels, float scale, float *ds) {
+  const float g = scale / (float)batch;
+  for (int i = 0; i < batch; i++) {
+    const float *si = s + (size_t)i * rs;
+    float *dsi = ds + (size_t)i * rs;
+    float m, lse;
+    row_lse(batch, si, (size_t)cs, &m, &lse);
+    int npos = 0;
+    for (int j = 0; j < batch; j++)
+      npos += labels[j] == labels[i];
+    const float ppos = 1.0f / (float)npos;
+    for (int j = 0; j < batch; j++) {
+      const float p = expf(si[(size_t)j * cs] - m - lse);
+      const float t = labels[j] == labels[i] ? ppos : 0.0f;
+      dsi[(size_t)j * cs] += g * (p - t);
+    }
+  }
+}
+
+int k_all_finite(size_t n, const float *x) {
+  /* Accumulate x*0: NaN for any NaN or Inf input, 0 otherwise. Branch-free
+   * so the compiler can vectorise it. */
+  float acc = 0.0f;
+  for (size_t i = 0; i < n; i++)
+    acc += x[i] * 0.0f;
+  return acc == 0.0f;
+}

@@ -1,0 +1,78 @@
+/*
+ * Numerical kernels: forward/backward pairs on row-major float32 matrices.
+ * They know nothing of the model; every matrix product goes through
+ * cblas_sgemm.  Backward kernels accumulate (+=) into parameter gradients
+ * as METHOD.md section 7 says; the shape of each argument rides along as a
+ * comment.  Internal: not exported from the shared library.
+ */
+#ifndef IMML_KERNELS_H
+#define IMML_KERNELS_H
+
+#include <stddef.h>
+
+/* C = alpha op(A) op(B) + beta C; op(A): m x kk, op(B): kk x n. */
+void k_gemm(int trans_a, int trans_b, int m, int n, int kk, float alpha,
+            const float *a, int lda, const float *b, int ldb, float beta,
+            float *c, int ldc);
+
+/* y = x W + b.  x: (B, n_in) with row stride ldx, W: (n_in, n_out),
+ * b: (n_out) or NULL, y: (B, n_out). */
+void k_linear_forward(int batch, int n_in, int n_out, const float *x, int ldx,
+                      const float *w, const float *b, float *y);
+
+/* dW += xᵀ dy; db += sum_i dy_i (if db); dx = dx_beta dx + dy Wᵀ (if dx).
+ * dy: (B, n_out), dx: (B, n_in) with row stride lddx. */
+void k_linear_backward(int batch, int n_in, int n_out, const float *x, int ldx,
+                       const float *w, const float *dy, float *dw, float *db,
+                       float *dx, int lddx, float dx_beta);
+
+/* y = max(x, 0), in place allowed. */
+void k_relu_forward(size_t n, const float *x, float *y);
+/* dx = dy ⊙ [y > 0] where y is the ReLU output (same mask as pre > 0);
+ * in place allowed (dx == dy). */
+void k_relu_backward(size_t n, const float *y, const float *dy, float *dx);
+
+/* Row-wise softmax / log-softmax of an (R, C) matrix, max subtracted. */
+void k_softmax_rows(int rows, int cols, const float *x, int ldx, float *y,
+                    int ldy);
+void k_log_softmax_rows(int rows, int cols, const float *x, int ldx, float *y,
+                        int ldy);
+
+/* dx = a ⊙ (da - rowsum(da ⊙ a)): the backward of a = softmax(x). */
+void k_softmax_backward_rows(int rows, int cols, const float *a, int lda,
+                             const float *da, int ldda, float *dx, int lddx);
+
+/* Mean softmax cross-entropy (1/B) sum_i -log softmax(o_i)[y_i], summed in
+ * double.  probs (B, C) receives softmax(o) (may be NULL). */
+double k_xent_forward(int batch, int classes, const float *logits,
+                      const int *labels, float *probs);
+/* dlogits = dbeta dlogits + scale (probs - onehot(y)) / B. */
+void k_xent_backward(int batch, int classes, const float *probs,
+                     const int *labels, float scale, float *dlogits,
+                     float dbeta);
+/* Number of rows whose argmax (lowest index on ties) equals the label. */
+int k_count_correct(int batch, int classes, const float *logits,
+                    const int *labels);
+/* Index of the largest of x[0..n-1], lowest index on ties. */
+int k_argmax(int n, const float *x);
+
+/* n_i = z_i / max(||z_i||, 1e-12); r_i receives that denominator. */
+void k_l2norm_forward(int rows, int cols, const float *z, float *nz, float *r);
+/* dz += (dn - n (n·dn)) / r where ||z|| > 1e-12, dz += dn / 1e-12 else. */
+void k_l2norm_backward(int rows, int cols, const float *nz, const float *r,
+                       const float *dn, float *dz);
+
+/* Supervised contrastive term of METHOD.md section 1 on the rows of a
+ * (B, B) matrix read as S[i*rs + j*cs] (rs = B, cs = 1: rows of S;
+ * rs = 1, cs = B: rows of Sᵀ).  Positives: P(i) = {j : y_j = y_i}.
+ * Returns l = -(1/B) sum_i (1/|P(i)|) sum_{j in P(i)} log softmax(row i)[j]. */
+double k_supcon_forward(int batch, const float *s, int rs, int cs,
+                        const int *labels);
+/* dS[i*rs + j*cs] += scale (softmax(row i)_j - P_ij / |P(i)|) / B. */
+void k_supcon_backward(int batch, const float *s, int rs, int cs,
+                       const int *labels, float scale, float *ds);
+
+/* 1 if all n values are finite. */
+int k_all_finite(size_t n, const float *x);
+
+#endif /* IMML_KERNELS_H */

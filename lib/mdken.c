@@ -1,0 +1,109 @@
+/* The modality discriminative knowledge exploration network (METHOD.md
+ * section 1): per-modality branches, unimodal heads, L_dis, and the
+ * contrastive alignment L_con, forward and backward. */
+#include "internal.h"
+#include "kernels.h"
+
+#include <string.h>
+
+void mdken_forward(const imml_model *m, imml_acts *a, const float *const *h) {
+  const imml_config *c = &m->cfg;
+  const int B = a->batch, H = c->hidden_dim, k = c->knowledge_dim,
+            C = c->n_classes;
+  double dis = 0.0;
+  for (int mm = 0; mm < c->n_modalities; mm++) {
+    const float *P = m->params;
+    const int d = c->dims[mm];
+    /* u (B, H) = relu(h (B, d) W1 (d, H) + b1) */
+    k_linear_forward(B, d, H, h[mm], d, IMML_PARAM(m, P, mm, T_W1),
+                     IMML_PARAM(m, P, mm, T_B1), a->u[mm]);
+    k_relu_forward((size_t)B * H, a->u[mm], a->u[mm]);
+    /* z (B, k) = u W2 + b2 */
+    k_linear_forward(B, H, k, a->u[mm], H, IMML_PARAM(m, P, mm, T_W2),
+                     IMML_PARAM(m, P, mm, T_B2), a->z[mm]);
+    /* o (B, C) = z Wc + bc */
+    k_linear_forward(B, k, C, a->z[mm], k, IMML_PARAM(m, P, mm, T_WC),
+                     IMML_PARAM(m, P, mm, T_BC), a->o[mm]);
+    if (a->has_labels) {
+      dis += k_xent_forward(B, C, a->o[mm], a->labels, a->po[mm]);
+      a->correct[mm] = k_count_correct(B, C, a->o[mm], a->labels);
+    }
+  }
+  a->losses.dis = dis / c->n_modalities;
+}
+
+void mdken_contrastive_forward(const imml_model *m, imml_acts *a) {
+  const imml_config *c = &m->cfg;
+  const int B = a->batch, k = c->knowledge_dim, M = c->n_modalities, p = a->p;
+  double con = 0.0;
+  for (int mm = 0; mm < M; mm++)
+    k_l2norm_forward(B, k, a->z[mm], a->nz[mm], a->r[mm]);
+  for (int aa = 0; aa < M; aa++) {
+    if (aa == p)
+      continue;
+    /* S (B, B) = n_p n_aᵀ / tau */
+    k_gemm(0, 1, B, B, k, 1.0f / c->tau, a->nz[p], k, a->nz[aa], k, 0.0f,
+           a->s[aa], B);
+    const double l_rows = k_supcon_forward(B, a->s[aa], B, 1, a->labels);
+    const double l_cols = k_supcon_forward(B, a->s[aa], 1, B, a->labels);
+    con += 0.5 * (l_rows + l_cols);
+  }
+  a->losses.con = con / (M - 1);
+}
+
+/* Adds the contrastive gradient into dz (METHOD.md section 7). */
+static void contrastive_backward(imml_model *m) {
+  const imml_config *c = &m->cfg;
+  imml_acts *a = &m->train;
+  imml_grads_scratch *g = &m->g;
+  const int B = a->batch, k = c->knowledge_dim, M = c->n_modalities, p = a->p;
+  const float s = c->gamma1 / (float)(M - 1);
+  memset(g->dn_p, 0, (size_t)B * k * sizeof(float));
+  for (int aa = 0; aa < M; aa++) {
+    if (aa == p)
+      continue;
+    memset(g->ds, 0, (size_t)B * B * sizeof(float));
+    /* dS = (s/2) (A + Eᵀ) */
+    k_supcon_backward(B, a->s[aa], B, 1, a->labels, 0.5f * s, g->ds);
+    k_supcon_backward(B, a->s[aa], 1, B, a->labels, 0.5f * s, g->ds);
+    /* dn_p (B, k) += dS (B, B) n_a (B, k) / tau */
+    k_gemm(0, 0, B, k, B, 1.0f / c->tau, g->ds, B, a->nz[aa], k, 1.0f, g->dn_p,
+           k);
+    /* dn_a (B, k) = dSᵀ n_p / tau */
+    k_gemm(1, 0, B, k, B, 1.0f / c->tau, g->ds, B, a->nz[p], k, 0.0f, g->dn_a,
+           k);
+    k_l2norm_backward(B, k, a->nz[aa], a->r[aa], g->dn_a, g->dz[aa]);
+  }
+  k_l2norm_backward(B, k, a->nz[p], a->r[p], g->dn_p, g->dz[p]);
+}
+
+void mdken_backward(imml_model *m, float *G, float *const *dh) {
+  const imml_config *c = &m->cfg;
+  imml_acts *a = &m->train;
+  imml_grads_scratch *g = &m->g;
+  const int B = a->batch, H = c->hidden_dim, k = c->knowledge_dim,
+            C = c->n_classes, M = c->n_modalities;
+  if (!a->warm && c->gamma1 != 0.0f)
+    contrastive_backward(m);
+  const float head_scale = c->gamma2 / (float)M;
+  for (int mm = 0; mm < M; mm++) {
+    const float *P = m->params;
+    const int d = c->dims[mm];
+    if (head_scale != 0.0f) {
+      /* do (B, C) = (gamma2/M) (softmax(o) - onehot(y)) / B */
+      k_xent_backward(B, C, a->po[mm], a->labels, head_scale, g->dout, 0.0f);
+      k_linear_backward(B, k, C, a->z[mm], k, IMML_PARAM(m, P, mm, T_WC),
+                        g->dout, IMML_PARAM(m, G, mm, T_WC),
+                        IMML_PARAM(m, G, mm, T_BC), g->dz[mm], k, 1.0f);
+    }
+    /* z = u W2 + b2: dW2 += uᵀ dz, db2 += sum dz, du = dz W2ᵀ */
+    k_linear_backward(B, H, k, a->u[mm], H, IMML_PARAM(m, P, mm, T_W2),
+                      g->dz[mm], IMML_PARAM(m, G, mm, T_W2),
+                      IMML_PARAM(m, G, mm, T_B2), g->du, H, 0.0f);
+    k_relu_backward((size_t)B * H, a->u[mm], g->du, g->du);
+    float *dx = dh ? dh[mm] : NULL;
+    k_linear_backward(B, d, H, a->h[mm], d, IMML_PARAM(m, P, mm, T_W1), g->du,
+                      IMML_PARAM(m, G, mm, T_W1), IMML_PARAM(m, G, mm, T_B1),
+                      dx, d, 0.0f);
+  }
+}

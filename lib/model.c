@@ -1,0 +1,460 @@
+/* Model lifetime, forward/backward orchestration, warm-up and the choice
+ * of the predominant modality (METHOD.md section 5), and the parameter
+ * API. */
+#include "internal.h"
+#include "kernels.h"
+
+#include <math.h>
+#include <string.h>
+
+static int max_int(int a, int b) { return a > b ? a : b; }
+
+/* Carves the whole arena; with c->base NULL it only measures. */
+static void carve_model(imml_carver *c, imml_model *m) {
+  const imml_config *cfg = &m->cfg;
+  const size_t B = (size_t)cfg->max_batch, k = (size_t)cfg->knowledge_dim,
+               C = (size_t)cfg->n_classes, H = (size_t)cfg->hidden_dim,
+               J = (size_t)m->jmax, M = (size_t)cfg->n_modalities;
+  imml_grads_scratch *g = &m->g;
+  m->params = imml_carve(c, m->n_params, sizeof(float));
+  m->grads = imml_carve(c, m->n_params, sizeof(float));
+  m->stage = imml_carve(c, m->n_params, sizeof(float));
+  size_t dict_n;
+  if (!imml_size_mul(&dict_n, (size_t)cfg->dict_size, M * k))
+    c->overflow = 1;
+  m->dict = imml_carve(c, dict_n, sizeof(float));
+  imml_carve_acts(c, cfg, m->jmax, 1, &m->train);
+  imml_carve_acts(c, cfg, m->jmax, 0, &m->eval);
+  g->dlogits = imml_carve(c, B * C, sizeof(float));
+  for (size_t mm = 0; mm < M; mm++) {
+    g->dslot[mm] = imml_carve(c, B * k, sizeof(float));
+    g->dz[mm] = imml_carve(c, B * k, sizeof(float));
+  }
+  g->dn_p = imml_carve(c, B * k, sizeof(float));
+  g->dn_a = imml_carve(c, B * k, sizeof(float));
+  g->ds = imml_carve(c, B * B, sizeof(float));
+  g->dw = imml_carve(c, B * J, sizeof(float));
+  g->de = imml_carve(c, B * J, sizeof(float));
+  g->dq = imml_carve(c, B * k, sizeof(float));
+  g->dk = imml_carve(c, J * k, sizeof(float));
+  g->dout = imml_carve(c, B * C, sizeof(float));
+  g->du = imml_carve(c, B * H, sizeof(float));
+}
+
+imml_status imml_model_build(const imml_config *cfg, const int *dims,
+                             const imml_ft_ops *ft, imml_model **out, char *err,
+                             size_t n) {
+  imml_model *m = imml_alloc(&cfg->allocator, sizeof *m);
+  if (!m) {
+    imml_set_err(err, n,
+                 "out of memory allocating the model handle (%zu "
+                 "bytes)",
+                 sizeof *m);
+    return IMML_ERR_NOMEM;
+  }
+  memset(m, 0, sizeof *m);
+  m->alloc = cfg->allocator;
+  m->cfg = *cfg;
+  memcpy(m->dims, dims, (size_t)cfg->n_modalities * sizeof(int));
+  m->cfg.dims = m->dims;
+  m->builtin_ft = ft == NULL;
+  if (ft)
+    m->ft = *ft;
+  m->jmax = max_int(cfg->dict_size, cfg->max_batch);
+  const uint64_t np =
+      imml_params_layout(&m->cfg, m->builtin_ft, m->tensors, &m->n_tensors);
+  imml_carver c = {NULL, 0, 0};
+  if (np > SIZE_MAX / sizeof(float))
+    c.overflow = 1;
+  m->n_params = (size_t)np;
+  if (!c.overflow)
+    carve_model(&c, m);
+  if (c.overflow) {
+    imml_set_err(err, n,
+                 "config sizes overflow: the model would need more than "
+                 "SIZE_MAX bytes");
+    imml_free(&m->alloc, m);
+    return IMML_ERR_TOO_LARGE;
+  }
+  m->arena_bytes = c.used;
+  m->arena = imml_alloc(&m->alloc, c.used);
+  if (!m->arena) {
+    imml_set_err(err, n, "out of memory allocating the %zu-byte arena", c.used);
+    imml_free(&m->alloc, m);
+    return IMML_ERR_NOMEM;
+  }
+  memset(m->arena, 0, c.used);
+  c.base = m->arena;
+  c.used = 0;
+  carve_model(&c, m);
+  if (cfg->predominant >= 0) {
+    m->p = cfg->predominant;
+    m->p_fixed = 1;
+  } else if (cfg->warmup_steps == 0) {
+    m->p = 0; /* argmax of all-zero EMAs: lowest index */
+    m->p_fixed = 1;
+  } else {
+    m->p = -1;
+  }
+  *out = m;
+  return IMML_OK;
+}
+
+static void init_params(imml_model *m) {
+  imml_rng r;
+  imml_rng_seed(&r, m->cfg.seed);
+  for (int i = 0; i < m->n_tensors; i++) {
+    const imml_tensor *t = &m->tensors[i];
+    imml_rng_uniform_init(&r, m->params + t->offset,
+                          (size_t)t->rows * (size_t)t->cols, t->fan_in);
+  }
+}
+
+imml_status imml_model_create_ex(const imml_config *cfg, const imml_ft_ops *ft,
+                                 imml_model **out, char *err, size_t n) {
+  if (err && n)
+    err[0] = '\0';
+  if (!out) {
+    imml_set_err(err, n, "out is NULL: nowhere to return the model");
+    return IMML_ERR_NULL;
+  }
+  *out = NULL;
+  imml_config c;
+  int dims[IMML_MAX_MODALITIES];
+  imml_status st = imml_config_validate(cfg, &c, dims, err, n);
+  if (st != IMML_OK)
+    return st;
+  imml_ft_ops ops;
+  if (ft) {
+    st = imml_ft_validate(ft, &ops, err, n);
+    if (st != IMML_OK)
+      return st;
+  }
+  imml_model *m;
+  st = imml_model_build(&c, dims, ft ? &ops : NULL, &m, err, n);
+  if (st != IMML_OK)
+    return st;
+  init_params(m);
+  *out = m;
+  return IMML_OK;
+}
+
+imml_status imml_model_create(const imml_config *cfg, const imml_ft_ops *ft,
+                              imml_model **out) {
+  return imml_model_create_ex(cfg, ft, out, NULL, 0);
+}
+
+void imml_model_free(imml_model *m) {
+  if (!m)
+    return;
+  const imml_allocator a = m->alloc;
+  imml_free(&a, m->opt.block);
+  imml_free(&a, m->arena);
+  imml_free(&a, m);
+}
+
+imml_status imml_model_config(const imml_model *m, imml_config *cfg) {
+  if (!m || !cfg)
+    return IMML_ERR_NULL;
+  *cfg = m->cfg;
+  return IMML_OK;
+}
+
+/* ------------------------------------------------------------------ */
+
+imml_status imml_check_batch(const imml_config *c, int B, const float *const *x,
+                             const int *labels, int need_labels, char *err,
+                             size_t n) {
+  if (B < 1 || B > c->max_batch) {
+    imml_set_err(err, n, "batch = %d: must be in 1..max_batch (%d)", B,
+                 c->max_batch);
+    return IMML_ERR_SHAPE;
+  }
+  if (!x) {
+    imml_set_err(err, n, "features is NULL: pass %d matrix pointers",
+                 c->n_modalities);
+    return IMML_ERR_NULL;
+  }
+  for (int mm = 0; mm < c->n_modalities; mm++) {
+    if (!x[mm]) {
+      imml_set_err(err, n, "features[%d] is NULL", mm);
+      return IMML_ERR_NULL;
+    }
+  }
+  for (int mm = 0; mm < c->n_modalities; mm++) {
+    const size_t cnt = (size_t)B * (size_t)c->dims[mm];
+    if (!k_all_finite(cnt, x[mm])) {
+      size_t i = 0;
+      while (i < cnt && isfinite(x[mm][i]))
+        i++;
+      imml_set_err(err, n, "features[%d] row %zu column %zu is %g", mm,
+                   i / (size_t)c->dims[mm], i % (size_t)c->dims[mm],
+                   (double)x[mm][i]);
+      return IMML_ERR_NONFINITE;
+    }
+  }
+  if (need_labels && !labels) {
+    imml_set_err(err, n, "labels is NULL: a training forward needs labels");
+    return IMML_ERR_NULL;
+  }
+  if (labels)
+    for (int i = 0; i < B; i++)
+      if (labels[i] < 0 || labels[i] >= c->n_classes) {
+        imml_set_err(err, n, "labels[%d] = %d: must be in 0..%d", i, labels[i],
+                     c->n_classes - 1);
+        return IMML_ERR_LABEL;
+      }
+  return IMML_OK;
+}
+
+/* One forward into a (never changes m).  h are the features the branches
+ * read (for training, the copies in a->h). */
+imml_status imml_run_forward(const imml_model *m, imml_acts *a, int training,
+                             int B, const float *const *h, const int *labels,
+                             char *err, size_t n) {
+  const imml_config *c = &m->cfg;
+  a->batch = B;
+  a->has_labels = labels != NULL;
+  if (labels)
+    memcpy(a->labels, labels, (size_t)B * sizeof(int));
+  a->warm = !m->p_fixed;
+  a->p = m->p_fixed ? m->p : -1;
+  a->losses.con = 0.0;
+  mdken_forward(m, a, h);
+  if (a->warm) {
+    for (int mm = 0; mm < c->n_modalities; mm++)
+      memcpy(a->slot[mm], a->z[mm],
+             (size_t)B * c->knowledge_dim * sizeof(float));
+  } else {
+    if (labels)
+      mdken_contrastive_forward(m, a);
+    fdc_view v = fdc_dict_view(m);
+    if (v.n == 0) /* empty dictionary: the batch's own detached knowledge */
+      v = fdc_batch_view(m, (const float *const *)a->z, B);
+    fdc_forward(m, a, a->p, (const float *const *)a->z, a->slot, &v);
+  }
+  int rc = ft_forward(m, a, training);
+  if (rc != 0) {
+    imml_set_err(err, n, "F&T forward callback returned %d", rc);
+    return IMML_ERR_CALLBACK;
+  }
+  const size_t nl = (size_t)B * c->n_classes;
+  if (!k_all_finite(nl, a->logits)) {
+    imml_set_err(err, n, "F&T produced non-finite logits%s",
+                 m->builtin_ft ? " (parameters or features too large?)"
+                               : " (host callback output)");
+    return IMML_ERR_NONFINITE;
+  }
+  if (labels) {
+    a->losses.ce = k_xent_forward(B, c->n_classes, a->logits, labels, a->probs);
+    a->losses.total = a->losses.ce + (double)c->gamma1 * a->losses.con +
+                      (double)c->gamma2 * a->losses.dis;
+    if (!isfinite(a->losses.total)) {
+      imml_set_err(err, n, "loss is not finite (ce %g, con %g, dis %g)",
+                   a->losses.ce, a->losses.con, a->losses.dis);
+      return IMML_ERR_NONFINITE;
+    }
+  } else {
+    a->losses.total = a->losses.ce = a->losses.con = a->losses.dis = NAN;
+  }
+  return IMML_OK;
+}
+
+imml_status imml_forward(imml_model *m, imml_mode mode, int B,
+                         const float *const *x, const int *labels,
+                         float *logits, imml_losses *losses) {
+  if (!m)
+    return IMML_ERR_NULL;
+  m->errmsg[0] = '\0';
+  if (mode != IMML_MODE_TRAIN && mode != IMML_MODE_EVAL)
+    return imml_fail(m, IMML_ERR_INVALID_ARG,
+                     "mode = %d: must be IMML_MODE_TRAIN (0) or "
+                     "IMML_MODE_EVAL (1)",
+                     (int)mode);
+  const int training = mode == IMML_MODE_TRAIN;
+  imml_status st = imml_check_batch(&m->cfg, B, x, labels, training, m->errmsg,
+                                    sizeof m->errmsg);
+  if (st != IMML_OK)
+    return st;
+  imml_acts *a = training ? &m->train : &m->eval;
+  const float *const *h = x;
+  if (training) {
+    m->pending = 0; /* the cached activations are about to change */
+    for (int mm = 0; mm < m->cfg.n_modalities; mm++)
+      memcpy(a->h[mm], x[mm], (size_t)B * m->cfg.dims[mm] * sizeof(float));
+    h = (const float *const *)a->h;
+  }
+  st = imml_run_forward(m, a, training, B, h, labels, m->errmsg,
+                        sizeof m->errmsg);
+  if (st != IMML_OK)
+    return st;
+  if (logits)
+    memcpy(logits, a->logits, (size_t)B * m->cfg.n_classes * sizeof(float));
+  if (losses)
+    *losses = a->losses;
+  m->pending = training;
+  return IMML_OK;
+}
+
+/* After the step that completes warm-up, p is the modality with the
+ * highest EMA of unimodal batch accuracy (ties: lowest index). */
+static void advance_warmup(imml_model *m) {
+  const int M = m->cfg.n_modalities;
+  if (m->p_fixed)
+    return;
+  for (int mm = 0; mm < M; mm++) {
+    const float acc = (float)m->train.correct[mm] / (float)m->train.batch;
+    m->ema[mm] = 0.9f * m->ema[mm] + 0.1f * acc;
+  }
+  m->steps++;
+  if (m->steps >= m->cfg.warmup_steps) {
+    m->p = k_argmax(M, m->ema);
+    m->p_fixed = 1;
+  }
+}
+
+imml_status imml_backward(imml_model *m, float *const *dh) {
+  if (!m)
+    return IMML_ERR_NULL;
+  m->errmsg[0] = '\0';
+  if (!m->pending)
+    return imml_fail(m, IMML_ERR_STATE,
+                     "imml_backward needs a successful training forward "
+                     "(IMML_MODE_TRAIN) since the last backward");
+  const imml_config *c = &m->cfg;
+  imml_acts *a = &m->train;
+  const int B = a->batch, M = c->n_modalities;
+  float *G = m->stage;
+  memset(G, 0, m->n_params * sizeof(float));
+  /* dlogits (B, C) = (softmax - onehot) / B */
+  k_xent_backward(B, c->n_classes, a->probs, a->labels, 1.0f, m->g.dlogits,
+                  0.0f);
+  int rc = ft_backward(m, G);
+  if (rc != 0)
+    return imml_fail(m, IMML_ERR_CALLBACK,
+                     "F&T backward callback returned %d; nothing changed", rc);
+  for (int mm = 0; mm < M; mm++)
+    if (!k_all_finite((size_t)B * c->knowledge_dim, m->g.dslot[mm]))
+      return imml_fail(m, IMML_ERR_NONFINITE,
+                       "F&T backward gave non-finite dL/dslot[%d]; nothing "
+                       "changed",
+                       mm);
+  fdc_backward(m, G);
+  mdken_backward(m, G, dh);
+  for (int i = 0; i < m->n_tensors; i++) {
+    const imml_tensor *t = &m->tensors[i];
+    const size_t cnt = (size_t)t->rows * t->cols;
+    if (!k_all_finite(cnt, G + t->offset))
+      return imml_fail(m, IMML_ERR_NONFINITE,
+                       "gradient of %s is not finite; the step was refused "
+                       "and nothing changed",
+                       t->name);
+  }
+  for (size_t i = 0; i < m->n_params; i++)
+    m->grads[i] += G[i];
+  fdc_push(m, (const float *const *)a->z, B);
+  advance_warmup(m);
+  m->pending = 0;
+  return IMML_OK;
+}
+
+imml_status imml_fdc_adjust(imml_model *m, int B, const float *const *z,
+                            float *const *slots) {
+  if (!m)
+    return IMML_ERR_NULL;
+  m->errmsg[0] = '\0';
+  const imml_config *c = &m->cfg;
+  const int k = c->knowledge_dim, M = c->n_modalities;
+  if (B < 1 || B > c->max_batch)
+    return imml_fail(m, IMML_ERR_SHAPE,
+                     "batch = %d: must be in 1..max_batch (%d)", B,
+                     c->max_batch);
+  if (!z || !slots)
+    return imml_fail(m, IMML_ERR_NULL, "%s is NULL", z ? "slots" : "knowledge");
+  for (int mm = 0; mm < M; mm++) {
+    if (!z[mm] || !slots[mm])
+      return imml_fail(m, IMML_ERR_NULL, "%s[%d] is NULL",
+                       z[mm] ? "slots" : "knowledge", mm);
+    if (!k_all_finite((size_t)B * k, z[mm]))
+      return imml_fail(m, IMML_ERR_NONFINITE,
+                       "knowledge[%d] holds NaN or infinity", mm);
+  }
+  imml_acts *a = &m->eval;
+  a->batch = B;
+  if (!m->p_fixed) {
+    for (int mm = 0; mm < M; mm++)
+      memmove(slots[mm], z[mm], (size_t)B * k * sizeof(float));
+    return IMML_OK;
+  }
+  fdc_view v = fdc_dict_view(m);
+  if (v.n == 0)
+    v = fdc_batch_view(m, z, B);
+  fdc_forward(m, a, m->p, z, slots, &v);
+  return IMML_OK;
+}
+
+/* ------------------------------------------------------------------ */
+
+int imml_param_count(const imml_model *m) { return m ? m->n_tensors : 0; }
+
+imml_status imml_param_info(imml_model *m, int i, imml_param_view *v) {
+  if (!m)
+    return IMML_ERR_NULL;
+  m->errmsg[0] = '\0';
+  if (!v)
+    return imml_fail(m, IMML_ERR_NULL, "view is NULL");
+  if (i < 0 || i >= m->n_tensors)
+    return imml_fail(m, IMML_ERR_INVALID_ARG,
+                     "parameter index %d: must be in 0..%d", i,
+                     m->n_tensors - 1);
+  const imml_tensor *t = &m->tensors[i];
+  v->name = t->name;
+  v->rows = t->rows;
+  v->cols = t->cols;
+  v->data = m->params + t->offset;
+  v->grad = m->grads + t->offset;
+  return IMML_OK;
+}
+
+imml_status imml_params_flat(imml_model *m, float **data, float **grad,
+                             size_t *count) {
+  if (!m)
+    return IMML_ERR_NULL;
+  m->errmsg[0] = '\0';
+  if (data)
+    *data = m->params;
+  if (grad)
+    *grad = m->grads;
+  if (count)
+    *count = m->n_params;
+  return IMML_OK;
+}
+
+imml_status imml_zero_grad(imml_model *m) {
+  if (!m)
+    return IMML_ERR_NULL;
+  m->errmsg[0] = '\0';
+  memset(m->grads, 0, m->n_params * sizeof(float));
+  return IMML_OK;
+}
+
+imml_status imml_predominant(const imml_model *m, int *p, int *fixed) {
+  if (!m || !p)
+    return IMML_ERR_NULL;
+  *p = m->p_fixed ? m->p : -1;
+  if (fixed)
+    *fixed = m->p_fixed;
+  return IMML_OK;
+}
+
+imml_status imml_warmup_state(const imml_model *m, int *steps, float *ema) {
+  if (!m)
+    return IMML_ERR_NULL;
+  if (steps)
+    *steps = m->steps;
+  if (ema)
+    memcpy(ema, m->ema, (size_t)m->cfg.n_modalities * sizeof(float));
+  return IMML_OK;
+}
+
+int imml_dict_fill(const imml_model *m) { return m ? m->dict_fill : 0; }
