@@ -1,0 +1,82 @@
+#!/bin/sh
+# Installs libimml into a temporary DESTDIR, then builds programs against the
+# installed copy with nothing but `pkg-config --cflags --libs imml`, exactly
+# as a user would: a tiny consumer that prints the version, and (when a C++
+# compiler is present) the C++ host example, which is run on the shipped data.
+# usage: install_test.sh BUILD_DIR SOURCE_DIR PREFIX LIBDIR [SANITIZE]
+set -eu
+build=$1
+src=$2
+prefix=$3
+libdir=$4
+# A sanitized library needs its consumers built with the same sanitizers.
+san=""
+case ${5:-none} in none | "") ;; *) san="-fsanitize=$5" ;; esac
+case $libdir in /*) ;; *) libdir=$prefix/$libdir ;; esac
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/imml-install.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT INT TERM
+dest=$tmp/dest
+
+n=0
+ok() { n=$((n + 1)); echo "ok $n - $1"; }
+fail() { n=$((n + 1)); echo "not ok $n - $1"; echo "1..$n"; exit 1; }
+
+meson install -C "$build" --no-rebuild --destdir "$dest" --quiet >"$tmp/install.log" 2>&1 ||
+  { cat "$tmp/install.log"; fail "meson install into DESTDIR"; }
+ok "meson install into DESTDIR"
+
+export PKG_CONFIG_SYSROOT_DIR="$dest"
+export PKG_CONFIG_PATH="$dest$libdir/pkgconfig"
+flags=$(pkg-config --cflags --libs imml) || fail "pkg-config finds imml.pc"
+ok "pkg-config --cflags --libs imml: $flags"
+[ "$(pkg-config --modversion imml)" = "$(sed -n 's/^#define IMML_VERSION_STRING "\(.*\)"/\1/p' "$src/include/imml.h")" ] ||
+  fail "imml.pc version matches the header"
+ok "imml.pc version matches the header"
+
+cat >"$tmp/consumer.c" <<'C'
+#include <imml.h>
+#include <stdio.h>
+int main(void) {
+  if (imml_version_number() != IMML_VERSION_NUMBER) {
+    fprintf(stderr, "header %d != library %u\n", IMML_VERSION_NUMBER,
+            imml_version_number());
+    return 1;
+  }
+  int dims[2] = {3, 2};
+  imml_config cfg;
+  imml_config_init(&cfg);
+  cfg.dims = dims;
+  cfg.n_classes = 2;
+  imml_model *m = NULL;
+  if (imml_model_create(&cfg, NULL, &m) != IMML_OK)
+    return 1;
+  printf("libimml %s, %d parameter tensors\n", imml_version_string(),
+         imml_param_count(m));
+  imml_model_free(m);
+  return 0;
+}
+C
+cc=${CC:-cc}
+# shellcheck disable=SC2086
+$cc -std=c11 -Wall -Wextra -Werror $san "$tmp/consumer.c" $flags -o "$tmp/consumer" ||
+  fail "a C consumer compiles and links against the installed library"
+ok "a C consumer compiles and links against the installed library"
+out=$(LD_LIBRARY_PATH="$dest$libdir" "$tmp/consumer") || fail "the consumer runs"
+echo "# $out"
+case $out in "libimml "*) ok "the consumer runs and prints the version" ;;
+*) fail "the consumer prints the version" ;; esac
+
+cxx=${CXX:-c++}
+if command -v "$cxx" >/dev/null 2>&1 && [ -f "$src/examples/cpp-host/main.cpp" ]; then
+  # shellcheck disable=SC2086
+  $cxx -std=c++17 -Wall -Wextra -Wpedantic -Werror -O2 $san "$src/examples/cpp-host/main.cpp" $flags \
+    -o "$tmp/cpp-host" || fail "examples/cpp-host builds with pkg-config"
+  ok "examples/cpp-host builds with pkg-config against the installed library"
+  LD_LIBRARY_PATH="$dest$libdir" "$tmp/cpp-host" "$src/examples/data/mfeat" ||
+    fail "examples/cpp-host trains and checks its result"
+  ok "examples/cpp-host trains and checks its result"
+else
+  echo "# no C++ compiler or no examples/cpp-host: skipped"
+fi
+echo "1..$n"
