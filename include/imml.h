@@ -253,7 +253,10 @@ IMML_API imml_status imml_forward(imml_model *model, imml_mode mode, int batch,
  *  @dfeatures  NULL, or M pointers each NULL or B x dims[m]: overwritten
  *              with dL/dh_m (contents unspecified if the call fails).
  *  @return IMML_ERR_STATE without a preceding training forward;
- *          IMML_ERR_CALLBACK, IMML_ERR_NONFINITE: nothing was changed. */
+ *          IMML_ERR_CALLBACK, IMML_ERR_NONFINITE: nothing in the model was
+ *          changed and the step stays pending.  A host F&T backward that
+ *          already ran has accumulated into the host's own gradients: a
+ *          host that retries or skips the step should reset those. */
 IMML_API imml_status imml_backward(imml_model *model, float *const *dfeatures);
 
 /*! imml_fdc_adjust() :

@@ -292,7 +292,8 @@ imml_status imml_forward(imml_model *m, imml_mode mode, int B,
     memcpy(logits, a->logits, (size_t)B * m->cfg.n_classes * sizeof(float));
   if (losses)
     *losses = a->losses;
-  m->pending = training;
+  if (training)
+    m->pending = 1; /* an evaluation leaves a pending step pending */
   return IMML_OK;
 }
 
