@@ -131,29 +131,77 @@ typedef struct step_coef {
   float decay;     /* AdamW: 1 - lr wd */
   float step_size; /* AdamW: lr / (1 - b1^t) */
   float bc2_sqrt;  /* AdamW: sqrt(1 - b2^t) */
-  int kind, nesterov, first;
+  int nesterov, first;
 } step_coef;
 
-/* Update of element i: new parameter and moments into *p, *m1, *m2. */
-static inline void update_one(const step_coef *k, float g, float *p, float *m1,
-                              float *m2) {
-  g *= k->clip;
-  if (k->kind == IMML_OPT_SGD) {
-    float d = g;
-    if (k->wd != 0.0f)
-      d = d + k->wd * *p;
-    if (k->mom != 0.0f) {
-      *m1 = k->first ? d : k->mom * *m1 + d;
-      d = k->nesterov ? d + k->mom * *m1 : *m1;
+/* One AdamW pass over n elements.  With commit 0 nothing is stored and the
+ * return value is NaN if any new parameter or moment would be non-finite;
+ * with commit 1 the new values are stored and the gradient zeroed.  The
+ * loops are branch-free so the compiler vectorises them. */
+static float adamw_pass(const step_coef *k, size_t n, float *restrict P,
+                        float *restrict G, float *restrict M1,
+                        float *restrict M2, int commit) {
+  const float clip = k->clip, decay = k->decay, b1 = k->b1, b2 = k->b2,
+              c1 = 1.0f - k->b1, c2 = 1.0f - k->b2, bc2 = k->bc2_sqrt,
+              eps = k->eps, step = k->step_size;
+  float bad = 0.0f;
+  if (commit) {
+    for (size_t i = 0; i < n; i++) {
+      const float g = G[i] * clip;
+      const float m1 = b1 * M1[i] + c1 * g;
+      const float m2 = b2 * M2[i] + c2 * g * g;
+      P[i] = P[i] * decay - step * (m1 / (sqrtf(m2) / bc2 + eps));
+      M1[i] = m1;
+      M2[i] = m2;
+      G[i] = 0.0f;
     }
-    *p = *p - k->lr * d;
   } else {
-    float x = *p * k->decay;
-    *m1 = k->b1 * *m1 + (1.0f - k->b1) * g;
-    *m2 = k->b2 * *m2 + (1.0f - k->b2) * g * g;
-    const float denom = sqrtf(*m2) / k->bc2_sqrt + k->eps;
-    *p = x - k->step_size * (*m1 / denom);
+    for (size_t i = 0; i < n; i++) {
+      const float g = G[i] * clip;
+      const float m1 = b1 * M1[i] + c1 * g;
+      const float m2 = b2 * M2[i] + c2 * g * g;
+      const float p = P[i] * decay - step * (m1 / (sqrtf(m2) / bc2 + eps));
+      bad += p * 0.0f + m1 * 0.0f + m2 * 0.0f;
+    }
   }
+  return bad;
+}
+
+/* One SGD pass (PyTorch semantics, dampening 0), same contract. */
+static float sgd_pass(const step_coef *k, size_t n, float *restrict P,
+                      float *restrict G, float *restrict M1, int commit) {
+  const float clip = k->clip, wd = k->wd, mom = k->mom, lr = k->lr;
+  float bad = 0.0f;
+  if (mom == 0.0f) {
+    for (size_t i = 0; i < n; i++) {
+      const float p = P[i] - lr * (G[i] * clip + wd * P[i]);
+      if (commit) {
+        P[i] = p;
+        G[i] = 0.0f;
+      } else {
+        bad += p * 0.0f;
+      }
+    }
+    return bad;
+  }
+  const float keep = k->first ? 0.0f : mom; /* first step: buf = d */
+  const float nest = k->nesterov ? mom : 0.0f;
+  const float use_buf = k->nesterov ? 0.0f : 1.0f;
+  for (size_t i = 0; i < n; i++) {
+    const float d = G[i] * clip + wd * P[i];
+    const float buf = keep * M1[i] + d;
+    /* nesterov: d + mom buf; plain: buf */
+    const float step = use_buf * buf + (1.0f - use_buf) * (d + nest * buf);
+    const float p = P[i] - lr * step;
+    if (commit) {
+      P[i] = p;
+      M1[i] = buf;
+      G[i] = 0.0f;
+    } else {
+      bad += p * 0.0f + buf * 0.0f;
+    }
+  }
+  return bad;
 }
 
 imml_status imml_step(imml_model *m) {
@@ -176,7 +224,6 @@ imml_status imml_step(imml_model *m) {
                      ss);
   step_coef k;
   memset(&k, 0, sizeof k);
-  k.kind = o->cfg.kind;
   k.clip = 1.0f;
   if (o->cfg.clip_norm > 0.0f) {
     const double coef = o->cfg.clip_norm / (sqrt(ss) + 1e-6);
@@ -195,23 +242,21 @@ imml_status imml_step(imml_model *m) {
   k.decay = (float)(1.0 - (double)k.lr * k.wd);
   k.step_size = (float)((double)k.lr / (1.0 - pow((double)k.b1, t)));
   k.bc2_sqrt = (float)sqrt(1.0 - pow((double)k.b2, t));
+  const int adamw = o->cfg.kind == IMML_OPT_ADAMW;
   /* Pass 1 computes every new value without storing it; only if all are
    * finite does pass 2 commit, so a refused step changes nothing. */
-  float bad = 0.0f;
-  for (size_t i = 0; i < n; i++) {
-    float p = P[i], a = o->m1[i], b = o->m2[i];
-    update_one(&k, G[i], &p, &a, &b);
-    bad += p * 0.0f + a * 0.0f + b * 0.0f;
-  }
+  const float bad = adamw ? adamw_pass(&k, n, P, G, o->m1, o->m2, 0)
+                          : sgd_pass(&k, n, P, G, o->m1, 0);
   if (bad != 0.0f)
     return imml_fail(m, IMML_ERR_NONFINITE,
                      "the update would make a parameter or a moment "
                      "non-finite (lr %g too large?); nothing changed",
                      (double)k.lr);
-  for (size_t i = 0; i < n; i++)
-    update_one(&k, G[i], &P[i], &o->m1[i], &o->m2[i]);
-  memset(G, 0, n * sizeof(float));
+  if (adamw)
+    adamw_pass(&k, n, P, G, o->m1, o->m2, 1);
+  else
+    sgd_pass(&k, n, P, G, o->m1, 1);
   o->t++;
-  o->has_buf = k.mom != 0.0f || o->has_buf;
+  o->has_buf = o->has_buf || (!adamw && k.mom != 0.0f);
   return IMML_OK;
 }
