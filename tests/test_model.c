@@ -1,0 +1,1592 @@
+/* API behaviour of libimml (include/imml.h): configuration validation,
+ * status texts and versions, argument and state errors of forward and
+ * backward (a failed call changes nothing), evaluation that never changes
+ * the model, no allocation after create, the parameter API, imml_predict,
+ * and a model with 8 modalities. */
+#include "check_main.h"
+
+#include "imml.h"
+#include "internal.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------ */
+/* Helpers                                                             */
+/* ------------------------------------------------------------------ */
+
+typedef struct drng {
+  uint64_t s;
+} drng;
+
+static uint64_t drng_u64(drng *r) {
+  uint64_t z = (r->s += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+static float drng_unif(drng *r) {
+  return (float)((double)(drng_u64(r) >> 40) * 0x1.0p-24 * 2.0 - 1.0);
+}
+
+static void *xcalloc(size_t n, size_t size) {
+  void *p = calloc(n ? n : 1, size ? size : 1);
+  ck_assert_ptr_nonnull(p);
+  return p;
+}
+
+typedef struct batch {
+  int M, B;
+  int dims[IMML_MAX_MODALITIES];
+  float *x[IMML_MAX_MODALITIES];
+  int *y;
+} batch;
+
+static void batch_random(batch *b, int M, const int *dims, int B, int C,
+                         drng *r) {
+  memset(b, 0, sizeof *b);
+  b->M = M;
+  b->B = B;
+  for (int m = 0; m < M; m++) {
+    b->dims[m] = dims[m];
+    b->x[m] = xcalloc((size_t)B * (size_t)dims[m], sizeof(float));
+    for (int i = 0; i < B * dims[m]; i++)
+      b->x[m][i] = drng_unif(r);
+  }
+  b->y = xcalloc((size_t)B, sizeof(int));
+  for (int i = 0; i < B; i++)
+    b->y[i] = (int)(drng_u64(r) % (uint64_t)C);
+}
+
+static void batch_free(batch *b) {
+  for (int m = 0; m < b->M; m++)
+    free(b->x[m]);
+  free(b->y);
+  memset(b, 0, sizeof *b);
+}
+
+static const float *const *feats(const batch *b) {
+  return (const float *const *)b->x;
+}
+
+static void dfeat_alloc(float **dh, const batch *b) {
+  for (int m = 0; m < b->M; m++)
+    dh[m] = xcalloc((size_t)b->B * (size_t)b->dims[m], sizeof(float));
+}
+
+static void dfeat_free(float **dh, int M) {
+  for (int m = 0; m < M; m++) {
+    free(dh[m]);
+    dh[m] = NULL;
+  }
+}
+
+static const int dims2[2] = {5, 7};
+
+static void small_cfg(imml_config *c, int M, const int *dims) {
+  imml_config_init(c);
+  c->n_modalities = M;
+  c->dims = dims;
+  c->hidden_dim = 8;
+  c->knowledge_dim = 4;
+  c->n_classes = 3;
+  c->max_batch = 6;
+  c->dict_size = 10;
+  c->seed = 3;
+}
+
+static imml_model *mk(const imml_config *c, const imml_ft_ops *ft) {
+  imml_model *m = NULL;
+  char err[256];
+  imml_status st = imml_model_create_ex(c, ft, &m, err, sizeof err);
+  ck_assert_msg(st == IMML_OK, "imml_model_create_ex: %d %s", (int)st, err);
+  ck_assert_ptr_nonnull(m);
+  return m;
+}
+
+static void fwd_train(imml_model *m, const batch *b) {
+  imml_status st =
+      imml_forward(m, IMML_MODE_TRAIN, b->B, feats(b), b->y, NULL, NULL);
+  ck_assert_msg(st == IMML_OK, "train forward: %d %s", (int)st, imml_errmsg(m));
+}
+
+static void bwd(imml_model *m, float *const *dh) {
+  imml_status st = imml_backward(m, dh);
+  ck_assert_msg(st == IMML_OK, "backward: %d %s", (int)st, imml_errmsg(m));
+}
+
+/* Everything a failed call (or an evaluation) must leave bit-identical. */
+typedef struct snap {
+  size_t n, ndict;
+  float *params, *grads, *dict, *m1, *m2;
+  int fill, pos, p, fixed, steps, opt_active, has_buf;
+  int64_t opt_t;
+  float ema[IMML_MAX_MODALITIES];
+} snap;
+
+static void snap_take(imml_model *m, snap *s) {
+  float *d = NULL, *g = NULL;
+  memset(s, 0, sizeof *s);
+  ck_assert_int_eq(imml_params_flat(m, &d, &g, &s->n), IMML_OK);
+  s->params = xcalloc(s->n, sizeof(float));
+  s->grads = xcalloc(s->n, sizeof(float));
+  memcpy(s->params, d, s->n * sizeof(float));
+  memcpy(s->grads, g, s->n * sizeof(float));
+  s->ndict = (size_t)m->cfg.dict_size * (size_t)m->cfg.n_modalities *
+             (size_t)m->cfg.knowledge_dim;
+  s->dict = xcalloc(s->ndict, sizeof(float));
+  memcpy(s->dict, m->dict, s->ndict * sizeof(float));
+  s->fill = imml_dict_fill(m);
+  s->pos = m->dict_pos;
+  ck_assert_int_eq(imml_predominant(m, &s->p, &s->fixed), IMML_OK);
+  ck_assert_int_eq(imml_warmup_state(m, &s->steps, s->ema), IMML_OK);
+  s->opt_active = m->opt.active;
+  if (m->opt.active) {
+    s->m1 = xcalloc(s->n, sizeof(float));
+    s->m2 = xcalloc(s->n, sizeof(float));
+    memcpy(s->m1, m->opt.m1, s->n * sizeof(float));
+    memcpy(s->m2, m->opt.m2, s->n * sizeof(float));
+    s->opt_t = m->opt.t;
+    s->has_buf = m->opt.has_buf;
+  }
+}
+
+static void snap_free(snap *s) {
+  free(s->params);
+  free(s->grads);
+  free(s->dict);
+  free(s->m1);
+  free(s->m2);
+  memset(s, 0, sizeof *s);
+}
+
+static void snap_check(const snap *a, const snap *b, const char *what) {
+  ck_assert_msg(a->n == b->n, "%s: parameter count changed", what);
+  ck_assert_msg(memcmp(a->params, b->params, a->n * sizeof(float)) == 0,
+                "%s: parameters changed", what);
+  ck_assert_msg(memcmp(a->grads, b->grads, a->n * sizeof(float)) == 0,
+                "%s: gradients changed", what);
+  ck_assert_msg(memcmp(a->dict, b->dict, a->ndict * sizeof(float)) == 0,
+                "%s: dictionary contents changed", what);
+  ck_assert_msg(a->fill == b->fill, "%s: dictionary fill %d -> %d", what,
+                a->fill, b->fill);
+  ck_assert_msg(a->pos == b->pos, "%s: dictionary position %d -> %d", what,
+                a->pos, b->pos);
+  ck_assert_msg(a->p == b->p && a->fixed == b->fixed,
+                "%s: predominant (%d,%d) -> (%d,%d)", what, a->p, a->fixed,
+                b->p, b->fixed);
+  ck_assert_msg(a->steps == b->steps, "%s: warm-up steps %d -> %d", what,
+                a->steps, b->steps);
+  ck_assert_msg(memcmp(a->ema, b->ema, sizeof a->ema) == 0,
+                "%s: warm-up EMAs changed", what);
+  ck_assert_msg(a->opt_active == b->opt_active, "%s: optimiser changed", what);
+  if (a->opt_active) {
+    ck_assert_msg(memcmp(a->m1, b->m1, a->n * sizeof(float)) == 0 &&
+                      memcmp(a->m2, b->m2, a->n * sizeof(float)) == 0 &&
+                      a->opt_t == b->opt_t && a->has_buf == b->has_buf,
+                  "%s: optimiser state changed", what);
+  }
+}
+
+/* Takes a snapshot and compares it with *before. */
+static void expect_unchanged(imml_model *m, const snap *before,
+                             const char *what) {
+  snap now;
+  snap_take(m, &now);
+  snap_check(before, &now, what);
+  snap_free(&now);
+}
+
+/* Trivial host F&T (logits = bias of the slot sums), for the API tests. */
+static int dummy_forward(void *ud, int training, int B, int M, int k,
+                         const float *const *slots, int C, float *logits) {
+  (void)ud;
+  (void)training;
+  for (int i = 0; i < B; i++)
+    for (int j = 0; j < C; j++) {
+      float acc = 0.0f;
+      for (int m = 0; m < M; m++)
+        acc += slots[m][(size_t)i * k + (size_t)(j % k)];
+      logits[(size_t)i * C + j] = acc;
+    }
+  return 0;
+}
+
+static int dummy_backward(void *ud, int B, int M, int k,
+                          const float *const *slots, const float *dlogits,
+                          int C, float *const *dslots) {
+  (void)ud;
+  (void)slots;
+  for (int m = 0; m < M; m++) {
+    memset(dslots[m], 0, (size_t)B * k * sizeof(float));
+    for (int i = 0; i < B; i++)
+      for (int j = 0; j < C; j++)
+        dslots[m][(size_t)i * k + (size_t)(j % k)] +=
+            dlogits[(size_t)i * C + j];
+  }
+  return 0;
+}
+
+static imml_ft_ops dummy_ops(void) {
+  imml_ft_ops ops;
+  imml_ft_ops_init(&ops);
+  ops.forward = dummy_forward;
+  ops.backward = dummy_backward;
+  return ops;
+}
+
+/* ------------------------------------------------------------------ */
+/* Counting allocator                                                  */
+/* ------------------------------------------------------------------ */
+
+#define HDR 64
+#define MAGIC 0x494d4d4c414c4c43ULL
+
+typedef struct counter {
+  long mallocs, frees, bad_frees;
+  long fail_after; /* < 0: never fail; else fail the (n+1)-th malloc */
+  size_t live;
+} counter;
+
+/* Every block carries a header: a pointer that did not come from this hook
+ * is detected in count_free, and a hook block given to free() crashes. */
+static void *count_malloc(size_t size, void *ud) {
+  counter *c = ud;
+  if (c->fail_after >= 0 && c->mallocs >= c->fail_after)
+    return NULL;
+  unsigned char *p = malloc(size + HDR);
+  if (!p)
+    return NULL;
+  const uint64_t magic = MAGIC;
+  memcpy(p, &magic, sizeof magic);
+  memcpy(p + 8, &size, sizeof size);
+  c->mallocs++;
+  c->live += size;
+  return p + HDR;
+}
+
+static void count_free(void *ptr, void *ud) {
+  counter *c = ud;
+  if (!ptr)
+    return;
+  unsigned char *p = (unsigned char *)ptr - HDR;
+  uint64_t magic;
+  memcpy(&magic, p, sizeof magic);
+  if (magic != MAGIC) {
+    c->bad_frees++;
+    return;
+  }
+  size_t size;
+  memcpy(&size, p + 8, sizeof size);
+  magic = 0;
+  memcpy(p, &magic, sizeof magic);
+  c->frees++;
+  c->live -= size;
+  free(p);
+}
+
+static void use_counter(imml_config *cfg, counter *c) {
+  memset(c, 0, sizeof *c);
+  c->fail_after = -1;
+  cfg->allocator.malloc_fn = count_malloc;
+  cfg->allocator.free_fn = count_free;
+  cfg->allocator.user_data = c;
+}
+
+/* ------------------------------------------------------------------ */
+/* Configuration                                                       */
+/* ------------------------------------------------------------------ */
+
+START_TEST(test_config_defaults) {
+  imml_config c;
+  memset(&c, 0xa5, sizeof c);
+  imml_config_init(&c);
+  ck_assert_uint_eq(c.struct_size, sizeof(imml_config));
+  ck_assert_int_eq(c.n_modalities, 2);
+  ck_assert_ptr_null(c.dims);
+  ck_assert_int_eq(c.hidden_dim, 256);
+  ck_assert_int_eq(c.knowledge_dim, 128);
+  ck_assert_int_eq(c.n_classes, 0);
+  ck_assert_int_eq(c.max_batch, 64);
+  ck_assert_int_eq(c.dict_size, 256);
+  ck_assert(c.beta == 0.5f);
+  ck_assert(c.gamma1 == 0.1f);
+  ck_assert(c.gamma2 == 1.0f);
+  ck_assert(c.tau == 0.1f);
+  ck_assert_int_eq(c.predominant, -1);
+  ck_assert_int_eq(c.warmup_steps, 100);
+  ck_assert_int_eq(c.slot_mode, IMML_SLOT_CONDITIONAL);
+  ck_assert_uint_eq(c.seed, 0);
+  ck_assert(c.allocator.malloc_fn == NULL);
+  ck_assert(c.allocator.free_fn == NULL);
+  /* the defaults plus dims and n_classes make a valid model */
+  int dims[2] = {3, 4};
+  c.dims = dims;
+  c.n_classes = 2;
+  imml_model *m = mk(&c, NULL);
+  dims[0] = 99; /* dims were copied at create */
+  imml_config got;
+  ck_assert_int_eq(imml_model_config(m, &got), IMML_OK);
+  ck_assert_int_eq(got.dims[0], 3);
+  ck_assert_int_eq(got.dims[1], 4);
+  ck_assert_int_eq(got.hidden_dim, 256);
+  ck_assert_int_eq(got.n_classes, 2);
+  ck_assert_int_eq(imml_model_config(NULL, &got), IMML_ERR_NULL);
+  ck_assert_int_eq(imml_model_config(m, NULL), IMML_ERR_NULL);
+  imml_model_free(m);
+
+  imml_ft_ops ops;
+  memset(&ops, 0xa5, sizeof ops);
+  imml_ft_ops_init(&ops);
+  ck_assert_uint_eq(ops.struct_size, sizeof(imml_ft_ops));
+  ck_assert(ops.forward == NULL);
+  ck_assert(ops.backward == NULL);
+  ck_assert_ptr_null(ops.user_data);
+}
+END_TEST
+
+static void *only_malloc(size_t n, void *ud) {
+  (void)ud;
+  return malloc(n);
+}
+
+static void only_free(void *p, void *ud) {
+  (void)ud;
+  free(p);
+}
+
+typedef struct cfg_case {
+  const char *field; /* must appear in the message */
+  const char *value; /* must appear too, or NULL */
+  imml_status st, alt;
+} cfg_case;
+
+enum { N_CFG_CASES = 24 };
+
+static const int dims65[65] = {
+    3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3,
+    3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3,
+    3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3};
+static const int dims_zero[2] = {5, 0};
+
+/* Applies out-of-range case i to a valid config. */
+static cfg_case apply_case(int i, imml_config *c) {
+  const imml_status INV = IMML_ERR_INVALID_ARG;
+  cfg_case k = {NULL, NULL, INV, INV};
+  switch (i) {
+  case 0:
+    c->n_modalities = 1;
+    k.field = "n_modalities";
+    break;
+  case 1:
+    /* beyond IMML_MAX_MODALITIES: a limit (TOO_LARGE) or a range
+     * (INVALID_ARG); both describe it */
+    c->n_modalities = 65;
+    c->dims = dims65;
+    k.field = "n_modalities";
+    k.value = "65";
+    k.st = IMML_ERR_TOO_LARGE;
+    break;
+  case 2:
+    c->dims = NULL;
+    k.field = "dims";
+    k.st = k.alt = IMML_ERR_NULL;
+    break;
+  case 3:
+    c->dims = dims_zero;
+    k.field = "dims[1]";
+    break;
+  case 4:
+    c->hidden_dim = 0;
+    k.field = "hidden_dim";
+    break;
+  case 5:
+    c->knowledge_dim = 0;
+    k.field = "knowledge_dim";
+    break;
+  case 6:
+    c->n_classes = 1;
+    k.field = "n_classes";
+    break;
+  case 7:
+    c->max_batch = 0;
+    k.field = "max_batch";
+    break;
+  case 8:
+    c->dict_size = 0;
+    k.field = "dict_size";
+    break;
+  case 9:
+    c->beta = -0.1f;
+    k.field = "beta";
+    k.value = "-0.1";
+    break;
+  case 10:
+    c->beta = 1.1f;
+    k.field = "beta";
+    k.value = "1.1";
+    break;
+  case 11:
+    c->beta = NAN;
+    k.field = "beta";
+    k.value = "nan";
+    break;
+  case 12:
+    c->gamma1 = -1.0f;
+    k.field = "gamma1";
+    k.value = "-1";
+    break;
+  case 13:
+    c->tau = 0.0f;
+    k.field = "tau";
+    break;
+  case 14:
+    c->predominant = -2;
+    k.field = "predominant";
+    k.value = "-2";
+    break;
+  case 15:
+    c->predominant = c->n_modalities;
+    k.field = "predominant";
+    break;
+  case 16:
+    c->warmup_steps = -1;
+    k.field = "warmup_steps";
+    k.value = "-1";
+    break;
+  case 17:
+    c->slot_mode = 7;
+    k.field = "slot_mode";
+    k.value = "7";
+    break;
+  case 18:
+    c->struct_size = sizeof(imml_config) - 1;
+    k.field = "struct_size";
+    break;
+  case 19:
+    c->allocator.malloc_fn = only_malloc;
+    k.field = "allocator";
+    break;
+  case 20:
+    c->allocator.free_fn = only_free;
+    k.field = "allocator";
+    break;
+  case 21:
+    c->gamma2 = -0.5f;
+    k.field = "gamma2";
+    break;
+  case 22:
+    c->tau = -1.0f;
+    k.field = "tau";
+    break;
+  case 23:
+    c->beta = INFINITY;
+    k.field = "beta";
+    break;
+  default:
+    ck_abort_msg("no case %d", i);
+  }
+  if (k.st == IMML_ERR_TOO_LARGE)
+    k.alt = INV;
+  return k;
+}
+
+START_TEST(test_config_rejects_field) {
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  const cfg_case k = apply_case(_i, &c);
+  imml_model *dummy = (imml_model *)&c;
+  imml_model *out = dummy;
+  char err[256];
+  memset(err, 'x', sizeof err);
+  const imml_status st = imml_model_create_ex(&c, NULL, &out, err, sizeof err);
+  ck_assert_msg(st == k.st || st == k.alt,
+                "case %d (%s): status %d (%s), expected %d", _i, k.field,
+                (int)st, imml_strerror(st), (int)k.st);
+  ck_assert_msg(out == NULL, "case %d: *out not NULL on failure", _i);
+  ck_assert_msg(memchr(err, '\0', sizeof err) != NULL,
+                "case %d: message not terminated", _i);
+  ck_assert_msg(strstr(err, k.field) != NULL,
+                "case %d: message \"%s\" does not name %s", _i, err, k.field);
+  if (k.value)
+    ck_assert_msg(strstr(err, k.value) != NULL,
+                  "case %d: message \"%s\" does not give the value %s", _i, err,
+                  k.value);
+  /* the short form returns the same status */
+  out = dummy;
+  ck_assert_int_eq(imml_model_create(&c, NULL, &out), st);
+  ck_assert_ptr_null(out);
+  /* and so does a host-F&T model */
+  imml_ft_ops ops = dummy_ops();
+  out = dummy;
+  ck_assert_int_eq(imml_model_create_ex(&c, &ops, &out, NULL, 0), st);
+  ck_assert_ptr_null(out);
+}
+END_TEST
+
+START_TEST(test_config_accepts_boundaries) {
+  for (int i = 0; i < 10; i++) {
+    imml_config c;
+    small_cfg(&c, 2, dims2);
+    switch (i) {
+    case 0:
+      c.beta = 0.0f;
+      break;
+    case 1:
+      c.beta = 1.0f;
+      break;
+    case 2:
+      c.gamma1 = 0.0f;
+      c.gamma2 = 0.0f;
+      break;
+    case 3:
+      c.predominant = 1;
+      break;
+    case 4:
+      c.warmup_steps = 0;
+      break;
+    case 5:
+      c.n_modalities = 64;
+      c.dims = dims65;
+      c.hidden_dim = 2;
+      c.knowledge_dim = 2;
+      break;
+    case 6:
+      c.slot_mode = IMML_SLOT_STRICT;
+      break;
+    case 7:
+      c.tau = 1e-3f;
+      c.n_classes = 2;
+      c.max_batch = 1;
+      c.dict_size = 1;
+      break;
+    case 8:
+      c.hidden_dim = 1;
+      c.knowledge_dim = 1;
+      break;
+    default:
+      c.seed = UINT64_MAX;
+      break;
+    }
+    imml_model *m = NULL;
+    char err[256] = "";
+    ck_assert_msg(imml_model_create_ex(&c, NULL, &m, err, sizeof err) ==
+                      IMML_OK,
+                  "boundary case %d refused: %s", i, err);
+    ck_assert_ptr_nonnull(m);
+    ck_assert_str_eq(imml_errmsg(m), "");
+    imml_model_free(m);
+  }
+  /* a struct_size from a newer, larger header is accepted */
+  unsigned char *big = xcalloc(1, sizeof(imml_config) + 32);
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  c.struct_size = sizeof(imml_config) + 32;
+  memcpy(big, &c, sizeof c);
+  imml_model *m = NULL;
+  ck_assert_int_eq(
+      imml_model_create((const imml_config *)(void *)big, NULL, &m), IMML_OK);
+  imml_model_free(m);
+  free(big);
+}
+END_TEST
+
+START_TEST(test_create_null_and_ft_args) {
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  imml_model *m = (imml_model *)&c;
+  char err[128];
+  ck_assert_int_eq(imml_model_create_ex(NULL, NULL, &m, err, sizeof err),
+                   IMML_ERR_NULL);
+  ck_assert_ptr_null(m);
+  ck_assert_msg(err[0] != '\0', "no message for a NULL config");
+  ck_assert_int_eq(imml_model_create(&c, NULL, NULL), IMML_ERR_NULL);
+  /* host F&T: both callbacks needed, struct_size checked */
+  imml_ft_ops ops = dummy_ops();
+  ops.backward = NULL;
+  m = (imml_model *)&c;
+  ck_assert_int_eq(imml_model_create_ex(&c, &ops, &m, err, sizeof err),
+                   IMML_ERR_NULL);
+  ck_assert_ptr_null(m);
+  ck_assert_msg(strstr(err, "backward"), "message \"%s\"", err);
+  ops = dummy_ops();
+  ops.struct_size = 4;
+  m = (imml_model *)&c;
+  ck_assert_int_eq(imml_model_create_ex(&c, &ops, &m, err, sizeof err),
+                   IMML_ERR_INVALID_ARG);
+  ck_assert_ptr_null(m);
+  ck_assert_msg(strstr(err, "struct_size"), "message \"%s\"", err);
+  /* a short message buffer is truncated and terminated */
+  c.hidden_dim = 0;
+  char small[6];
+  memset(small, 'x', sizeof small);
+  m = (imml_model *)&c;
+  ck_assert_int_eq(imml_model_create_ex(&c, NULL, &m, small, 5),
+                   IMML_ERR_INVALID_ARG);
+  ck_assert_ptr_null(m);
+  ck_assert_int_eq(small[4], '\0');
+  ck_assert_int_eq(small[5], 'x');
+  /* no buffer at all */
+  ck_assert_int_eq(imml_model_create_ex(&c, NULL, &m, NULL, 0),
+                   IMML_ERR_INVALID_ARG);
+  ck_assert_ptr_null(m);
+  /* success clears the buffer */
+  c.hidden_dim = 8;
+  strcpy(err, "stale");
+  ck_assert_int_eq(imml_model_create_ex(&c, NULL, &m, err, sizeof err),
+                   IMML_OK);
+  ck_assert_str_eq(err, "");
+  imml_model_free(m);
+}
+END_TEST
+
+START_TEST(test_free_null_and_null_handles) {
+  imml_model_free(NULL);
+  imml_workspace_free(NULL);
+  ck_assert_msg(imml_errmsg(NULL) && imml_errmsg(NULL)[0] != '\0',
+                "imml_errmsg(NULL) should be a static text");
+  ck_assert_msg(imml_workspace_errmsg(NULL) &&
+                    imml_workspace_errmsg(NULL)[0] != '\0',
+                "imml_workspace_errmsg(NULL) should be a static text");
+  ck_assert_int_eq(imml_param_count(NULL), 0);
+  ck_assert_int_eq(imml_dict_fill(NULL), 0);
+  int p = 5;
+  ck_assert_int_eq(imml_predominant(NULL, &p, NULL), IMML_ERR_NULL);
+  ck_assert_int_eq(imml_warmup_state(NULL, NULL, NULL), IMML_ERR_NULL);
+  ck_assert_int_eq(imml_zero_grad(NULL), IMML_ERR_NULL);
+  ck_assert_int_eq(imml_step(NULL), IMML_ERR_NULL);
+  ck_assert_int_eq(imml_params_flat(NULL, NULL, NULL, NULL), IMML_ERR_NULL);
+  imml_param_view v;
+  ck_assert_int_eq(imml_param_info(NULL, 0, &v), IMML_ERR_NULL);
+}
+END_TEST
+
+START_TEST(test_strerror) {
+  const int n = IMML_ERR_BUFFER_SMALL + 1;
+  for (int i = 0; i < n; i++) {
+    const char *s = imml_strerror((imml_status)i);
+    ck_assert_ptr_nonnull(s);
+    ck_assert_msg(s[0] != '\0', "status %d has an empty text", i);
+    ck_assert_msg(strcmp(s, "unknown status") != 0, "status %d is not known",
+                  i);
+    for (int j = 0; j < i; j++)
+      ck_assert_msg(strcmp(s, imml_strerror((imml_status)j)) != 0,
+                    "statuses %d and %d share the text \"%s\"", j, i, s);
+  }
+  ck_assert_str_eq(imml_strerror((imml_status)n), "unknown status");
+  ck_assert_str_eq(imml_strerror((imml_status)-1), "unknown status");
+  ck_assert_str_eq(imml_strerror((imml_status)12345), "unknown status");
+  /* the frozen numbers */
+  ck_assert_int_eq(IMML_OK, 0);
+  ck_assert_int_eq(IMML_ERR_CALLBACK, 7);
+  ck_assert_int_eq(IMML_ERR_BUFFER_SMALL, 17);
+}
+END_TEST
+
+START_TEST(test_version) {
+  ck_assert_uint_eq(imml_version_number(), IMML_VERSION_NUMBER);
+  ck_assert_uint_eq(IMML_VERSION_NUMBER, IMML_VERSION_MAJOR * 10000 +
+                                             IMML_VERSION_MINOR * 100 +
+                                             IMML_VERSION_PATCH);
+  ck_assert_str_eq(imml_version_string(), IMML_VERSION_STRING);
+  char buf[64];
+  snprintf(buf, sizeof buf, "%d.%d.%d", IMML_VERSION_MAJOR, IMML_VERSION_MINOR,
+           IMML_VERSION_PATCH);
+  ck_assert_str_eq(imml_version_string(), buf);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* Forward / backward argument and state errors                        */
+/* ------------------------------------------------------------------ */
+
+/* A model part-way through training: warm-up done (p fixed), a partly
+ * filled dictionary, non-zero accumulated gradients, an optimiser. */
+static imml_model *trained_model(drng *r, int steps) {
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  c.warmup_steps = 2;
+  imml_model *m = mk(&c, NULL);
+  imml_optim_config oc;
+  imml_optim_config_init(&oc, IMML_OPT_ADAMW);
+  ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
+  for (int s = 0; s < steps; s++) {
+    batch b;
+    batch_random(&b, 2, dims2, 3, c.n_classes, r);
+    fwd_train(m, &b);
+    bwd(m, NULL);
+    if (s + 1 < steps)
+      ck_assert_int_eq(imml_step(m), IMML_OK);
+    batch_free(&b);
+  }
+  return m;
+}
+
+/* The message of the last expect_fail (the snapshot's own successful calls
+ * clear imml_errmsg). */
+static char last_msg[IMML_ERRMSG_SIZE];
+
+/* The call failed with `want`, left a message and changed nothing. */
+static void expect_fail(imml_model *m, imml_status got, imml_status want,
+                        const snap *before, const char *what) {
+  ck_assert_msg(got == want, "%s: status %d (%s), expected %d (%s)", what,
+                (int)got, imml_strerror(got), (int)want, imml_strerror(want));
+  ck_assert_msg(imml_errmsg(m)[0] != '\0', "%s: empty imml_errmsg", what);
+  snprintf(last_msg, sizeof last_msg, "%s", imml_errmsg(m));
+  expect_unchanged(m, before, what);
+}
+
+START_TEST(test_forward_argument_errors) {
+  drng r = {17}, r2 = {17};
+  imml_model *m = trained_model(&r, 3);
+  imml_model *ref = trained_model(&r2, 3);
+  const int C = 3, maxb = 6;
+  batch b, big;
+  batch_random(&b, 2, dims2, 4, C, &r);
+  batch_random(&big, 2, dims2, maxb + 1, C, &r);
+  fwd_train(m, &b); /* a pending step the failures must not disturb */
+  fwd_train(ref, &b);
+  snap s0;
+  snap_take(m, &s0);
+  ck_assert_int_ge(s0.fill, 1);
+  ck_assert_int_eq(s0.fixed, 1);
+  float logits[7 * 3];
+  imml_losses l;
+  for (int mode = 0; mode < 2; mode++) {
+    const imml_mode md = mode ? IMML_MODE_EVAL : IMML_MODE_TRAIN;
+    ck_assert_int_eq(imml_forward(NULL, md, 4, feats(&b), b.y, logits, &l),
+                     IMML_ERR_NULL);
+    expect_fail(m, imml_forward(m, md, 4, NULL, b.y, logits, &l), IMML_ERR_NULL,
+                &s0, "features NULL");
+    const float *half[2] = {b.x[0], NULL};
+    expect_fail(m, imml_forward(m, md, 4, half, b.y, logits, &l), IMML_ERR_NULL,
+                &s0, "features[1] NULL");
+    expect_fail(m, imml_forward(m, md, 0, feats(&b), b.y, logits, &l),
+                IMML_ERR_SHAPE, &s0, "batch 0");
+    expect_fail(m, imml_forward(m, md, -1, feats(&b), b.y, logits, &l),
+                IMML_ERR_SHAPE, &s0, "batch -1");
+    expect_fail(m,
+                imml_forward(m, md, maxb + 1, feats(&big), big.y, logits, &l),
+                IMML_ERR_SHAPE, &s0, "batch max_batch+1");
+    const int saved = b.y[2];
+    b.y[2] = -1;
+    expect_fail(m, imml_forward(m, md, 4, feats(&b), b.y, logits, &l),
+                IMML_ERR_LABEL, &s0, "label -1");
+    b.y[2] = C;
+    expect_fail(m, imml_forward(m, md, 4, feats(&b), b.y, logits, &l),
+                IMML_ERR_LABEL, &s0, "label C");
+    b.y[2] = saved;
+    /* non-finite features, message naming the modality and the row */
+    const float bad[3] = {NAN, INFINITY, -INFINITY};
+    for (int v = 0; v < 3; v++) {
+      const int mm = v == 1 ? 0 : 1, row = v == 1 ? 0 : 2, col = v;
+      float *cell = &b.x[mm][(size_t)row * dims2[mm] + col];
+      const float keep = *cell;
+      *cell = bad[v];
+      expect_fail(m, imml_forward(m, md, 4, feats(&b), b.y, logits, &l),
+                  IMML_ERR_NONFINITE, &s0, "non-finite feature");
+      char mod1[32], mod2[32], rowtxt[32];
+      snprintf(mod1, sizeof mod1, "features[%d]", mm);
+      snprintf(mod2, sizeof mod2, "modality %d", mm);
+      snprintf(rowtxt, sizeof rowtxt, "row %d", row);
+      const char *msg = last_msg;
+      ck_assert_msg(
+          (strstr(msg, mod1) || strstr(msg, mod2)) && strstr(msg, rowtxt),
+          "message \"%s\" does not name modality %d row %d", msg, mm, row);
+      *cell = keep;
+    }
+  }
+  expect_fail(m,
+              imml_forward(m, IMML_MODE_TRAIN, 4, feats(&b), NULL, logits, &l),
+              IMML_ERR_NULL, &s0, "labels NULL in training");
+  expect_fail(m, imml_forward(m, (imml_mode)2, 4, feats(&b), b.y, logits, &l),
+              IMML_ERR_INVALID_ARG, &s0, "mode 2");
+  expect_fail(m, imml_forward(m, (imml_mode)-1, 4, feats(&b), b.y, logits, &l),
+              IMML_ERR_INVALID_ARG, &s0, "mode -1");
+  /* a successful call clears the message */
+  ck_assert_int_eq(
+      imml_forward(m, IMML_MODE_EVAL, 4, feats(&b), NULL, logits, NULL),
+      IMML_OK);
+  ck_assert_str_eq(imml_errmsg(m), "");
+  /* the pending step survived every failure: its backward equals that of a
+   * model that never saw them */
+  bwd(m, NULL);
+  bwd(ref, NULL);
+  snap a, c;
+  snap_take(m, &a);
+  snap_take(ref, &c);
+  snap_check(&c, &a, "backward after the failed calls");
+  snap_free(&a);
+  snap_free(&c);
+  snap_free(&s0);
+  batch_free(&b);
+  batch_free(&big);
+  imml_model_free(m);
+  imml_model_free(ref);
+}
+END_TEST
+
+START_TEST(test_backward_state_errors) {
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  c.warmup_steps = 2;
+  imml_model *m = mk(&c, NULL);
+  drng r = {4};
+  batch b;
+  batch_random(&b, 2, dims2, 4, c.n_classes, &r);
+  float *dh[2];
+  dfeat_alloc(dh, &b);
+  snap s0;
+  ck_assert_int_eq(imml_backward(NULL, NULL), IMML_ERR_NULL);
+  snap_take(m, &s0);
+  expect_fail(m, imml_backward(m, NULL), IMML_ERR_STATE, &s0,
+              "backward on a fresh model");
+  expect_fail(m, imml_backward(m, dh), IMML_ERR_STATE, &s0,
+              "backward on a fresh model, with dfeatures");
+  ck_assert_int_eq(
+      imml_forward(m, IMML_MODE_EVAL, 4, feats(&b), b.y, NULL, NULL), IMML_OK);
+  expect_fail(m, imml_backward(m, NULL), IMML_ERR_STATE, &s0,
+              "backward after an evaluation forward only");
+  /* a training forward refused for its arguments leaves nothing pending */
+  expect_fail(m,
+              imml_forward(m, IMML_MODE_TRAIN, 0, feats(&b), b.y, NULL, NULL),
+              IMML_ERR_SHAPE, &s0, "bad training forward");
+  expect_fail(m, imml_backward(m, NULL), IMML_ERR_STATE, &s0,
+              "backward after a refused training forward");
+  snap_free(&s0);
+  for (int round = 0; round < 3; round++) {
+    fwd_train(m, &b);
+    bwd(m, dh);
+    snap_take(m, &s0);
+    ck_assert_int_eq(s0.fill, round < 2 ? 4 * (round + 1) : 10);
+    expect_fail(m, imml_backward(m, dh), IMML_ERR_STATE, &s0,
+                "second backward");
+    expect_fail(m, imml_backward(m, NULL), IMML_ERR_STATE, &s0,
+                "third backward");
+    snap_free(&s0);
+  }
+  dfeat_free(dh, 2);
+  batch_free(&b);
+  imml_model_free(m);
+}
+END_TEST
+
+/* imml_backward accumulates (+=): two backwards without a step give the
+ * sum of the two steps' gradients, and imml_zero_grad resets. */
+START_TEST(test_backward_accumulates) {
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  c.warmup_steps = 1;
+  imml_model *a = mk(&c, NULL), *b = mk(&c, NULL);
+  drng r = {12};
+  batch b1, b2;
+  batch_random(&b1, 2, dims2, 4, c.n_classes, &r);
+  batch_random(&b2, 2, dims2, 5, c.n_classes, &r);
+  float *ga, *gb;
+  size_t n;
+  ck_assert_int_eq(imml_params_flat(a, NULL, &ga, &n), IMML_OK);
+  ck_assert_int_eq(imml_params_flat(b, NULL, &gb, &n), IMML_OK);
+  /* a: two steps accumulated */
+  fwd_train(a, &b1);
+  bwd(a, NULL);
+  fwd_train(a, &b2);
+  bwd(a, NULL);
+  /* b: the same two steps, gradients taken apart */
+  fwd_train(b, &b1);
+  bwd(b, NULL);
+  float *g1 = xcalloc(n, sizeof(float));
+  memcpy(g1, gb, n * sizeof(float));
+  ck_assert_int_eq(imml_zero_grad(b), IMML_OK);
+  fwd_train(b, &b2);
+  bwd(b, NULL);
+  int nonzero = 0;
+  for (size_t i = 0; i < n; i++) {
+    const float sum = g1[i] + gb[i];
+    ck_assert_msg(memcmp(&ga[i], &sum, sizeof sum) == 0,
+                  "grad[%zu] = %.9g, sum of the two steps %.9g", i,
+                  (double)ga[i], (double)sum);
+    nonzero += g1[i] != 0.0f && gb[i] != 0.0f;
+  }
+  ck_assert_int_gt(nonzero, 0);
+  free(g1);
+  batch_free(&b1);
+  batch_free(&b2);
+  imml_model_free(a);
+  imml_model_free(b);
+}
+END_TEST
+
+/* An evaluation forward, imml_predict and imml_fdc_adjust between a
+ * training forward and its backward do not disturb the backward. */
+START_TEST(test_eval_between_forward_and_backward) {
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  c.warmup_steps = 2;
+  const int k = c.knowledge_dim;
+  imml_model *a = mk(&c, NULL), *b = mk(&c, NULL);
+  imml_optim_config oc;
+  imml_optim_config_init(&oc, IMML_OPT_ADAMW);
+  ck_assert_int_eq(imml_optim_setup(a, &oc), IMML_OK);
+  ck_assert_int_eq(imml_optim_setup(b, &oc), IMML_OK);
+  imml_workspace *ws = NULL;
+  ck_assert_int_eq(imml_workspace_create(a, &ws), IMML_OK);
+  drng r = {21};
+  for (int round = 0; round < 5; round++) {
+    batch t, e;
+    batch_random(&t, 2, dims2, 4, c.n_classes, &r);
+    batch_random(&e, 2, dims2, 6, c.n_classes, &r);
+    float *dha[2], *dhb[2];
+    dfeat_alloc(dha, &t);
+    dfeat_alloc(dhb, &t);
+    fwd_train(a, &t);
+    fwd_train(b, &t);
+    float lg[18];
+    imml_losses l;
+    ck_assert_int_eq(
+        imml_forward(a, IMML_MODE_EVAL, e.B, feats(&e), e.y, lg, &l), IMML_OK);
+    ck_assert_int_eq(
+        imml_forward(a, IMML_MODE_EVAL, 2, feats(&e), NULL, lg, &l), IMML_OK);
+    ck_assert_int_eq(imml_predict(a, ws, e.B, feats(&e), lg, NULL, NULL),
+                     IMML_OK);
+    float *z[2], *s[2];
+    for (int mm = 0; mm < 2; mm++) {
+      z[mm] = xcalloc((size_t)e.B * k, sizeof(float));
+      s[mm] = xcalloc((size_t)e.B * k, sizeof(float));
+      for (int i = 0; i < e.B * k; i++)
+        z[mm][i] = drng_unif(&r);
+    }
+    ck_assert_int_eq(imml_fdc_adjust(a, e.B, (const float *const *)z, s),
+                     IMML_OK);
+    const imml_status st = imml_backward(a, dha);
+    ck_assert_msg(st == IMML_OK,
+                  "round %d: backward after an evaluation forward: %d (%s) %s",
+                  round, (int)st, imml_strerror(st), imml_errmsg(a));
+    bwd(b, dhb);
+    for (int mm = 0; mm < 2; mm++)
+      ck_assert_msg(memcmp(dha[mm], dhb[mm],
+                           (size_t)t.B * dims2[mm] * sizeof(float)) == 0,
+                    "round %d: dL/dh_%d disturbed by the evaluation", round,
+                    mm);
+    snap sa, sb;
+    snap_take(a, &sa);
+    snap_take(b, &sb);
+    snap_check(&sb, &sa, "backward after evaluation calls");
+    snap_free(&sa);
+    snap_free(&sb);
+    ck_assert_int_eq(imml_step(a), IMML_OK);
+    ck_assert_int_eq(imml_step(b), IMML_OK);
+    for (int mm = 0; mm < 2; mm++) {
+      free(z[mm]);
+      free(s[mm]);
+    }
+    dfeat_free(dha, 2);
+    dfeat_free(dhb, 2);
+    batch_free(&t);
+    batch_free(&e);
+  }
+  imml_workspace_free(ws);
+  imml_model_free(a);
+  imml_model_free(b);
+}
+END_TEST
+
+/* Evaluation (forward EVAL, predict, fdc_adjust) never changes the model,
+ * in warm-up and after it (an evaluation during a pending training step:
+ * test_eval_between_forward_and_backward). */
+START_TEST(test_eval_never_changes_model) {
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  c.warmup_steps = 2;
+  const int k = c.knowledge_dim, C = c.n_classes;
+  imml_model *m = mk(&c, NULL);
+  imml_optim_config oc;
+  imml_optim_config_init(&oc, IMML_OPT_SGD);
+  oc.momentum = 0.9f;
+  ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
+  imml_workspace *ws = NULL;
+  ck_assert_int_eq(imml_workspace_create(m, &ws), IMML_OK);
+  drng r = {8};
+  for (int round = 0; round < 6; round++) {
+    batch e;
+    batch_random(&e, 2, dims2, 5, C, &r);
+    snap s0;
+    snap_take(m, &s0);
+    float lg[15], pr[15];
+    int cls[5];
+    imml_losses l;
+    ck_assert_int_eq(
+        imml_forward(m, IMML_MODE_EVAL, e.B, feats(&e), NULL, lg, &l), IMML_OK);
+    ck_assert_msg(isnan(l.total) && isnan(l.ce) && isnan(l.con) && isnan(l.dis),
+                  "losses without labels should be NaN");
+    expect_unchanged(m, &s0, "evaluation forward without labels");
+    ck_assert_int_eq(
+        imml_forward(m, IMML_MODE_EVAL, e.B, feats(&e), e.y, lg, &l), IMML_OK);
+    ck_assert_msg(isfinite(l.total) && isfinite(l.ce) && isfinite(l.dis) &&
+                      isfinite(l.con),
+                  "losses with labels should be finite");
+    ck_assert_msg(fabs(l.total - (l.ce + (double)c.gamma1 * l.con +
+                                  (double)c.gamma2 * l.dis)) <=
+                      1e-12 * fabs(l.total) + 1e-12,
+                  "total != ce + gamma1 con + gamma2 dis");
+    expect_unchanged(m, &s0, "evaluation forward with labels");
+    ck_assert_int_eq(imml_predict(m, ws, e.B, feats(&e), lg, pr, cls), IMML_OK);
+    expect_unchanged(m, &s0, "imml_predict");
+    float *z[2], *s[2];
+    for (int mm = 0; mm < 2; mm++) {
+      z[mm] = xcalloc((size_t)e.B * k, sizeof(float));
+      s[mm] = xcalloc((size_t)e.B * k, sizeof(float));
+      for (int i = 0; i < e.B * k; i++)
+        z[mm][i] = drng_unif(&r);
+    }
+    ck_assert_int_eq(imml_fdc_adjust(m, e.B, (const float *const *)z, s),
+                     IMML_OK);
+    expect_unchanged(m, &s0, "imml_fdc_adjust");
+    snap_free(&s0);
+    for (int mm = 0; mm < 2; mm++) {
+      free(z[mm]);
+      free(s[mm]);
+    }
+    /* one training step moves the model on */
+    batch t;
+    batch_random(&t, 2, dims2, 3, C, &r);
+    fwd_train(m, &t);
+    batch_free(&t);
+    bwd(m, NULL);
+    ck_assert_int_eq(imml_step(m), IMML_OK);
+    batch_free(&e);
+  }
+  int p, fixed;
+  imml_predominant(m, &p, &fixed);
+  ck_assert_int_eq(fixed, 1);
+  imml_workspace_free(ws);
+  imml_model_free(m);
+}
+END_TEST
+
+START_TEST(test_fdc_adjust_errors) {
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  c.predominant = 0;
+  const int k = c.knowledge_dim;
+  imml_model *m = mk(&c, NULL);
+  float z0[24], z1[24], s0b[24], s1b[24];
+  drng r = {2};
+  for (int i = 0; i < 24; i++) {
+    z0[i] = drng_unif(&r);
+    z1[i] = drng_unif(&r);
+  }
+  const float *z[2] = {z0, z1};
+  float *s[2] = {s0b, s1b};
+  snap s0;
+  snap_take(m, &s0);
+  ck_assert_int_eq(imml_fdc_adjust(NULL, 2, z, s), IMML_ERR_NULL);
+  expect_fail(m, imml_fdc_adjust(m, 0, z, s), IMML_ERR_SHAPE, &s0, "batch 0");
+  expect_fail(m, imml_fdc_adjust(m, 7, z, s), IMML_ERR_SHAPE, &s0, "batch 7");
+  expect_fail(m, imml_fdc_adjust(m, 2, NULL, s), IMML_ERR_NULL, &s0,
+              "knowledge NULL");
+  expect_fail(m, imml_fdc_adjust(m, 2, z, NULL), IMML_ERR_NULL, &s0,
+              "slots NULL");
+  const float *zh[2] = {z0, NULL};
+  expect_fail(m, imml_fdc_adjust(m, 2, zh, s), IMML_ERR_NULL, &s0,
+              "knowledge[1] NULL");
+  z1[k + 1] = NAN;
+  expect_fail(m, imml_fdc_adjust(m, 2, z, s), IMML_ERR_NONFINITE, &s0,
+              "NaN knowledge");
+  z1[k + 1] = 0.5f;
+  ck_assert_int_eq(imml_fdc_adjust(m, 2, z, s), IMML_OK);
+  ck_assert_str_eq(imml_errmsg(m), "");
+  snap_free(&s0);
+  imml_model_free(m);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* Allocation                                                          */
+/* ------------------------------------------------------------------ */
+
+START_TEST(test_no_allocation_after_create) {
+  for (int variant = 0; variant < 2; variant++) {
+    static const int dims3[3] = {5, 7, 3};
+    imml_config c;
+    small_cfg(&c, 3, dims3);
+    c.warmup_steps = 5;
+    c.dict_size = 8;
+    c.slot_mode = variant ? IMML_SLOT_STRICT : IMML_SLOT_CONDITIONAL;
+    counter cnt;
+    use_counter(&c, &cnt);
+    imml_ft_ops ops = dummy_ops();
+    imml_model *m = mk(&c, variant ? &ops : NULL);
+    imml_optim_config oc;
+    imml_optim_config_init(&oc, IMML_OPT_ADAMW);
+    oc.clip_norm = 1.0f;
+    ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
+    imml_workspace *ws = NULL;
+    ck_assert_int_eq(imml_workspace_create(m, &ws), IMML_OK);
+    ck_assert_msg(cnt.mallocs >= 3, "the hooks were not used (%ld mallocs)",
+                  cnt.mallocs);
+    const long mallocs0 = cnt.mallocs, frees0 = cnt.frees;
+    drng r = {77};
+    const int k = c.knowledge_dim, C = c.n_classes;
+    float *z[3], *sl[3];
+    for (int mm = 0; mm < 3; mm++) {
+      z[mm] = xcalloc((size_t)6 * k, sizeof(float));
+      sl[mm] = xcalloc((size_t)6 * k, sizeof(float));
+    }
+    for (int step = 0; step < 50; step++) {
+      batch b;
+      batch_random(&b, 3, dims3, 1 + step % 6, C, &r);
+      float *dh[3];
+      dfeat_alloc(dh, &b);
+      float lg[18], pr[18];
+      int cls[6];
+      imml_losses l;
+      ck_assert_int_eq(
+          imml_forward(m, IMML_MODE_TRAIN, b.B, feats(&b), b.y, lg, &l),
+          IMML_OK);
+      ck_assert_int_eq(
+          imml_forward(m, IMML_MODE_EVAL, b.B, feats(&b), NULL, lg, &l),
+          IMML_OK);
+      ck_assert_int_eq(imml_backward(m, dh), IMML_OK);
+      ck_assert_int_eq(imml_step(m), IMML_OK);
+      ck_assert_int_eq(
+          imml_forward(m, IMML_MODE_EVAL, b.B, feats(&b), b.y, lg, &l),
+          IMML_OK);
+      ck_assert_int_eq(imml_predict(m, ws, b.B, feats(&b), lg, pr, cls),
+                       IMML_OK);
+      for (int mm = 0; mm < 3; mm++)
+        for (int i = 0; i < b.B * k; i++)
+          z[mm][i] = drng_unif(&r);
+      ck_assert_int_eq(imml_fdc_adjust(m, b.B, (const float *const *)z, sl),
+                       IMML_OK);
+      /* failures must not allocate either */
+      ck_assert_int_eq(imml_backward(m, NULL), IMML_ERR_STATE);
+      ck_assert_int_eq(
+          imml_forward(m, IMML_MODE_TRAIN, 0, feats(&b), b.y, lg, &l),
+          IMML_ERR_SHAPE);
+      ck_assert_msg(cnt.mallocs == mallocs0 && cnt.frees == frees0,
+                    "step %d: %ld allocations and %ld frees after create", step,
+                    cnt.mallocs - mallocs0, cnt.frees - frees0);
+      dfeat_free(dh, 3);
+      batch_free(&b);
+    }
+    imml_param_view v;
+    size_t n;
+    float *pd;
+    ck_assert_int_eq(imml_param_info(m, 0, &v), IMML_OK);
+    ck_assert_int_eq(imml_params_flat(m, &pd, NULL, &n), IMML_OK);
+    ck_assert_int_eq(imml_zero_grad(m), IMML_OK);
+    ck_assert_int_eq(imml_optim_set_lr(m, 1e-4f), IMML_OK);
+    ck_assert_msg(cnt.mallocs == mallocs0 && cnt.frees == frees0,
+                  "allocations in the parameter API");
+    int p, fixed;
+    imml_predominant(m, &p, &fixed);
+    ck_assert_int_eq(fixed, 1);
+    for (int mm = 0; mm < 3; mm++) {
+      free(z[mm]);
+      free(sl[mm]);
+    }
+    imml_workspace_free(ws);
+    imml_model_free(m);
+    ck_assert_int_eq(cnt.bad_frees, 0);
+    ck_assert_msg(cnt.frees == cnt.mallocs, "%ld mallocs, %ld frees",
+                  cnt.mallocs, cnt.frees);
+    ck_assert_uint_eq(cnt.live, 0);
+  }
+}
+END_TEST
+
+/* Every allocation goes through the hooks and is given back; a failing
+ * allocator gives IMML_ERR_NOMEM and leaks nothing. */
+START_TEST(test_allocator_hooks_balance) {
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  counter cnt;
+  use_counter(&c, &cnt);
+  /* create + optimiser (set up twice) + workspace, then free */
+  imml_model *m = mk(&c, NULL);
+  const long after_create = cnt.mallocs;
+  ck_assert_int_ge(after_create, 1);
+  imml_optim_config oc;
+  imml_optim_config_init(&oc, IMML_OPT_ADAMW);
+  ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
+  ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
+  imml_workspace *ws = NULL, *ws2 = NULL;
+  ck_assert_int_eq(imml_workspace_create(m, &ws), IMML_OK);
+  ck_assert_int_eq(imml_workspace_create(m, &ws2), IMML_OK);
+  ck_assert_int_gt(cnt.mallocs, after_create);
+  imml_workspace_free(ws);
+  imml_model_free(m);
+  imml_workspace_free(ws2); /* outliving the model is fine */
+  ck_assert_int_eq(cnt.bad_frees, 0);
+  ck_assert_int_eq(cnt.frees, cnt.mallocs);
+  ck_assert_uint_eq(cnt.live, 0);
+  const long total = cnt.mallocs;
+
+  /* fail each allocation in turn: create, then the optimiser, then the
+   * workspace, until every call succeeds */
+  int done = 0;
+  for (long fail = 0; !done; fail++) {
+    ck_assert_msg(fail <= total, "an allocation never failed");
+    use_counter(&c, &cnt);
+    cnt.fail_after = fail;
+    imml_model *out = (imml_model *)&c;
+    char err[256] = "";
+    const imml_status st =
+        imml_model_create_ex(&c, NULL, &out, err, sizeof err);
+    if (fail < after_create) {
+      ck_assert_msg(st == IMML_ERR_NOMEM,
+                    "allocation %ld failing: status %d, expected NOMEM", fail,
+                    (int)st);
+      ck_assert_ptr_null(out);
+      ck_assert_msg(err[0] != '\0', "no message for NOMEM");
+    } else {
+      ck_assert_int_eq(st, IMML_OK);
+      snap s0;
+      snap_take(out, &s0);
+      const imml_status so = imml_optim_setup(out, &oc);
+      if (so == IMML_OK) {
+        imml_workspace *w = (imml_workspace *)&c;
+        const imml_status sw = imml_workspace_create(out, &w);
+        if (sw == IMML_OK) {
+          done = 1;
+          imml_workspace_free(w);
+        } else {
+          ck_assert_int_eq(sw, IMML_ERR_NOMEM);
+          ck_assert_ptr_null(w);
+        }
+      } else {
+        ck_assert_int_eq(so, IMML_ERR_NOMEM);
+        ck_assert_msg(imml_errmsg(out)[0] != '\0', "no message for NOMEM");
+        expect_unchanged(out, &s0, "failed imml_optim_setup");
+        ck_assert_int_eq(imml_step(out), IMML_ERR_STATE);
+      }
+      snap_free(&s0);
+      imml_model_free(out);
+    }
+    ck_assert_int_eq(cnt.bad_frees, 0);
+    ck_assert_msg(cnt.frees == cnt.mallocs, "fail %ld: %ld mallocs, %ld frees",
+                  fail, cnt.mallocs, cnt.frees);
+  }
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* Parameter API                                                       */
+/* ------------------------------------------------------------------ */
+
+START_TEST(test_param_api) {
+  static const int dims3[3] = {5, 7, 3};
+  for (int builtin = 1; builtin >= 0; builtin--) {
+    imml_config c;
+    small_cfg(&c, 3, dims3);
+    const int H = c.hidden_dim, k = c.knowledge_dim, C = c.n_classes, M = 3;
+    imml_ft_ops ops = dummy_ops();
+    imml_model *m = mk(&c, builtin ? NULL : &ops);
+    const int nt = 6 * M + 2 + (builtin ? 2 : 0);
+    ck_assert_int_eq(imml_param_count(m), nt);
+    float *data = NULL, *grad = NULL;
+    size_t count = 0;
+    ck_assert_int_eq(imml_params_flat(m, &data, &grad, &count), IMML_OK);
+    ck_assert_ptr_nonnull(data);
+    ck_assert_ptr_nonnull(grad);
+    size_t off = 0;
+    for (int i = 0; i < nt; i++) {
+      char want[32];
+      int rows, cols;
+      if (i < 6 * M) {
+        static const char *const suf[6] = {"w1", "b1", "w2", "b2", "wc", "bc"};
+        const int mm = i / 6, t = i % 6;
+        snprintf(want, sizeof want, "m%d.%s", mm, suf[t]);
+        const int R[6] = {dims3[mm], 1, H, 1, k, 1};
+        const int Cc[6] = {H, H, k, k, C, C};
+        rows = R[t];
+        cols = Cc[t];
+      } else {
+        static const char *const tail[4] = {"fdc.wq", "fdc.wk", "ft.w", "ft.b"};
+        const int t = i - 6 * M;
+        snprintf(want, sizeof want, "%s", tail[t]);
+        rows = t == 3 ? 1 : M * k;
+        cols = t < 2 ? k : C;
+      }
+      imml_param_view v;
+      memset(&v, 0, sizeof v);
+      ck_assert_int_eq(imml_param_info(m, i, &v), IMML_OK);
+      ck_assert_str_eq(v.name, want);
+      ck_assert_int_eq(v.rows, rows);
+      ck_assert_int_eq(v.cols, cols);
+      ck_assert_msg(v.data == data + off, "%s data is not at flat offset %zu",
+                    want, off);
+      ck_assert_msg(v.grad == grad + off, "%s grad is not at flat offset %zu",
+                    want, off);
+      off += (size_t)rows * cols;
+    }
+    ck_assert_uint_eq(count, off);
+    /* writes through a view are writes to the flat block and are used */
+    imml_param_view v;
+    ck_assert_int_eq(imml_param_info(m, 1, &v), IMML_OK);
+    v.data[0] = 0.25f;
+    ck_assert(data[(size_t)dims3[0] * H] == 0.25f);
+    for (size_t i = 0; i < count; i++)
+      grad[i] = 1.0f;
+    ck_assert_int_eq(imml_zero_grad(m), IMML_OK);
+    for (size_t i = 0; i < count; i++)
+      ck_assert_msg(grad[i] == 0.0f, "imml_zero_grad left grad[%zu]", i);
+    /* bad indices */
+    snap s0;
+    snap_take(m, &s0);
+    expect_fail(m, imml_param_info(m, -1, &v), IMML_ERR_INVALID_ARG, &s0,
+                "index -1");
+    expect_fail(m, imml_param_info(m, nt, &v), IMML_ERR_INVALID_ARG, &s0,
+                "index count");
+    expect_fail(m, imml_param_info(m, 0, NULL), IMML_ERR_NULL, &s0,
+                "view NULL");
+    snap_free(&s0);
+    /* flat with NULL outputs */
+    ck_assert_int_eq(imml_params_flat(m, NULL, NULL, &count), IMML_OK);
+    ck_assert_uint_eq(count, off);
+    imml_model_free(m);
+  }
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* imml_predict                                                        */
+/* ------------------------------------------------------------------ */
+
+START_TEST(test_predict_matches_eval) {
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  c.warmup_steps = 2;
+  c.n_classes = 4;
+  const int C = c.n_classes;
+  imml_model *m = mk(&c, NULL);
+  imml_optim_config oc;
+  imml_optim_config_init(&oc, IMML_OPT_ADAMW);
+  oc.lr = 1e-2f;
+  ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
+  imml_workspace *ws = NULL;
+  ck_assert_int_eq(imml_workspace_create(m, &ws), IMML_OK);
+  drng r = {404};
+  for (int round = 0; round < 5; round++) {
+    batch e;
+    batch_random(&e, 2, dims2, 1 + round, C, &r);
+    const int B = e.B;
+    float lf[24], lp[24], pr[24];
+    int cls[6];
+    ck_assert_int_eq(
+        imml_forward(m, IMML_MODE_EVAL, B, feats(&e), NULL, lf, NULL), IMML_OK);
+    ck_assert_int_eq(imml_predict(m, ws, B, feats(&e), lp, pr, cls), IMML_OK);
+    ck_assert_str_eq(imml_workspace_errmsg(ws), "");
+    ck_assert_msg(memcmp(lf, lp, (size_t)B * C * sizeof(float)) == 0,
+                  "round %d: predict logits != eval forward logits", round);
+    for (int i = 0; i < B; i++) {
+      double sum = 0.0, mx = lp[i * C];
+      int best = 0;
+      for (int j = 0; j < C; j++) {
+        sum += pr[i * C + j];
+        if (lp[i * C + j] > lp[i * C + best])
+          best = j;
+        mx = fmax(mx, lp[i * C + j]);
+      }
+      ck_assert_msg(fabs(sum - 1.0) <= 1e-6, "row %d: probs sum to %.9g", i,
+                    sum);
+      ck_assert_int_eq(cls[i], best);
+      double z = 0.0;
+      for (int j = 0; j < C; j++)
+        z += exp(lp[i * C + j] - mx);
+      for (int j = 0; j < C; j++) {
+        const double want = exp(lp[i * C + j] - mx) / z;
+        ck_assert_msg(fabs(pr[i * C + j] - want) <= 1e-6,
+                      "prob[%d][%d] = %.9g, softmax %.9g", i, j,
+                      (double)pr[i * C + j], want);
+      }
+    }
+    /* outputs are optional */
+    int cls2[6];
+    ck_assert_int_eq(imml_predict(m, ws, B, feats(&e), NULL, NULL, cls2),
+                     IMML_OK);
+    ck_assert_int_eq(memcmp(cls, cls2, (size_t)B * sizeof(int)), 0);
+    ck_assert_int_eq(imml_predict(m, ws, B, feats(&e), NULL, NULL, NULL),
+                     IMML_OK);
+    /* argument errors are reported through the workspace */
+    ck_assert_int_eq(imml_predict(NULL, ws, B, feats(&e), lp, pr, cls),
+                     IMML_ERR_NULL);
+    ck_assert_int_eq(imml_predict(m, NULL, B, feats(&e), lp, pr, cls),
+                     IMML_ERR_NULL);
+    ck_assert_int_eq(imml_predict(m, ws, 0, feats(&e), lp, pr, cls),
+                     IMML_ERR_SHAPE);
+    ck_assert_msg(imml_workspace_errmsg(ws)[0] != '\0', "no ws message");
+    e.x[1][0] = NAN;
+    ck_assert_int_eq(imml_predict(m, ws, B, feats(&e), lp, pr, cls),
+                     IMML_ERR_NONFINITE);
+    ck_assert_msg(imml_workspace_errmsg(ws)[0] != '\0', "no ws message");
+    /* train on */
+    batch t;
+    batch_random(&t, 2, dims2, 6, C, &r);
+    fwd_train(m, &t);
+    bwd(m, NULL);
+    ck_assert_int_eq(imml_step(m), IMML_OK);
+    batch_free(&t);
+    batch_free(&e);
+  }
+  int p, fixed;
+  imml_predominant(m, &p, &fixed);
+  ck_assert_int_eq(fixed, 1);
+  /* a workspace of another shape is refused */
+  imml_config c2 = c;
+  c2.hidden_dim = 9;
+  imml_model *other = mk(&c2, NULL);
+  imml_workspace *ws2 = NULL;
+  ck_assert_int_eq(imml_workspace_create(other, &ws2), IMML_OK);
+  batch e;
+  batch_random(&e, 2, dims2, 2, C, &r);
+  ck_assert_int_eq(imml_predict(m, ws2, 2, feats(&e), NULL, NULL, NULL),
+                   IMML_ERR_SHAPE);
+  ck_assert_msg(imml_workspace_errmsg(ws2)[0] != '\0', "no ws message");
+  batch_free(&e);
+  imml_workspace_free(ws2);
+  imml_model_free(other);
+  imml_workspace_free(ws);
+  imml_model_free(m);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* Predominant state API                                               */
+/* ------------------------------------------------------------------ */
+
+START_TEST(test_predominant_api) {
+  static const int d3[3] = {4, 4, 4};
+  imml_config c;
+  small_cfg(&c, 3, d3);
+  /* named p: fixed from the start, no warm-up */
+  c.predominant = 2;
+  imml_model *m = mk(&c, NULL);
+  int p = -5, fixed = -5, steps = -5;
+  ck_assert_int_eq(imml_predominant(m, &p, &fixed), IMML_OK);
+  ck_assert_int_eq(p, 2);
+  ck_assert_int_eq(fixed, 1);
+  ck_assert_int_eq(imml_warmup_state(m, &steps, NULL), IMML_OK);
+  ck_assert_int_eq(steps, 0);
+  imml_model_free(m);
+  /* automatic: not chosen yet */
+  c.predominant = -1;
+  c.warmup_steps = 4;
+  m = mk(&c, NULL);
+  ck_assert_int_eq(imml_predominant(m, &p, &fixed), IMML_OK);
+  ck_assert_int_eq(p, -1);
+  ck_assert_int_eq(fixed, 0);
+  float ema[3] = {9, 9, 9};
+  ck_assert_int_eq(imml_warmup_state(m, &steps, ema), IMML_OK);
+  ck_assert_int_eq(steps, 0);
+  ck_assert(ema[0] == 0.0f && ema[1] == 0.0f && ema[2] == 0.0f);
+  ck_assert_int_eq(imml_predominant(m, NULL, NULL), IMML_ERR_NULL);
+  imml_model_free(m);
+  /* warmup_steps = 0: fixed at create, ties to the lowest index */
+  c.warmup_steps = 0;
+  m = mk(&c, NULL);
+  ck_assert_int_eq(imml_predominant(m, &p, &fixed), IMML_OK);
+  ck_assert_int_eq(p, 0);
+  ck_assert_int_eq(fixed, 1);
+  imml_model_free(m);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* M = 8                                                               */
+/* ------------------------------------------------------------------ */
+
+START_TEST(test_eight_modalities) {
+  static const int dims8[8] = {3, 4, 5, 6, 7, 8, 9, 10};
+  for (int mode = 0; mode < 2; mode++) {
+    imml_config c;
+    imml_config_init(&c);
+    c.n_modalities = 8;
+    c.dims = dims8;
+    c.hidden_dim = 8;
+    c.knowledge_dim = 4;
+    c.n_classes = 4;
+    c.max_batch = 6;
+    c.dict_size = 16;
+    c.warmup_steps = 2;
+    c.slot_mode = mode;
+    c.seed = 88;
+    imml_model *m = mk(&c, NULL);
+    ck_assert_int_eq(imml_param_count(m), 6 * 8 + 4);
+    imml_optim_config oc;
+    imml_optim_config_init(&oc, IMML_OPT_ADAMW);
+    ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
+    imml_workspace *ws = NULL;
+    ck_assert_int_eq(imml_workspace_create(m, &ws), IMML_OK);
+    drng r = {8};
+    for (int step = 0; step < 6; step++) {
+      batch b;
+      batch_random(&b, 8, dims8, 6, c.n_classes, &r);
+      float *dh[8];
+      dfeat_alloc(dh, &b);
+      float lg[24];
+      imml_losses l;
+      ck_assert_int_eq(
+          imml_forward(m, IMML_MODE_TRAIN, 6, feats(&b), b.y, lg, &l), IMML_OK);
+      ck_assert_msg(isfinite(l.total), "loss not finite");
+      if (step >= 2)
+        ck_assert_msg(l.con > 0.0, "step %d: L_con = %g after warm-up", step,
+                      l.con);
+      else
+        ck_assert_msg(l.con == 0.0, "L_con = %g in warm-up", l.con);
+      bwd(m, dh);
+      for (int mm = 0; mm < 8; mm++)
+        for (int i = 0; i < 6 * dims8[mm]; i++)
+          ck_assert_msg(isfinite(dh[mm][i]), "dh not finite");
+      ck_assert_int_eq(imml_step(m), IMML_OK);
+      int cls[6];
+      ck_assert_int_eq(imml_predict(m, ws, 6, feats(&b), NULL, NULL, cls),
+                       IMML_OK);
+      for (int i = 0; i < 6; i++)
+        ck_assert(cls[i] >= 0 && cls[i] < c.n_classes);
+      dfeat_free(dh, 8);
+      batch_free(&b);
+    }
+    int p, fixed;
+    imml_predominant(m, &p, &fixed);
+    ck_assert_int_eq(fixed, 1);
+    ck_assert(p >= 0 && p < 8);
+    ck_assert_int_eq(imml_dict_fill(m), 16);
+    imml_workspace_free(ws);
+    imml_model_free(m);
+  }
+}
+END_TEST
+
+static Suite *model_suite(void) {
+  Suite *s = suite_create("model");
+  TCase *tc = tcase_create("api");
+  tcase_set_timeout(tc, 600);
+  tcase_add_test(tc, test_config_defaults);
+  tcase_add_loop_test(tc, test_config_rejects_field, 0, N_CFG_CASES);
+  tcase_add_test(tc, test_config_accepts_boundaries);
+  tcase_add_test(tc, test_create_null_and_ft_args);
+  tcase_add_test(tc, test_free_null_and_null_handles);
+  tcase_add_test(tc, test_strerror);
+  tcase_add_test(tc, test_version);
+  tcase_add_test(tc, test_forward_argument_errors);
+  tcase_add_test(tc, test_backward_state_errors);
+  tcase_add_test(tc, test_backward_accumulates);
+  tcase_add_test(tc, test_eval_between_forward_and_backward);
+  tcase_add_test(tc, test_eval_never_changes_model);
+  tcase_add_test(tc, test_fdc_adjust_errors);
+  tcase_add_test(tc, test_no_allocation_after_create);
+  tcase_add_test(tc, test_allocator_hooks_balance);
+  tcase_add_test(tc, test_param_api);
+  tcase_add_test(tc, test_predict_matches_eval);
+  tcase_add_test(tc, test_predominant_api);
+  tcase_add_test(tc, test_eight_modalities);
+  suite_add_tcase(s, tc);
+  return s;
+}
+
+int main(void) { return imml_run_suite(model_suite()); }
