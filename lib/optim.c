@@ -138,13 +138,22 @@ typedef struct step_coef {
  * return value is NaN if any new parameter or moment would be non-finite;
  * with commit 1 the new values are stored and the gradient zeroed.  The
  * loops are branch-free so the compiler vectorises them. */
+/* Largest magnitude bit pattern of x so far: >= 0x7f800000 once any value
+ * is non-finite (integer max-reductions vectorise; float sums do not). */
+static inline uint32_t worst_bits(uint32_t worst, float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  u &= 0x7fffffffu;
+  return u > worst ? u : worst;
+}
+
 static float adamw_pass(const step_coef *k, size_t n, float *restrict P,
                         float *restrict G, float *restrict M1,
                         float *restrict M2, int commit) {
   const float clip = k->clip, decay = k->decay, b1 = k->b1, b2 = k->b2,
               c1 = 1.0f - k->b1, c2 = 1.0f - k->b2, bc2 = k->bc2_sqrt,
               eps = k->eps, step = k->step_size;
-  float bad = 0.0f;
+  uint32_t worst = 0;
   if (commit) {
     for (size_t i = 0; i < n; i++) {
       const float g = G[i] * clip;
@@ -161,17 +170,17 @@ static float adamw_pass(const step_coef *k, size_t n, float *restrict P,
       const float m1 = b1 * M1[i] + c1 * g;
       const float m2 = b2 * M2[i] + c2 * g * g;
       const float p = P[i] * decay - step * (m1 / (sqrtf(m2) / bc2 + eps));
-      bad += p * 0.0f + m1 * 0.0f + m2 * 0.0f;
+      worst = worst_bits(worst_bits(worst_bits(worst, p), m1), m2);
     }
   }
-  return bad;
+  return worst < 0x7f800000u ? 0.0f : NAN;
 }
 
 /* One SGD pass (PyTorch semantics, dampening 0), same contract. */
 static float sgd_pass(const step_coef *k, size_t n, float *restrict P,
                       float *restrict G, float *restrict M1, int commit) {
   const float clip = k->clip, wd = k->wd, mom = k->mom, lr = k->lr;
-  float bad = 0.0f;
+  uint32_t worst = 0;
   if (mom == 0.0f) {
     for (size_t i = 0; i < n; i++) {
       const float p = P[i] - lr * (G[i] * clip + wd * P[i]);
@@ -179,10 +188,10 @@ static float sgd_pass(const step_coef *k, size_t n, float *restrict P,
         P[i] = p;
         G[i] = 0.0f;
       } else {
-        bad += p * 0.0f;
+        worst = worst_bits(worst, p);
       }
     }
-    return bad;
+    return worst < 0x7f800000u ? 0.0f : NAN;
   }
   const float keep = k->first ? 0.0f : mom; /* first step: buf = d */
   const float nest = k->nesterov ? mom : 0.0f;
@@ -198,10 +207,10 @@ static float sgd_pass(const step_coef *k, size_t n, float *restrict P,
       M1[i] = buf;
       G[i] = 0.0f;
     } else {
-      bad += p * 0.0f + buf * 0.0f;
+      worst = worst_bits(worst_bits(worst, p), buf);
     }
   }
-  return bad;
+  return worst < 0x7f800000u ? 0.0f : NAN;
 }
 
 imml_status imml_step(imml_model *m) {
@@ -247,7 +256,7 @@ imml_status imml_step(imml_model *m) {
    * finite does pass 2 commit, so a refused step changes nothing. */
   const float bad = adamw ? adamw_pass(&k, n, P, G, o->m1, o->m2, 0)
                           : sgd_pass(&k, n, P, G, o->m1, 0);
-  if (bad != 0.0f)
+  if (isnan(bad))
     return imml_fail(m, IMML_ERR_NONFINITE,
                      "the update would make a parameter or a moment "
                      "non-finite (lr %g too large?); nothing changed",
