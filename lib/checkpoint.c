@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define CKPT_MAGIC "IMMLCKPT"
@@ -611,35 +612,51 @@ void imml_load_options_init(imml_load_options *opt) {
   opt->struct_size = sizeof *opt;
 }
 
-imml_status imml_load_mem_ex(const void *buf, size_t size,
-                             const imml_ft_ops *ft,
-                             const imml_load_options *opt, imml_model **out) {
-  char *err = NULL;
-  size_t n = 0;
+/* Reads and checks the load options before anything else uses them: the
+ * message buffer (only within struct_size) and the allocator pair. */
+static imml_status load_options(const imml_load_options *opt, imml_model **out,
+                                char **err, size_t *n,
+                                const imml_allocator **alloc) {
+  *err = NULL;
+  *n = 0;
+  *alloc = NULL;
   if (opt && opt->struct_size >= sizeof *opt) {
-    err = opt->errmsg;
-    n = opt->errmsg_size;
+    *err = opt->errmsg;
+    *n = opt->errmsg_size;
   }
-  if (err && n)
-    err[0] = '\0';
+  if (*err && *n)
+    (*err)[0] = '\0';
   if (!out) {
-    imml_set_err(err, n, "out is NULL");
+    imml_set_err(*err, *n, "out is NULL");
     return IMML_ERR_NULL;
   }
   *out = NULL;
-  if (opt && opt->struct_size < sizeof *opt) {
+  if (!opt)
+    return IMML_OK;
+  if (opt->struct_size < sizeof *opt)
+    return IMML_ERR_INVALID_ARG; /* nowhere safe to write a message */
+  if (!opt->allocator.malloc_fn != !opt->allocator.free_fn) {
+    imml_set_err(*err, *n,
+                 "options.allocator: malloc_fn and free_fn must both be set "
+                 "or both be NULL");
     return IMML_ERR_INVALID_ARG;
   }
+  *alloc = &opt->allocator;
+  return IMML_OK;
+}
+
+imml_status imml_load_mem_ex(const void *buf, size_t size,
+                             const imml_ft_ops *ft,
+                             const imml_load_options *opt, imml_model **out) {
+  char *err;
+  size_t n;
+  const imml_allocator *alloc;
+  imml_status st = load_options(opt, out, &err, &n, &alloc);
+  if (st != IMML_OK)
+    return st;
   if (!buf) {
     imml_set_err(err, n, "buffer is NULL");
     return IMML_ERR_NULL;
-  }
-  const imml_allocator *alloc = opt ? &opt->allocator : NULL;
-  if (alloc && !alloc->malloc_fn != !alloc->free_fn) {
-    imml_set_err(err, n,
-                 "allocator: malloc_fn and free_fn must both be set "
-                 "or both be NULL");
-    return IMML_ERR_INVALID_ARG;
   }
   return parse(buf, size, ft, alloc, out, err, n);
 }
@@ -651,44 +668,42 @@ imml_status imml_load_mem(const void *buf, size_t size, const imml_ft_ops *ft,
 
 imml_status imml_load_ex(const char *path, const imml_ft_ops *ft,
                          const imml_load_options *opt, imml_model **out) {
-  char *err = NULL;
-  size_t n = 0;
-  if (opt && opt->struct_size >= sizeof *opt) {
-    err = opt->errmsg;
-    n = opt->errmsg_size;
-  }
-  if (!out || !path) {
-    imml_set_err(err, n, "%s is NULL", out ? "path" : "out");
+  char *err;
+  size_t n;
+  const imml_allocator *alloc;
+  imml_status st = load_options(opt, out, &err, &n, &alloc);
+  if (st != IMML_OK)
+    return st;
+  if (!path) {
+    imml_set_err(err, n, "path is NULL");
     return IMML_ERR_NULL;
   }
-  *out = NULL;
-  const imml_allocator *alloc = opt ? &opt->allocator : NULL;
   FILE *f = fopen(path, "rb");
   if (!f) {
     imml_set_err(err, n, "cannot open '%s': %s", path, strerror(errno));
     return IMML_ERR_IO;
   }
-  imml_status st = IMML_OK;
-  unsigned char *buf = NULL;
-  long len = -1;
-  if (fseek(f, 0, SEEK_END) == 0)
-    len = ftell(f);
-  if (len < 0 || fseek(f, 0, SEEK_SET) != 0) {
-    imml_set_err(err, n, "cannot determine the size of '%s'", path);
+  /* Only a regular file has a size to trust (a directory opens, and its
+   * ftell is meaningless). */
+  struct stat sb;
+  if (fstat(fileno(f), &sb) != 0 || !S_ISREG(sb.st_mode) || sb.st_size < 0 ||
+      (uint64_t)sb.st_size > (uint64_t)SIZE_MAX) {
+    imml_set_err(err, n, "'%s' is not a regular file", path);
+    fclose(f);
+    return IMML_ERR_IO;
+  }
+  const size_t len = (size_t)sb.st_size;
+  unsigned char *buf = imml_alloc(alloc, len);
+  if (!buf) {
+    imml_set_err(err, n, "out of memory reading '%s' (%zu bytes)", path, len);
+    st = IMML_ERR_NOMEM;
+  } else if (fread(buf, 1, len, f) != len) {
+    imml_set_err(err, n, "reading '%s' failed (short read)", path);
     st = IMML_ERR_IO;
-  } else {
-    buf = imml_alloc(alloc, (size_t)len);
-    if (!buf) {
-      imml_set_err(err, n, "out of memory reading '%s' (%ld bytes)", path, len);
-      st = IMML_ERR_NOMEM;
-    } else if (fread(buf, 1, (size_t)len, f) != (size_t)len) {
-      imml_set_err(err, n, "reading '%s' failed", path);
-      st = IMML_ERR_IO;
-    }
   }
   fclose(f);
   if (st == IMML_OK)
-    st = imml_load_mem_ex(buf, (size_t)len, ft, opt, out);
+    st = parse(buf, len, ft, alloc, out, err, n);
   imml_free(alloc, buf);
   return st;
 }

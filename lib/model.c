@@ -9,6 +9,11 @@
 
 static int max_int(int a, int b) { return a > b ? a : b; }
 
+static size_t dict_bytes(const imml_model *m) {
+  return (size_t)m->cfg.dict_size * (size_t)m->cfg.n_modalities *
+         (size_t)m->cfg.knowledge_dim * sizeof(float);
+}
+
 /* Carves the whole arena; with c->base NULL it only measures. */
 static void carve_model(imml_carver *c, imml_model *m) {
   const imml_config *cfg = &m->cfg;
@@ -83,10 +88,16 @@ imml_status imml_model_build(const imml_config *cfg, const int *dims,
     imml_free(&m->alloc, m);
     return IMML_ERR_NOMEM;
   }
-  memset(m->arena, 0, c.used);
   c.base = m->arena;
   c.used = 0;
   carve_model(&c, m);
+  /* Only what is read before it is written starts at zero: gradients and
+   * the dictionary (parameters are initialised or loaded next).  Activation
+   * and scratch buffers are always written first, so an arena sized for a
+   * large max_batch costs address space, not touched memory. */
+  memset(m->grads, 0, m->n_params * sizeof(float));
+  memset(m->dict, 0, dict_bytes(m));
+  m->grads_zero_hint = 1;
   if (cfg->predominant >= 0) {
     m->p = cfg->predominant;
     m->p_fixed = 1;
@@ -325,38 +336,58 @@ imml_status imml_backward(imml_model *m, float *const *dh) {
   const imml_config *c = &m->cfg;
   imml_acts *a = &m->train;
   const int B = a->batch, M = c->n_modalities;
-  float *G = m->stage;
-  memset(G, 0, m->n_params * sizeof(float));
+  const size_t np = m->n_params;
+  /* When the gradients are all +0.0 (the usual case after imml_zero_grad
+   * or imml_step), this step accumulates into them directly and a refused
+   * step restores them with one memset.  Otherwise it is computed in the
+   * staging buffer and added only once it has been checked. */
+  const int direct = m->grads_zero_hint && k_all_zero(np, m->grads);
+  float *G = direct ? m->grads : m->stage;
+  if (!direct)
+    memset(G, 0, np * sizeof(float));
   /* dlogits (B, C) = (softmax - onehot) / B */
   k_xent_backward(B, c->n_classes, a->probs, a->labels, 1.0f, m->g.dlogits,
                   0.0f);
+  imml_status st = IMML_OK;
   int rc = ft_backward(m, G);
-  if (rc != 0)
-    return imml_fail(m, IMML_ERR_CALLBACK,
-                     "F&T backward callback returned %d; nothing changed", rc);
+  if (rc != 0) {
+    st = imml_fail(m, IMML_ERR_CALLBACK,
+                   "F&T backward callback returned %d; nothing changed", rc);
+    goto refuse;
+  }
   for (int mm = 0; mm < M; mm++)
-    if (!k_all_finite((size_t)B * c->knowledge_dim, m->g.dslot[mm]))
-      return imml_fail(m, IMML_ERR_NONFINITE,
-                       "F&T backward gave non-finite dL/dslot[%d]; nothing "
-                       "changed",
-                       mm);
+    if (!k_all_finite((size_t)B * c->knowledge_dim, m->g.dslot[mm])) {
+      st = imml_fail(m, IMML_ERR_NONFINITE,
+                     "F&T backward gave non-finite dL/dslot[%d]; nothing "
+                     "changed",
+                     mm);
+      goto refuse;
+    }
   fdc_backward(m, G);
   mdken_backward(m, G, dh);
   for (int i = 0; i < m->n_tensors; i++) {
     const imml_tensor *t = &m->tensors[i];
     const size_t cnt = (size_t)t->rows * t->cols;
-    if (!k_all_finite(cnt, G + t->offset))
-      return imml_fail(m, IMML_ERR_NONFINITE,
-                       "gradient of %s is not finite; the step was refused "
-                       "and nothing changed",
-                       t->name);
+    if (!k_all_finite(cnt, G + t->offset)) {
+      st = imml_fail(m, IMML_ERR_NONFINITE,
+                     "gradient of %s is not finite; the step was refused "
+                     "and nothing changed",
+                     t->name);
+      goto refuse;
+    }
   }
-  for (size_t i = 0; i < m->n_params; i++)
-    m->grads[i] += G[i];
+  if (!direct)
+    for (size_t i = 0; i < np; i++)
+      m->grads[i] += G[i];
+  m->grads_zero_hint = 0;
   fdc_push(m, (const float *const *)a->z, B);
   advance_warmup(m);
   m->pending = 0;
   return IMML_OK;
+refuse:
+  if (direct)
+    memset(m->grads, 0, np * sizeof(float));
+  return st;
 }
 
 imml_status imml_fdc_adjust(imml_model *m, int B, const float *const *z,
@@ -436,6 +467,7 @@ imml_status imml_zero_grad(imml_model *m) {
     return IMML_ERR_NULL;
   m->errmsg[0] = '\0';
   memset(m->grads, 0, m->n_params * sizeof(float));
+  m->grads_zero_hint = 1;
   return IMML_OK;
 }
 

@@ -119,7 +119,7 @@ imml_status imml_optim_set_lr(imml_model *m, float lr) {
                      "no optimiser: call imml_optim_setup() first");
   if (!in_range(lr, 0.0f, 1e30f))
     return imml_fail(m, IMML_ERR_INVALID_ARG,
-                     "lr = %g: must be finite and >= 0", (double)lr);
+                     "lr = %g: must be finite, >= 0 and <= 1e30", (double)lr);
   m->opt.cfg.lr = lr;
   return IMML_OK;
 }
@@ -265,6 +265,7 @@ imml_status imml_step(imml_model *m) {
     adamw_pass(&k, n, P, G, o->m1, o->m2, 1);
   else
     sgd_pass(&k, n, P, G, o->m1, 1);
+  m->grads_zero_hint = 1;
   o->t++;
   o->has_buf = o->has_buf || (!adamw && k.mom != 0.0f);
   return IMML_OK;
