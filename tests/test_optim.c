@@ -1,0 +1,907 @@
+/* The built-in optimisers (lib/optim.c) against an independent float64
+ * re-computation of PyTorch 1.13's update rules, plus the optimiser API's
+ * contract: gradients zeroed by a step, learning-rate changes, refused
+ * configurations with a message naming the field, and refused steps
+ * (non-finite gradients or updates) that change nothing at all.
+ *
+ * Reference rules (torch.optim.SGD / AdamW, torch.nn.utils.clip_grad_norm_):
+ *   clip:  total = ||g||_2 over all parameters,
+ *          g *= min(max_norm / (total + 1e-6), 1)
+ *   SGD:   d = g + wd p; buf = d (first step) or mom buf + d;
+ *          d = nesterov ? d + mom buf : buf (only when mom != 0); p -= lr d
+ *   AdamW: p *= 1 - lr wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g²;
+ *          p -= (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+ *
+ * Tolerance.  The library keeps p, m and v in float32 and evaluates each
+ * update with a handful (< 8) of float32 operations per element, each with
+ * relative error <= u = 2^-24 ~ 6e-8; the clip coefficient and the bias
+ * corrections are formed in double and rounded once.  After five steps the
+ * accumulated error is bounded by ~5 * 8 u ~ 2.4e-6 element-wise in the
+ * worst case, and rounding errors of independent elements add in quadrature
+ * in a norm, so the norm-wise relative error is expected near 1e-7 (the
+ * largest observed over all cases here is 1.3e-7).  We allow TOL = 1e-6.  Every
+ * case also checks that the parameters moved by more than MOVED = 1e-3 relative
+ * (1000 TOL), and the learning rates, decays, betas and eps used make each
+ * rule's ingredient change the result by more than 1e-4 relative, so a wrong
+ * rule cannot hide inside TOL. */
+#include "check_main.h"
+#include "internal.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define N_STEPS 5
+#define TOL 1e-6
+#define MOVED 1e-3
+
+/* ---- deterministic data -------------------------------------------- */
+
+static uint64_t splitmix(uint64_t *s) {
+  uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+/* Uniform in [-1, 1). */
+static float unif(uint64_t *s) {
+  return (float)((double)(splitmix(s) >> 11) * 0x1p-52 - 1.0);
+}
+
+/* M = 2, dims {3, 2}, H = 4, k = 2, C = 3, B <= 4, J = 3; predominant
+ * fixed so a training forward runs the whole model from the first step. */
+static imml_model *tiny_model(uint64_t seed) {
+  static const int dims[2] = {3, 2};
+  imml_config cfg;
+  imml_config_init(&cfg);
+  cfg.n_modalities = 2;
+  cfg.dims = dims;
+  cfg.hidden_dim = 4;
+  cfg.knowledge_dim = 2;
+  cfg.n_classes = 3;
+  cfg.max_batch = 4;
+  cfg.dict_size = 3;
+  cfg.predominant = 0;
+  cfg.seed = seed;
+  imml_model *m = NULL;
+  char err[256] = "";
+  const imml_status st = imml_model_create_ex(&cfg, NULL, &m, err, sizeof err);
+  ck_assert_msg(st == IMML_OK, "create: %s", err);
+  ck_assert_ptr_nonnull(m);
+  return m;
+}
+
+static size_t flat(imml_model *m, float **p, float **g) {
+  size_t n = 0;
+  ck_assert_int_eq(imml_params_flat(m, p, g, &n), IMML_OK);
+  ck_assert_uint_gt(n, 0);
+  return n;
+}
+
+static void fill_grads(imml_model *m, uint64_t seed, float scale) {
+  float *p, *g;
+  const size_t n = flat(m, &p, &g);
+  uint64_t s = seed;
+  for (size_t i = 0; i < n; i++)
+    g[i] = scale * unif(&s);
+}
+
+static void setup_ok(imml_model *m, const imml_optim_config *c) {
+  const imml_status st = imml_optim_setup(m, c);
+  ck_assert_msg(st == IMML_OK, "imml_optim_setup: %s (%s)", imml_strerror(st),
+                imml_errmsg(m));
+}
+
+static void step_ok(imml_model *m) {
+  const imml_status st = imml_step(m);
+  ck_assert_msg(st == IMML_OK, "imml_step: %s (%s)", imml_strerror(st),
+                imml_errmsg(m));
+}
+
+static float *copy_f(const float *x, size_t n) {
+  float *y = malloc(n * sizeof *y + 1);
+  ck_assert_ptr_nonnull(y);
+  if (n)
+    memcpy(y, x, n * sizeof *y);
+  return y;
+}
+
+static int all_zero_bits(const float *x, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    uint32_t u;
+    memcpy(&u, &x[i], 4);
+    if (u != 0)
+      return 0;
+  }
+  return 1;
+}
+
+/* ---- the float64 reference ----------------------------------------- */
+
+typedef struct ref_state {
+  size_t n;
+  double *p, *m1, *m2;
+  int has_buf;
+  int64_t t;
+} ref_state;
+
+static void ref_init(ref_state *r, const float *p, size_t n) {
+  r->n = n;
+  r->p = calloc(n, sizeof(double));
+  r->m1 = calloc(n, sizeof(double));
+  r->m2 = calloc(n, sizeof(double));
+  ck_assert(r->p && r->m1 && r->m2);
+  for (size_t i = 0; i < n; i++)
+    r->p[i] = p[i];
+  r->has_buf = 0;
+  r->t = 0;
+}
+
+static void ref_free(ref_state *r) {
+  free(r->p);
+  free(r->m1);
+  free(r->m2);
+}
+
+/* One PyTorch step from gradients g; returns the clip scale applied. */
+static double ref_step(ref_state *r, const imml_optim_config *c,
+                       const float *g) {
+  double ss = 0.0;
+  for (size_t i = 0; i < r->n; i++)
+    ss += (double)g[i] * (double)g[i];
+  double clip = 1.0;
+  if (c->clip_norm > 0.0f) {
+    const double coef = (double)c->clip_norm / (sqrt(ss) + 1e-6);
+    if (coef < 1.0)
+      clip = coef;
+  }
+  r->t++;
+  const double lr = c->lr, wd = c->weight_decay, mom = c->momentum;
+  const double b1 = c->beta1, b2 = c->beta2, eps = c->eps;
+  const double bc1 = 1.0 - pow(b1, (double)r->t);
+  const double bc2 = 1.0 - pow(b2, (double)r->t);
+  for (size_t i = 0; i < r->n; i++) {
+    const double gi = (double)g[i] * clip;
+    if (c->kind == IMML_OPT_SGD) {
+      double d = gi + wd * r->p[i];
+      if (mom != 0.0) {
+        r->m1[i] = r->has_buf ? mom * r->m1[i] + d : d;
+        d = c->nesterov ? d + mom * r->m1[i] : r->m1[i];
+      }
+      r->p[i] -= lr * d;
+    } else {
+      r->p[i] *= 1.0 - lr * wd;
+      r->m1[i] = b1 * r->m1[i] + (1.0 - b1) * gi;
+      r->m2[i] = b2 * r->m2[i] + (1.0 - b2) * gi * gi;
+      r->p[i] -= (lr / bc1) * r->m1[i] / (sqrt(r->m2[i]) / sqrt(bc2) + eps);
+    }
+  }
+  if (c->kind == IMML_OPT_SGD && mom != 0.0)
+    r->has_buf = 1;
+  return clip;
+}
+
+/* ||a - b|| / ||b|| (or ||a - b|| when b = 0). */
+static double rel_err(const float *a, const double *b, size_t n) {
+  double num = 0.0, den = 0.0;
+  for (size_t i = 0; i < n; i++) {
+    const double d = (double)a[i] - b[i];
+    num += d * d;
+    den += b[i] * b[i];
+  }
+  return den > 0.0 ? sqrt(num / den) : sqrt(num);
+}
+
+static double rel_err_d(const double *a, const double *b, size_t n) {
+  double num = 0.0, den = 0.0;
+  for (size_t i = 0; i < n; i++) {
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return den > 0.0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* Compares the model's parameters and optimiser moments with the
+ * reference. */
+static void check_against_ref(imml_model *m, const ref_state *r,
+                              const imml_optim_config *c, const char *label,
+                              int step) {
+  float *p, *g;
+  const size_t n = flat(m, &p, &g);
+  ck_assert_uint_eq(n, r->n);
+  const double ep = rel_err(p, r->p, n);
+  ck_assert_msg(ep <= TOL, "%s step %d: parameters rel. error %.3g > %.1g",
+                label, step, ep, TOL);
+  if (c->kind == IMML_OPT_ADAMW || c->momentum != 0.0f) {
+    const double e1 = rel_err(m->opt.m1, r->m1, n);
+    ck_assert_msg(e1 <= TOL, "%s step %d: first moment rel. error %.3g", label,
+                  step, e1);
+  }
+  if (c->kind == IMML_OPT_ADAMW) {
+    const double e2 = rel_err(m->opt.m2, r->m2, n);
+    ck_assert_msg(e2 <= TOL, "%s step %d: second moment rel. error %.3g", label,
+                  step, e2);
+  }
+  ck_assert_msg(m->opt.t == r->t, "%s: step count %lld, expected %lld", label,
+                (long long)m->opt.t, (long long)r->t);
+  ck_assert_msg(all_zero_bits(g, n), "%s step %d: gradients not zeroed", label,
+                step);
+}
+
+/* clip_mode: 0 off, 1 set but inactive, 2 active on every step. */
+typedef struct opt_case {
+  const char *label;
+  int kind;
+  float lr, wd, mom;
+  int nesterov;
+  float b1, b2, eps;
+  int clip_mode;
+} opt_case;
+
+static const opt_case adamw_cases[] = {
+    {"adamw wd=0", IMML_OPT_ADAMW, 0.02f, 0.0f, 0, 0, 0.9f, 0.999f, 1e-8f, 0},
+    {"adamw wd=0.1", IMML_OPT_ADAMW, 0.02f, 0.1f, 0, 0, 0.9f, 0.999f, 1e-8f, 0},
+    {"adamw wd=0.1 clip inactive", IMML_OPT_ADAMW, 0.02f, 0.1f, 0, 0, 0.9f,
+     0.999f, 1e-8f, 1},
+    {"adamw wd=0.1 clip active", IMML_OPT_ADAMW, 0.02f, 0.1f, 0, 0, 0.9f,
+     0.999f, 1e-8f, 2},
+    {"adamw wd=0 clip active", IMML_OPT_ADAMW, 0.02f, 0.0f, 0, 0, 0.9f, 0.999f,
+     1e-8f, 2},
+    /* eps large enough to matter, non-default betas */
+    {"adamw b1=.8 b2=.99 eps=.1", IMML_OPT_ADAMW, 0.05f, 0.05f, 0, 0, 0.8f,
+     0.99f, 0.1f, 2},
+    {"adamw b1=0", IMML_OPT_ADAMW, 0.02f, 0.01f, 0, 0, 0.0f, 0.9f, 1e-3f, 0},
+};
+
+static const opt_case sgd_cases[] = {
+    {"sgd plain", IMML_OPT_SGD, 0.05f, 0.0f, 0.0f, 0, 0, 0, 0, 0},
+    {"sgd momentum", IMML_OPT_SGD, 0.05f, 0.0f, 0.9f, 0, 0, 0, 0, 0},
+    {"sgd nesterov", IMML_OPT_SGD, 0.05f, 0.0f, 0.9f, 1, 0, 0, 0, 0},
+    {"sgd weight decay", IMML_OPT_SGD, 0.05f, 0.1f, 0.0f, 0, 0, 0, 0, 0},
+    {"sgd momentum + wd", IMML_OPT_SGD, 0.05f, 0.1f, 0.5f, 0, 0, 0, 0, 0},
+    {"sgd nesterov + wd", IMML_OPT_SGD, 0.05f, 0.1f, 0.9f, 1, 0, 0, 0, 0},
+    {"sgd momentum clip active", IMML_OPT_SGD, 0.05f, 0.0f, 0.9f, 0, 0, 0, 0,
+     2},
+    {"sgd nesterov clip inactive", IMML_OPT_SGD, 0.05f, 0.01f, 0.9f, 1, 0, 0, 0,
+     1},
+};
+
+static void case_config(const opt_case *k, imml_optim_config *c) {
+  imml_optim_config_init(c, (imml_optimizer_kind)k->kind);
+  c->lr = k->lr;
+  c->weight_decay = k->wd;
+  if (k->kind == IMML_OPT_SGD) {
+    c->momentum = k->mom;
+    c->nesterov = k->nesterov;
+  } else {
+    c->beta1 = k->b1;
+    c->beta2 = k->b2;
+    c->eps = k->eps;
+  }
+  /* Gradients below have norm ~ 5.7 * scale with scale 0.5 .. 4.5. */
+  c->clip_norm = k->clip_mode == 0 ? 0.0f : k->clip_mode == 1 ? 1e6f : 0.5f;
+}
+
+/* N_STEPS steps with gradients written directly into the grad block. */
+static void run_synthetic(const opt_case *k) {
+  imml_model *m = tiny_model(11);
+  float *p, *g;
+  const size_t n = flat(m, &p, &g);
+  imml_optim_config c;
+  case_config(k, &c);
+  setup_ok(m, &c);
+  ref_state r;
+  ref_init(&r, p, n);
+  double *p0 = malloc(n * sizeof *p0);
+  ck_assert_ptr_nonnull(p0);
+  memcpy(p0, r.p, n * sizeof *p0);
+  for (int s = 0; s < N_STEPS; s++) {
+    fill_grads(m, 1000 + (uint64_t)s, 0.5f + (float)s);
+    const double clip = ref_step(&r, &c, g);
+    if (k->clip_mode == 2)
+      ck_assert_msg(clip < 0.5, "%s: clipping should be active", k->label);
+    else
+      ck_assert_msg(clip == 1.0, "%s: clipping should be inactive", k->label);
+    step_ok(m);
+    check_against_ref(m, &r, &c, k->label, s + 1);
+  }
+  const double moved = rel_err_d(r.p, p0, n);
+  ck_assert_msg(moved > MOVED, "%s: parameters moved only %.3g", k->label,
+                moved);
+  free(p0);
+  ref_free(&r);
+  imml_model_free(m);
+}
+
+START_TEST(test_adamw_matches_reference) { run_synthetic(&adamw_cases[_i]); }
+END_TEST
+
+START_TEST(test_sgd_matches_reference) { run_synthetic(&sgd_cases[_i]); }
+END_TEST
+
+/* Gradients from the model's own forward/backward. */
+static void make_batch(uint64_t seed, float *x0, float *x1, int *y, int B) {
+  uint64_t s = seed;
+  for (int i = 0; i < B; i++) {
+    y[i] = (int)(splitmix(&s) % 3);
+    for (int j = 0; j < 3; j++)
+      x0[i * 3 + j] = unif(&s) + (j == 0 ? 0.7f * (float)y[i] : 0.0f);
+    for (int j = 0; j < 2; j++)
+      x1[i * 2 + j] = unif(&s);
+  }
+}
+
+static void run_backprop(const opt_case *k) {
+  imml_model *m = tiny_model(5);
+  float *p, *g;
+  const size_t n = flat(m, &p, &g);
+  imml_optim_config c;
+  case_config(k, &c);
+  setup_ok(m, &c);
+  ref_state r;
+  ref_init(&r, p, n);
+  double *p0 = malloc(n * sizeof *p0);
+  ck_assert_ptr_nonnull(p0);
+  memcpy(p0, r.p, n * sizeof *p0);
+  float x0[4 * 3], x1[4 * 2];
+  int y[4];
+  const float *feats[2] = {x0, x1};
+  for (int s = 0; s < N_STEPS; s++) {
+    make_batch(77 + (uint64_t)s, x0, x1, y, 4);
+    ck_assert_int_eq(imml_forward(m, IMML_MODE_TRAIN, 4, feats, y, NULL, NULL),
+                     IMML_OK);
+    ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
+    double gn = 0.0;
+    for (size_t i = 0; i < n; i++)
+      gn += (double)g[i] * g[i];
+    ck_assert_msg(gn > 0.0, "backward produced zero gradients");
+    ref_step(&r, &c, g);
+    step_ok(m);
+    check_against_ref(m, &r, &c, k->label, s + 1);
+  }
+  const double moved = rel_err_d(r.p, p0, n);
+  ck_assert_msg(moved > 1e-4, "%s: parameters moved only %.3g", k->label,
+                moved);
+  free(p0);
+  ref_free(&r);
+  imml_model_free(m);
+}
+
+START_TEST(test_backprop_gradients_match_reference) {
+  static const opt_case cases[] = {
+      {"backprop adamw", IMML_OPT_ADAMW, 0.02f, 0.1f, 0, 0, 0.9f, 0.999f, 1e-8f,
+       0},
+      {"backprop adamw clip", IMML_OPT_ADAMW, 0.02f, 0.1f, 0, 0, 0.9f, 0.999f,
+       1e-8f, 2},
+      {"backprop sgd nesterov", IMML_OPT_SGD, 0.1f, 0.05f, 0.9f, 1, 0, 0, 0, 0},
+  };
+  run_backprop(&cases[_i]);
+}
+END_TEST
+
+/* ---- API contract --------------------------------------------------- */
+
+START_TEST(test_step_zeroes_gradients) {
+  const int kinds[2] = {IMML_OPT_SGD, IMML_OPT_ADAMW};
+  for (int i = 0; i < 2; i++) {
+    imml_model *m = tiny_model(3);
+    imml_optim_config c;
+    imml_optim_config_init(&c, (imml_optimizer_kind)kinds[i]);
+    setup_ok(m, &c);
+    float *p, *g;
+    const size_t n = flat(m, &p, &g);
+    fill_grads(m, 9, 1.0f);
+    g[0] = -0.0f; /* a negative zero must come back as +0 too */
+    ck_assert(!all_zero_bits(g, n));
+    step_ok(m);
+    ck_assert_msg(all_zero_bits(g, n), "kind %d: gradients not zeroed",
+                  kinds[i]);
+    /* The views of imml_param_info see the same zeroed block. */
+    for (int t = 0; t < imml_param_count(m); t++) {
+      imml_param_view v;
+      ck_assert_int_eq(imml_param_info(m, t, &v), IMML_OK);
+      ck_assert(all_zero_bits(v.grad, (size_t)v.rows * (size_t)v.cols));
+    }
+    imml_model_free(m);
+  }
+}
+END_TEST
+
+START_TEST(test_set_lr_takes_effect_next_step) {
+  const int kinds[2] = {IMML_OPT_SGD, IMML_OPT_ADAMW};
+  for (int i = 0; i < 2; i++) {
+    imml_model *m = tiny_model(4);
+    float *p, *g;
+    const size_t n = flat(m, &p, &g);
+    imml_optim_config c;
+    imml_optim_config_init(&c, (imml_optimizer_kind)kinds[i]);
+    c.lr = 0.1f;
+    c.momentum = kinds[i] == IMML_OPT_SGD ? 0.9f : 0.0f;
+    setup_ok(m, &c);
+    ref_state r;
+    ref_init(&r, p, n);
+    fill_grads(m, 21, 1.0f);
+    ref_step(&r, &c, g);
+    step_ok(m);
+    check_against_ref(m, &r, &c, "before set_lr", 1);
+
+    ck_assert_int_eq(imml_optim_set_lr(m, 0.003f), IMML_OK);
+    ck_assert_str_eq(imml_errmsg(m), "");
+    c.lr = 0.003f;
+    fill_grads(m, 22, 1.0f);
+    ref_step(&r, &c, g);
+    step_ok(m);
+    check_against_ref(m, &r, &c, "after set_lr", 2);
+
+    /* Refused values change nothing: the next step still uses 0.003. */
+    const float badv[] = {-1e-3f, NAN, INFINITY, 1e38f};
+    for (size_t b = 0; b < sizeof badv / sizeof badv[0]; b++) {
+      ck_assert_int_eq(imml_optim_set_lr(m, badv[b]), IMML_ERR_INVALID_ARG);
+      ck_assert_msg(strstr(imml_errmsg(m), "lr") != NULL,
+                    "message does not name lr: '%s'", imml_errmsg(m));
+    }
+    fill_grads(m, 23, 1.0f);
+    ref_step(&r, &c, g);
+    step_ok(m);
+    check_against_ref(m, &r, &c, "after refused set_lr", 3);
+    ref_free(&r);
+    imml_model_free(m);
+  }
+}
+END_TEST
+
+START_TEST(test_no_optimiser_is_state_error) {
+  imml_model *m = tiny_model(6);
+  float *p, *g;
+  const size_t n = flat(m, &p, &g);
+  fill_grads(m, 5, 1.0f);
+  float *p0 = copy_f(p, n), *g0 = copy_f(g, n);
+  ck_assert_int_eq(imml_step(m), IMML_ERR_STATE);
+  ck_assert_msg(strstr(imml_errmsg(m), "imml_optim_setup") != NULL,
+                "message: '%s'", imml_errmsg(m));
+  ck_assert_int_eq(memcmp(p, p0, n * sizeof *p), 0);
+  ck_assert_int_eq(memcmp(g, g0, n * sizeof *g), 0);
+  ck_assert_int_eq(imml_optim_set_lr(m, 0.1f), IMML_ERR_STATE);
+  ck_assert_str_ne(imml_errmsg(m), "");
+  ck_assert_int_eq(memcmp(p, p0, n * sizeof *p), 0);
+  /* NULL arguments */
+  ck_assert_int_eq(imml_step(NULL), IMML_ERR_NULL);
+  ck_assert_int_eq(imml_optim_set_lr(NULL, 0.1f), IMML_ERR_NULL);
+  imml_optim_config c;
+  imml_optim_config_init(&c, IMML_OPT_SGD);
+  ck_assert_int_eq(imml_optim_setup(NULL, &c), IMML_ERR_NULL);
+  ck_assert_int_eq(imml_optim_setup(m, NULL), IMML_ERR_NULL);
+  ck_assert_str_ne(imml_errmsg(m), "");
+  ck_assert_int_eq(imml_step(m), IMML_ERR_STATE);
+  free(p0);
+  free(g0);
+  imml_model_free(m);
+}
+END_TEST
+
+START_TEST(test_config_defaults) {
+  imml_optim_config c;
+  imml_optim_config_init(&c, IMML_OPT_ADAMW);
+  ck_assert_uint_eq(c.struct_size, sizeof c);
+  ck_assert_int_eq(c.kind, IMML_OPT_ADAMW);
+  ck_assert(c.lr == 1e-3f && c.weight_decay == 0.01f && c.beta1 == 0.9f &&
+            c.beta2 == 0.999f && c.eps == 1e-8f && c.clip_norm == 0.0f &&
+            c.momentum == 0.0f && c.nesterov == 0);
+  imml_optim_config_init(&c, IMML_OPT_SGD);
+  ck_assert_int_eq(c.kind, IMML_OPT_SGD);
+  ck_assert(c.lr == 1e-3f && c.weight_decay == 0.0f && c.momentum == 0.0f &&
+            c.nesterov == 0 && c.clip_norm == 0.0f);
+  imml_optim_config_init(NULL, IMML_OPT_SGD); /* no crash */
+}
+END_TEST
+
+/* The full optimiser state, for "nothing changed" checks. */
+typedef struct snap {
+  size_t n;
+  float *p, *g, *m1, *m2;
+  imml_optim opt;
+} snap;
+
+static void snap_take(snap *s, imml_model *m) {
+  float *p, *g;
+  s->n = flat(m, &p, &g);
+  s->p = copy_f(p, s->n);
+  s->g = copy_f(g, s->n);
+  s->opt = m->opt;
+  s->m1 = m->opt.active ? copy_f(m->opt.m1, s->n) : NULL;
+  s->m2 = m->opt.active ? copy_f(m->opt.m2, s->n) : NULL;
+}
+
+static void snap_check(const snap *s, imml_model *m, const char *label) {
+  float *p, *g;
+  const size_t n = flat(m, &p, &g);
+  ck_assert_uint_eq(n, s->n);
+  ck_assert_msg(memcmp(p, s->p, n * sizeof *p) == 0, "%s: parameters changed",
+                label);
+  ck_assert_msg(memcmp(g, s->g, n * sizeof *g) == 0, "%s: gradients changed",
+                label);
+  const imml_optim *a = &s->opt, *b = &m->opt;
+  ck_assert_msg(a->active == b->active && a->t == b->t &&
+                    a->has_buf == b->has_buf && a->block == b->block &&
+                    a->m1 == b->m1 && a->m2 == b->m2,
+                "%s: optimiser bookkeeping changed", label);
+  const imml_optim_config *x = &a->cfg, *y = &b->cfg;
+  ck_assert_msg(
+      x->kind == y->kind && !memcmp(&x->lr, &y->lr, 4) &&
+          !memcmp(&x->weight_decay, &y->weight_decay, 4) &&
+          !memcmp(&x->momentum, &y->momentum, 4) &&
+          x->nesterov == y->nesterov && !memcmp(&x->beta1, &y->beta1, 4) &&
+          !memcmp(&x->beta2, &y->beta2, 4) && !memcmp(&x->eps, &y->eps, 4) &&
+          !memcmp(&x->clip_norm, &y->clip_norm, 4),
+      "%s: optimiser configuration changed", label);
+  if (s->m1) {
+    ck_assert_msg(memcmp(b->m1, s->m1, n * sizeof(float)) == 0,
+                  "%s: first moment changed", label);
+    ck_assert_msg(memcmp(b->m2, s->m2, n * sizeof(float)) == 0,
+                  "%s: second moment changed", label);
+  }
+}
+
+static void snap_free(snap *s) {
+  free(s->p);
+  free(s->g);
+  free(s->m1);
+  free(s->m2);
+}
+
+/* Each case mutates a valid config into an invalid one and names the field
+ * the message must name (as "<field> ="). */
+static const char *bad_config(int i, imml_optim_config *c) {
+  imml_optim_config_init(c, IMML_OPT_SGD);
+  switch (i) {
+  case 0:
+    c->lr = -1e-3f;
+    return "lr";
+  case 1:
+    c->lr = NAN;
+    return "lr";
+  case 2:
+    c->lr = INFINITY;
+    return "lr";
+  case 3:
+    c->lr = 1e38f; /* beyond the documented-by-code cap of 1e30 */
+    return "lr";
+  case 4:
+    c->weight_decay = -0.1f;
+    return "weight_decay";
+  case 5:
+    c->weight_decay = NAN;
+    return "weight_decay";
+  case 6:
+    c->momentum = 1.0f;
+    return "momentum";
+  case 7:
+    c->momentum = -0.5f;
+    return "momentum";
+  case 8:
+    c->momentum = NAN;
+    return "momentum";
+  case 9:
+    imml_optim_config_init(c, IMML_OPT_ADAMW);
+    c->beta1 = 1.0f;
+    return "beta1";
+  case 10:
+    imml_optim_config_init(c, IMML_OPT_ADAMW);
+    c->beta2 = 1.0f;
+    return "beta2";
+  case 11:
+    imml_optim_config_init(c, IMML_OPT_ADAMW);
+    c->beta2 = 1.5f;
+    return "beta2";
+  case 12:
+    imml_optim_config_init(c, IMML_OPT_ADAMW);
+    c->eps = 0.0f;
+    return "eps";
+  case 13:
+    imml_optim_config_init(c, IMML_OPT_ADAMW);
+    c->eps = -1e-8f;
+    return "eps";
+  case 14:
+    c->clip_norm = -1.0f;
+    return "clip_norm";
+  case 15:
+    c->clip_norm = NAN;
+    return "clip_norm";
+  case 16:
+    c->nesterov = 1; /* SGD with momentum 0 */
+    return "nesterov";
+  case 17:
+    imml_optim_config_init(c, IMML_OPT_ADAMW);
+    c->nesterov = 1;
+    return "nesterov";
+  case 18:
+    c->kind = 2;
+    return "kind";
+  case 19:
+    c->kind = -1;
+    return "kind";
+  case 20:
+    c->struct_size = sizeof *c - 1;
+    return "struct_size";
+  case 21:
+    c->struct_size = 0;
+    return "struct_size";
+  default:
+    return NULL;
+  }
+}
+#define N_BAD_CONFIGS 22
+
+START_TEST(test_invalid_config_rejected) {
+  imml_model *m = tiny_model(8);
+  imml_optim_config ok;
+  imml_optim_config_init(&ok, IMML_OPT_SGD);
+  ok.lr = 0.05f;
+  ok.momentum = 0.9f;
+  setup_ok(m, &ok);
+  for (int s = 0; s < 2; s++) {
+    fill_grads(m, 40 + (uint64_t)s, 1.0f);
+    step_ok(m);
+  }
+  fill_grads(m, 50, 1.0f); /* pending gradients must survive too */
+  snap before;
+  snap_take(&before, m);
+  imml_optim_config c;
+  const char *field = bad_config(_i, &c);
+  ck_assert_ptr_nonnull(field);
+  ck_assert_int_eq(imml_optim_setup(m, &c), IMML_ERR_INVALID_ARG);
+  char want[64];
+  snprintf(want, sizeof want, "%s =", field);
+  ck_assert_msg(strstr(imml_errmsg(m), want) != NULL,
+                "case %d: message does not name '%s': '%s'", _i, field,
+                imml_errmsg(m));
+  snap_check(&before, m, "refused setup");
+  snap_free(&before);
+
+  /* The same config on a model without an optimiser leaves it without. */
+  imml_model *m2 = tiny_model(8);
+  ck_assert_int_eq(imml_optim_setup(m2, &c), IMML_ERR_INVALID_ARG);
+  ck_assert_int_eq(imml_step(m2), IMML_ERR_STATE);
+  imml_model_free(m2);
+  imml_model_free(m);
+}
+END_TEST
+
+START_TEST(test_valid_edge_configs_accepted) {
+  imml_model *m = tiny_model(9);
+  float *p, *g;
+  const size_t n = flat(m, &p, &g);
+  imml_optim_config c;
+  /* lr = 0: parameters unchanged bit for bit, gradients zeroed, t counts. */
+  imml_optim_config_init(&c, IMML_OPT_SGD);
+  c.lr = 0.0f;
+  c.momentum = 0.0f;
+  setup_ok(m, &c);
+  float *p0 = copy_f(p, n);
+  fill_grads(m, 1, 1.0f);
+  step_ok(m);
+  ck_assert_int_eq(memcmp(p, p0, n * sizeof *p), 0);
+  ck_assert(all_zero_bits(g, n));
+  ck_assert_int_eq(m->opt.t, 1);
+  /* beta1 = beta2 = 0, tiny eps, clip off, wd 0 */
+  imml_optim_config_init(&c, IMML_OPT_ADAMW);
+  c.beta1 = 0.0f;
+  c.beta2 = 0.0f;
+  c.eps = 1e-30f;
+  c.weight_decay = 0.0f;
+  setup_ok(m, &c);
+  ck_assert_int_eq(m->opt.t, 0); /* setup again resets the state */
+  ck_assert(all_zero_bits(m->opt.m1, n) && all_zero_bits(m->opt.m2, n));
+  fill_grads(m, 2, 1.0f);
+  step_ok(m);
+  free(p0);
+  imml_model_free(m);
+}
+END_TEST
+
+START_TEST(test_setup_again_resets_state) {
+  imml_model *m = tiny_model(10);
+  float *p, *g;
+  const size_t n = flat(m, &p, &g);
+  imml_optim_config c;
+  imml_optim_config_init(&c, IMML_OPT_ADAMW);
+  c.lr = 0.01f;
+  setup_ok(m, &c);
+  for (int s = 0; s < 3; s++) {
+    fill_grads(m, 60 + (uint64_t)s, 1.0f);
+    step_ok(m);
+  }
+  ck_assert(!all_zero_bits(m->opt.m1, n));
+  setup_ok(m, &c);
+  ck_assert_int_eq(m->opt.t, 0);
+  ck_assert(all_zero_bits(m->opt.m1, n) && all_zero_bits(m->opt.m2, n));
+  /* and the next step is a first step again (bias correction t = 1) */
+  ref_state r;
+  ref_init(&r, p, n);
+  fill_grads(m, 70, 1.0f);
+  ref_step(&r, &c, g);
+  step_ok(m);
+  check_against_ref(m, &r, &c, "after re-setup", 1);
+  ref_free(&r);
+  imml_model_free(m);
+}
+END_TEST
+
+/* ---- refused steps change nothing ---------------------------------- */
+
+/* case = 4 optimiser set-ups x 3 bad values. */
+START_TEST(test_nonfinite_gradient_refused) {
+  const int setup_case = _i / 3, value_case = _i % 3;
+  const float bad_values[3] = {NAN, INFINITY, -INFINITY};
+  imml_model *m = tiny_model(12);
+  float *p, *g;
+  const size_t n = flat(m, &p, &g);
+  imml_optim_config c;
+  int warm_steps = 2;
+  switch (setup_case) {
+  case 0: /* AdamW with decay and clipping, state in flight */
+    imml_optim_config_init(&c, IMML_OPT_ADAMW);
+    c.lr = 0.01f;
+    c.weight_decay = 0.1f;
+    c.clip_norm = 0.5f;
+    break;
+  case 1: /* AdamW, refused on the very first step */
+    imml_optim_config_init(&c, IMML_OPT_ADAMW);
+    warm_steps = 0;
+    break;
+  case 2: /* SGD Nesterov with decay, buffer in flight */
+    imml_optim_config_init(&c, IMML_OPT_SGD);
+    c.lr = 0.05f;
+    c.momentum = 0.9f;
+    c.nesterov = 1;
+    c.weight_decay = 0.01f;
+    break;
+  default: /* SGD momentum, refused before the buffer exists */
+    imml_optim_config_init(&c, IMML_OPT_SGD);
+    c.lr = 0.05f;
+    c.momentum = 0.9f;
+    warm_steps = 0;
+    break;
+  }
+  setup_ok(m, &c);
+  ref_state r;
+  ref_init(&r, p, n);
+  for (int s = 0; s < warm_steps; s++) {
+    fill_grads(m, 80 + (uint64_t)s, 1.0f);
+    ref_step(&r, &c, g);
+    step_ok(m);
+  }
+  fill_grads(m, 90, 1.0f);
+  g[n / 2] = bad_values[value_case];
+  snap before;
+  snap_take(&before, m);
+  ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE);
+  ck_assert_str_ne(imml_errmsg(m), "");
+  snap_check(&before, m, "non-finite gradient");
+  ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE); /* still refused */
+  snap_check(&before, m, "non-finite gradient, again");
+  /* Repaired, the step goes through and continues the same trajectory. */
+  g[n / 2] = 0.25f;
+  ref_step(&r, &c, g);
+  step_ok(m);
+  check_against_ref(m, &r, &c, "after repair", warm_steps + 1);
+  snap_free(&before);
+  ref_free(&r);
+  imml_model_free(m);
+}
+END_TEST
+
+/* Finite gradients whose update overflows float: every case puts the
+ * offending element last, so a one-pass implementation would already have
+ * changed the others. */
+START_TEST(test_overflowing_update_refused) {
+  imml_model *m = tiny_model(13);
+  float *p, *g;
+  const size_t n = flat(m, &p, &g);
+  imml_optim_config c;
+  int pre_steps = 0;
+  switch (_i) {
+  case 0: /* SGD: p - lr g with lr at its cap 1e30 and g = 1e10 */
+    imml_optim_config_init(&c, IMML_OPT_SGD);
+    c.lr = 1e30f;
+    break;
+  case 1: /* AdamW: decay factor 1 - lr wd = -1e60 -> -inf */
+    imml_optim_config_init(&c, IMML_OPT_ADAMW);
+    c.lr = 1e30f;
+    c.weight_decay = 1e30f;
+    break;
+  case 2: /* SGD momentum: the buffer overflows although p would not */
+    imml_optim_config_init(&c, IMML_OPT_SGD);
+    c.lr = 1e-30f;
+    c.momentum = 0.9f;
+    pre_steps = 1;
+    break;
+  default: /* AdamW: g² overflows the second moment */
+    imml_optim_config_init(&c, IMML_OPT_ADAMW);
+    c.lr = 1e-3f;
+    break;
+  }
+  setup_ok(m, &c);
+  for (int s = 0; s < pre_steps; s++) {
+    fill_grads(m, 100, 1.0f);
+    g[n - 1] = 3e38f;
+    step_ok(m);
+  }
+  fill_grads(m, 101, 1.0f);
+  switch (_i) {
+  case 0:
+    for (size_t i = 0; i < n; i++)
+      g[i] = 0.0f;
+    g[n - 1] = 1e10f;
+    break;
+  case 1:
+    break; /* ordinary gradients: the decay alone overflows */
+  case 2:
+    g[n - 1] = 3e38f;
+    break;
+  default:
+    g[n - 1] = 1e30f; /* (1 - b2) g² = 1e57 > FLT_MAX */
+    break;
+  }
+  snap before;
+  snap_take(&before, m);
+  ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE);
+  ck_assert_str_ne(imml_errmsg(m), "");
+  snap_check(&before, m, "overflowing update");
+  snap_free(&before);
+  imml_model_free(m);
+}
+END_TEST
+
+/* lr = 1e38 (the brief's example of a huge rate) is refused when it is
+ * configured, so it never reaches a step; the rate that is still accepted
+ * (1e30) is covered by test_overflowing_update_refused. */
+START_TEST(test_huge_lr_refused) {
+  imml_model *m = tiny_model(14);
+  imml_optim_config c;
+  imml_optim_config_init(&c, IMML_OPT_SGD);
+  c.lr = 1e38f;
+  ck_assert_int_eq(imml_optim_setup(m, &c), IMML_ERR_INVALID_ARG);
+  ck_assert_ptr_nonnull(strstr(imml_errmsg(m), "lr ="));
+  c.lr = 0.1f;
+  setup_ok(m, &c);
+  snap before;
+  fill_grads(m, 3, 1.0f);
+  snap_take(&before, m);
+  ck_assert_int_eq(imml_optim_set_lr(m, 1e38f), IMML_ERR_INVALID_ARG);
+  snap_check(&before, m, "refused set_lr");
+  snap_free(&before);
+  imml_model_free(m);
+}
+END_TEST
+
+static Suite *optim_suite(void) {
+  Suite *s = suite_create("optim");
+  TCase *tc = tcase_create("reference");
+  tcase_add_loop_test(tc, test_adamw_matches_reference, 0,
+                      (int)(sizeof adamw_cases / sizeof adamw_cases[0]));
+  tcase_add_loop_test(tc, test_sgd_matches_reference, 0,
+                      (int)(sizeof sgd_cases / sizeof sgd_cases[0]));
+  tcase_add_loop_test(tc, test_backprop_gradients_match_reference, 0, 3);
+  suite_add_tcase(s, tc);
+  tc = tcase_create("api");
+  tcase_add_test(tc, test_step_zeroes_gradients);
+  tcase_add_test(tc, test_set_lr_takes_effect_next_step);
+  tcase_add_test(tc, test_no_optimiser_is_state_error);
+  tcase_add_test(tc, test_config_defaults);
+  tcase_add_loop_test(tc, test_invalid_config_rejected, 0, N_BAD_CONFIGS);
+  tcase_add_test(tc, test_valid_edge_configs_accepted);
+  tcase_add_test(tc, test_setup_again_resets_state);
+  suite_add_tcase(s, tc);
+  tc = tcase_create("refusal");
+  tcase_add_loop_test(tc, test_nonfinite_gradient_refused, 0, 12);
+  tcase_add_loop_test(tc, test_overflowing_update_refused, 0, 4);
+  tcase_add_test(tc, test_huge_lr_refused);
+  suite_add_tcase(s, tc);
+  return s;
+}
+
+int main(void) { return imml_run_suite(optim_suite()); }
