@@ -100,9 +100,10 @@ struct imml_model {
   int n_tensors;
   imml_tensor tensors[IMML_MAX_TENSORS];
   size_t n_params;
-  float *params; /* (n_params) */
-  float *grads;  /* (n_params) */
-  float *stage;  /* (n_params) gradients of one backward, before commit */
+  float *params;       /* (n_params) */
+  float *grads;        /* (n_params) */
+  float *stage;        /* (n_params) gradients of one backward, before commit */
+  int grads_zero_hint; /* gradients were last set to +0.0 by the library */
 
   /* Strata dictionary: J entries of M k floats, entry j = [d_j0; d_j1; ..]
    * in modality order. */

@@ -260,3 +260,13 @@ int k_all_finite(size_t n, const float *x) {
   }
   return worst < 0x7f800000u;
 }
+
+int k_all_zero(size_t n, const float *x) {
+  uint32_t any = 0;
+  for (size_t i = 0; i < n; i++) {
+    uint32_t u;
+    memcpy(&u, &x[i], sizeof u);
+    any |= u;
+  }
+  return any == 0;
+}

@@ -74,5 +74,7 @@ void k_supcon_backward(int batch, const float *s, int rs, int cs,
 
 /* 1 if all n values are finite. */
 int k_all_finite(size_t n, const float *x);
+/* 1 if all n values are +0.0 (bit pattern 0; -0.0 is not). */
+int k_all_zero(size_t n, const float *x);
 
 #endif /* IMML_KERNELS_H */
