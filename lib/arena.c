@@ -62,6 +62,7 @@ void imml_carve_acts(imml_carver *c, const imml_config *cfg, int jmax,
     a->nz[m] = carve_f(c, B, k);
     a->r[m] = carve_f(c, B, 1);
     a->s[m] = carve_f(c, B, B);
+    a->st[m] = carve_f(c, B, B);
     a->slot[m] = carve_f(c, B, k);
   }
   a->q = carve_f(c, B, k);

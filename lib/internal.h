@@ -51,6 +51,7 @@ typedef struct imml_acts {
   float *nz[IMML_MAX_MODALITIES];   /* (B, k) row-normalised z */
   float *r[IMML_MAX_MODALITIES];    /* (B) normalisation denominators */
   float *s[IMML_MAX_MODALITIES];    /* (B, B) n_p n_aᵀ / tau, auxiliaries */
+  float *st[IMML_MAX_MODALITIES];   /* (B, B) its transpose */
   float *slot[IMML_MAX_MODALITIES]; /* (B, k) F&T inputs */
   float *q;                         /* (B, k) */
   float *kk;                        /* (Jmax, k) */
@@ -71,6 +72,7 @@ typedef struct imml_grads_scratch {
   float *dn_p;                       /* (B, k) */
   float *dn_a;                       /* (B, k) */
   float *ds;                         /* (B, B) */
+  float *dst;                        /* (B, B) */
   float *dw;                         /* (B, Jmax) */
   float *de;                         /* (B, Jmax) */
   float *dq;                         /* (B, k) */

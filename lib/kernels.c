@@ -247,6 +247,25 @@ void k_supcon_backward(int batch, const float *s, int rs, int cs,
   }
 }
 
+void k_transpose(int rows, int cols, const float *x, int ldx, float *y, int ldy,
+                 int accumulate) {
+  /* Blocked so that both the reads and the writes stay within a few cache
+   * lines per block. */
+  enum { BLK = 32 };
+  for (int i0 = 0; i0 < rows; i0 += BLK)
+    for (int j0 = 0; j0 < cols; j0 += BLK) {
+      const int i1 = i0 + BLK < rows ? i0 + BLK : rows;
+      const int j1 = j0 + BLK < cols ? j0 + BLK : cols;
+      for (int j = j0; j < j1; j++) {
+        float *yj = y + (size_t)j * ldy;
+        for (int i = i0; i < i1; i++) {
+          const float v = x[(size_t)i * ldx + j];
+          yj[i] = accumulate ? yj[i] + v : v;
+        }
+      }
+    }
+}
+
 int k_all_finite(size_t n, const float *x) {
   /* A float is finite iff its exponent bits are not all ones: the largest
    * magnitude bit pattern stays below 0x7f800000.  An integer max-reduction

@@ -72,6 +72,11 @@ double k_supcon_forward(int batch, const float *s, int rs, int cs,
 void k_supcon_backward(int batch, const float *s, int rs, int cs,
                        const int *labels, float scale, float *ds);
 
+/* y (cols, rows) = xᵀ for x (rows, cols) with row strides ldx, ldy;
+ * y[j*ldy + i] op= x[i*ldx + j] with op '=' (accumulate 0) or '+='. */
+void k_transpose(int rows, int cols, const float *x, int ldx, float *y, int ldy,
+                 int accumulate);
+
 /* 1 if all n values are finite. */
 int k_all_finite(size_t n, const float *x);
 /* 1 if all n values are +0.0 (bit pattern 0; -0.0 is not). */

@@ -44,8 +44,11 @@ void mdken_contrastive_forward(const imml_model *m, imml_acts *a) {
     /* S (B, B) = n_p n_aᵀ / tau */
     k_gemm(0, 1, B, B, k, 1.0f / c->tau, a->nz[p], k, a->nz[aa], k, 0.0f,
            a->s[aa], B);
+    /* l(Sᵀ) reads the rows of an explicit transpose: contiguous rows are
+     * several times faster than a column walk once B is in the hundreds. */
+    k_transpose(B, B, a->s[aa], B, a->st[aa], B, 0);
     const double l_rows = k_supcon_forward(B, a->s[aa], B, 1, a->labels);
-    const double l_cols = k_supcon_forward(B, a->s[aa], 1, B, a->labels);
+    const double l_cols = k_supcon_forward(B, a->st[aa], B, 1, a->labels);
     con += 0.5 * (l_rows + l_cols);
   }
   a->losses.con = con / (M - 1);
@@ -63,9 +66,11 @@ static void contrastive_backward(imml_model *m) {
     if (aa == p)
       continue;
     memset(g->ds, 0, (size_t)B * B * sizeof(float));
-    /* dS = (s/2) (A + Eᵀ) */
+    memset(g->dst, 0, (size_t)B * B * sizeof(float));
+    /* dS = (s/2) (A + Eᵀ): A from the rows of S, E from the rows of Sᵀ */
     k_supcon_backward(B, a->s[aa], B, 1, a->labels, 0.5f * s, g->ds);
-    k_supcon_backward(B, a->s[aa], 1, B, a->labels, 0.5f * s, g->ds);
+    k_supcon_backward(B, a->st[aa], B, 1, a->labels, 0.5f * s, g->dst);
+    k_transpose(B, B, g->dst, B, g->ds, B, 1);
     /* dn_p (B, k) += dS (B, B) n_a (B, k) / tau */
     k_gemm(0, 0, B, k, B, 1.0f / c->tau, g->ds, B, a->nz[aa], k, 1.0f, g->dn_p,
            k);

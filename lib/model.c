@@ -38,6 +38,7 @@ static void carve_model(imml_carver *c, imml_model *m) {
   g->dn_p = imml_carve(c, B * k, sizeof(float));
   g->dn_a = imml_carve(c, B * k, sizeof(float));
   g->ds = imml_carve(c, B * B, sizeof(float));
+  g->dst = imml_carve(c, B * B, sizeof(float));
   g->dw = imml_carve(c, B * J, sizeof(float));
   g->de = imml_carve(c, B * J, sizeof(float));
   g->dq = imml_carve(c, B * k, sizeof(float));

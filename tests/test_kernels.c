@@ -1478,6 +1478,66 @@ START_TEST(test_all_finite) {
 }
 END_TEST
 
+/* k_transpose: exact, with strides on both sides, '=' and '+='; and the
+ * 32-wide blocking is crossed (shape 45 x 70 below). */
+START_TEST(test_transpose) {
+  int rows, cols;
+  if (_i == 0) {
+    rows = 45;
+    cols = 70;
+  } else {
+    shape2(_i - 1, &rows, &cols);
+  }
+  prng g = {3000 + (uint64_t)_i};
+  const int ldx = cols + 2, ldy = rows + 3;
+  float *x = falloc((size_t)rows * ldx);
+  float *y = falloc((size_t)cols * ldy);
+  float *y0 = falloc((size_t)cols * ldy);
+  fill_mat(&g, x, rows, cols, ldx, -1.0, 1.0, NAN);
+  fill_mat(&g, y0, cols, rows, ldy, -1.0, 1.0, OUT_PAD);
+  for (int acc = 0; acc <= 1; acc++) {
+    memcpy(y, y0, sizeof(float) * (size_t)cols * ldy);
+    k_transpose(rows, cols, x, ldx, y, ldy, acc);
+    for (int j = 0; j < cols; j++)
+      for (int i = 0; i < rows; i++) {
+        const float want =
+            acc ? y0[(size_t)j * ldy + i] + x[(size_t)i * ldx + j]
+                : x[(size_t)i * ldx + j];
+        ck_assert_msg(y[(size_t)j * ldy + i] == want,
+                      "transpose %dx%d acc %d: y[%d][%d] = %g, want %g", rows,
+                      cols, acc, j, i, (double)y[(size_t)j * ldy + i],
+                      (double)want);
+      }
+    ck_assert_msg(pad_intact(cols, rows, ldy, y),
+                  "transpose %dx%d wrote outside its output", rows, cols);
+  }
+  free(x);
+  free(y);
+  free(y0);
+}
+END_TEST
+
+/* k_all_zero: only the +0.0 bit pattern counts as zero. */
+START_TEST(test_all_zero) {
+  const int n = vec_len(_i);
+  float *x = falloc((size_t)n);
+  memset(x, 0, sizeof(float) * (size_t)n);
+  ck_assert_msg(k_all_zero((size_t)n, x) == 1, "n=%d zeros", n);
+  static const float bad[] = {-0.0f, 1e-45f, -1e-45f, 1.0f, NAN, INFINITY};
+  for (size_t b = 0; b < sizeof bad / sizeof bad[0]; b++) {
+    const int at[3] = {0, n / 2, n - 1};
+    for (int w = 0; w < 3; w++) {
+      x[at[w]] = bad[b];
+      ck_assert_msg(k_all_zero((size_t)n, x) == 0, "n=%d: %g at %d is not +0",
+                    n, (double)bad[b], at[w]);
+      x[at[w]] = 0.0f;
+    }
+  }
+  ck_assert_msg(k_all_zero(0, x) == 1, "empty input counts as all zero");
+  free(x);
+}
+END_TEST
+
 /* ======================================================================== */
 
 static Suite *kernels_suite(void) {
@@ -1536,6 +1596,11 @@ static Suite *kernels_suite(void) {
 
   tc = tcase_create("all_finite");
   tcase_add_loop_test(tc, test_all_finite, 0, nv);
+  tcase_add_loop_test(tc, test_all_zero, 0, nv);
+  suite_add_tcase(s, tc);
+
+  tc = tcase_create("transpose");
+  tcase_add_loop_test(tc, test_transpose, 0, n2 + 1);
   suite_add_tcase(s, tc);
 
   return s;
