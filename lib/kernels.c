@@ -266,21 +266,32 @@ void k_transpose(int rows, int cols, const float *x, int ldx, float *y, int ldy,
     }
 }
 
-int k_all_finite(size_t n, const float *x) {
-  /* A float is finite iff its exponent bits are not all ones: the largest
-   * magnitude bit pattern stays below 0x7f800000.  An integer max-reduction
-   * vectorises, unlike a float accumulation without -ffast-math. */
-  uint32_t worst = 0;
+IMML_HOT double k_sum_squares(size_t n, const float *x) {
+  double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; l++)
+      part[l] += (double)x[i + l] * (double)x[i + l];
+  for (int l = 0; i < n; i++, l++)
+    part[l] += (double)x[i] * (double)x[i];
+  return ((part[0] + part[1]) + (part[2] + part[3])) +
+         ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+IMML_HOT int k_all_finite(size_t n, const float *x) {
+  /* A float is non-finite iff its exponent bits are all ones; then adding
+   * 1 to the exponent field carries into bit 31.  AND, ADD and OR reduce in
+   * any vector unit, unlike a float accumulation without -ffast-math. */
+  uint32_t any = 0;
   for (size_t i = 0; i < n; i++) {
     uint32_t u;
     memcpy(&u, &x[i], sizeof u);
-    u &= 0x7fffffffu;
-    worst = u > worst ? u : worst;
+    any |= (u & 0x7f800000u) + 0x00800000u;
   }
-  return worst < 0x7f800000u;
+  return (any & 0x80000000u) == 0;
 }
 
-int k_all_zero(size_t n, const float *x) {
+IMML_HOT int k_all_zero(size_t n, const float *x) {
   uint32_t any = 0;
   for (size_t i = 0; i < n; i++) {
     uint32_t u;

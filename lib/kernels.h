@@ -10,6 +10,16 @@
 
 #include <stddef.h>
 
+/* Hot element-wise loops are compiled for AVX2 as well as the baseline on
+ * x86-64 and chosen at load time (GNU ifunc), so the library stays
+ * portable while the loops that are memory- or ALU-bound use wide vectors. */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) &&          \
+    !defined(__clang_analyzer__) && !defined(IMML_NO_TARGET_CLONES)
+#define IMML_HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define IMML_HOT
+#endif
+
 /* C = alpha op(A) op(B) + beta C; op(A): m x kk, op(B): kk x n. */
 void k_gemm(int trans_a, int trans_b, int m, int n, int kk, float alpha,
             const float *a, int lda, const float *b, int ldb, float beta,
@@ -76,6 +86,10 @@ void k_supcon_backward(int batch, const float *s, int rs, int cs,
  * y[j*ldy + i] op= x[i*ldx + j] with op '=' (accumulate 0) or '+='. */
 void k_transpose(int rows, int cols, const float *x, int ldx, float *y, int ldy,
                  int accumulate);
+
+/* sum_i x_i^2 in double, as 8 interleaved partial sums (a fixed order, so
+ * the result is reproducible, and independent chains that vectorise). */
+double k_sum_squares(size_t n, const float *x);
 
 /* 1 if all n values are finite. */
 int k_all_finite(size_t n, const float *x);

@@ -138,18 +138,18 @@ typedef struct step_coef {
  * return value is NaN if any new parameter or moment would be non-finite;
  * with commit 1 the new values are stored and the gradient zeroed.  The
  * loops are branch-free so the compiler vectorises them. */
-/* Largest magnitude bit pattern of x so far: >= 0x7f800000 once any value
- * is non-finite (integer max-reductions vectorise; float sums do not). */
+/* Accumulates non-finiteness of x: bit 31 of the result is set once any x
+ * is NaN or infinite (see k_all_finite; integer ops vectorise). */
 static inline uint32_t worst_bits(uint32_t worst, float x) {
   uint32_t u;
   memcpy(&u, &x, sizeof u);
-  u &= 0x7fffffffu;
-  return u > worst ? u : worst;
+  return worst | ((u & 0x7f800000u) + 0x00800000u);
 }
 
-static float adamw_pass(const step_coef *k, size_t n, float *restrict P,
-                        float *restrict G, float *restrict M1,
-                        float *restrict M2, int commit) {
+IMML_HOT static float adamw_pass(const step_coef *k, size_t n,
+                                 float *restrict P, float *restrict G,
+                                 float *restrict M1, float *restrict M2,
+                                 int commit) {
   const float clip = k->clip, decay = k->decay, b1 = k->b1, b2 = k->b2,
               c1 = 1.0f - k->b1, c2 = 1.0f - k->b2, bc2 = k->bc2_sqrt,
               eps = k->eps, step = k->step_size;
@@ -173,12 +173,13 @@ static float adamw_pass(const step_coef *k, size_t n, float *restrict P,
       worst = worst_bits(worst_bits(worst_bits(worst, p), m1), m2);
     }
   }
-  return worst < 0x7f800000u ? 0.0f : NAN;
+  return (worst & 0x80000000u) ? NAN : 0.0f;
 }
 
 /* One SGD pass (PyTorch semantics, dampening 0), same contract. */
-static float sgd_pass(const step_coef *k, size_t n, float *restrict P,
-                      float *restrict G, float *restrict M1, int commit) {
+IMML_HOT static float sgd_pass(const step_coef *k, size_t n, float *restrict P,
+                               float *restrict G, float *restrict M1,
+                               int commit) {
   const float clip = k->clip, wd = k->wd, mom = k->mom, lr = k->lr;
   uint32_t worst = 0;
   if (mom == 0.0f) {
@@ -191,7 +192,7 @@ static float sgd_pass(const step_coef *k, size_t n, float *restrict P,
         worst = worst_bits(worst, p);
       }
     }
-    return worst < 0x7f800000u ? 0.0f : NAN;
+    return (worst & 0x80000000u) ? NAN : 0.0f;
   }
   const float keep = k->first ? 0.0f : mom; /* first step: buf = d */
   const float nest = k->nesterov ? mom : 0.0f;
@@ -210,7 +211,7 @@ static float sgd_pass(const step_coef *k, size_t n, float *restrict P,
       worst = worst_bits(worst_bits(worst, p), buf);
     }
   }
-  return worst < 0x7f800000u ? 0.0f : NAN;
+  return (worst & 0x80000000u) ? NAN : 0.0f;
 }
 
 imml_status imml_step(imml_model *m) {
@@ -223,14 +224,17 @@ imml_status imml_step(imml_model *m) {
                      "no optimiser: call imml_optim_setup() first");
   const size_t n = m->n_params;
   float *P = m->params, *G = m->grads;
+  /* The norm is needed only for clipping; a non-finite gradient is caught
+   * by the checking pass below either way. */
   double ss = 0.0;
-  for (size_t i = 0; i < n; i++)
-    ss += (double)G[i] * G[i];
-  if (!isfinite(ss))
-    return imml_fail(m, IMML_ERR_NONFINITE,
-                     "gradients are not finite (squared norm %g); the step "
-                     "was refused and nothing changed",
-                     ss);
+  if (o->cfg.clip_norm > 0.0f) {
+    ss = k_sum_squares(n, G);
+    if (!isfinite(ss))
+      return imml_fail(m, IMML_ERR_NONFINITE,
+                       "gradients are not finite (squared norm %g); the step "
+                       "was refused and nothing changed",
+                       ss);
+  }
   step_coef k;
   memset(&k, 0, sizeof k);
   k.clip = 1.0f;
@@ -256,11 +260,16 @@ imml_status imml_step(imml_model *m) {
    * finite does pass 2 commit, so a refused step changes nothing. */
   const float bad = adamw ? adamw_pass(&k, n, P, G, o->m1, o->m2, 0)
                           : sgd_pass(&k, n, P, G, o->m1, 0);
-  if (isnan(bad))
+  if (isnan(bad)) {
+    if (!k_all_finite(n, G))
+      return imml_fail(m, IMML_ERR_NONFINITE,
+                       "gradients are not finite; the step was refused and "
+                       "nothing changed");
     return imml_fail(m, IMML_ERR_NONFINITE,
                      "the update would make a parameter or a moment "
                      "non-finite (lr %g too large?); nothing changed",
                      (double)k.lr);
+  }
   if (adamw)
     adamw_pass(&k, n, P, G, o->m1, o->m2, 1);
   else

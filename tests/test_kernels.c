@@ -1517,6 +1517,26 @@ START_TEST(test_transpose) {
 }
 END_TEST
 
+/* k_sum_squares: against a plain double loop, for lengths around the
+ * 8-way interleave (n < 8, n % 8 != 0); values span many magnitudes. */
+START_TEST(test_sum_squares) {
+  const int n = vec_len(_i);
+  prng g = {4000 + (uint64_t)_i};
+  float *x = falloc((size_t)n);
+  fill(&g, x, (size_t)n, -3.0, 3.0);
+  for (int k = 0; k < n; k += 5)
+    x[k] *= 1e-3f;
+  double ref = 0.0;
+  for (int k = 0; k < n; k++)
+    ref += (double)x[k] * x[k];
+  /* Only the summation order differs: a few ulps of double. */
+  check_err(rel_err_scalar(k_sum_squares((size_t)n, x), ref), 1e-12,
+            "sum_squares n=%d", n);
+  ck_assert_msg(k_sum_squares(0, x) == 0.0, "empty sum is 0");
+  free(x);
+}
+END_TEST
+
 /* k_all_zero: only the +0.0 bit pattern counts as zero. */
 START_TEST(test_all_zero) {
   const int n = vec_len(_i);
@@ -1597,6 +1617,7 @@ static Suite *kernels_suite(void) {
   tc = tcase_create("all_finite");
   tcase_add_loop_test(tc, test_all_finite, 0, nv);
   tcase_add_loop_test(tc, test_all_zero, 0, nv);
+  tcase_add_loop_test(tc, test_sum_squares, 0, nv);
   suite_add_tcase(s, tc);
 
   tc = tcase_create("transpose");
