@@ -415,6 +415,46 @@ IMML_API imml_status imml_predict(const imml_model *model, imml_workspace *ws,
                                   int batch, const float *const *features,
                                   float *logits, float *probs, int *classes);
 
+/* ------------------------------------------------------------------ */
+/* Data-parallel training (doc/DISTRIBUTED.md)                         */
+/* ------------------------------------------------------------------ */
+
+/** The one collective libimml needs, given by the host (MPI_Allgather,
+ *  NCCL, threads, ...): libimml itself stays free of any transport. */
+typedef struct imml_collective {
+  size_t struct_size;
+  int world_size; /* R >= 1 */
+  int rank;       /* this process, 0..R-1 */
+  /* Gathers `count` floats from every rank into recv (R * count floats,
+   * rank order).  count is the same on every rank.  Non-zero aborts the
+   * libimml call with IMML_ERR_CALLBACK. */
+  int (*allgather)(void *user_data, const float *send, size_t count,
+                   float *recv);
+  void *user_data;
+} imml_collective;
+
+/*! imml_collective_init() : zeroes *c, sets struct_size and world_size 1. */
+IMML_API void imml_collective_init(imml_collective *c);
+
+/*! imml_set_collective() :
+ *  Makes every training step of this model one shard of a global batch:
+ *  the global batch is the concatenation of every rank's batch in rank
+ *  order (shards may differ in size).  A training forward gathers each
+ *  rank's knowledge rows, labels and unimodal accuracy counts (one
+ *  allgather), so that L_con is computed over the global batch, an empty
+ *  dictionary is replaced by the global batch's knowledge, the warm-up
+ *  uses the global accuracy, and imml_backward pushes the global batch
+ *  into the dictionary: every rank keeps an identical dictionary and
+ *  predominant-modality state.  The gradients a rank computes are scaled
+ *  so that their plain mean over the R ranks equals the gradient of the
+ *  single-process loss on the global batch: allreduce-sum them and divide
+ *  by R.  Reported ce and dis are the rank's own means, con the global
+ *  value.  Evaluation and imml_predict stay local.
+ *  NULL detaches.  Allocates the gathered buffers (for R * max_batch rows);
+ *  IMML_ERR_STATE while a training step is pending. */
+IMML_API imml_status imml_set_collective(imml_model *model,
+                                         const imml_collective *c);
+
 /*! imml_blas_threads() : sets the number of threads of the BLAS library
  *  (process-wide, it is BLAS's own setting) when that BLAS supports it.
  *  @return the number now in effect, or 0 if unknown. */

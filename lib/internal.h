@@ -42,6 +42,7 @@ typedef struct imml_acts {
   int warm; /* 1: forward ran in warm-up (slots = z, no L_con) */
   int p;    /* predominant modality used (-1 in warm-up) */
   int has_labels;
+  int gathered;                     /* training forward of a collective step */
   fdc_view view;                    /* the strata attended over */
   float *h[IMML_MAX_MODALITIES];    /* (B, d_m) copies, training only */
   float *u[IMML_MAX_MODALITIES];    /* (B, H) relu(h W1 + b1) */
@@ -80,6 +81,27 @@ typedef struct imml_grads_scratch {
   float *dout;                       /* (B, C) */
   float *du;                         /* (B, H) */
 } imml_grads_scratch;
+
+/* Gathered global batch of a collective training step (imml_set_collective).
+ * Rows are in rank order; this rank's rows start at `off`. */
+typedef struct imml_coll {
+  int active;
+  imml_collective ops;
+  size_t count;                     /* floats each rank sends */
+  float *send;                      /* (count) */
+  float *recv;                      /* (R, count) */
+  int n;                            /* G = rows of the global batch */
+  int off;                          /* first row of this rank */
+  float *z[IMML_MAX_MODALITIES];    /* (G, k) gathered knowledge */
+  float *nz[IMML_MAX_MODALITIES];   /* (G, k) */
+  float *r[IMML_MAX_MODALITIES];    /* (G) */
+  float *s[IMML_MAX_MODALITIES];    /* (G, G) auxiliaries */
+  float *st[IMML_MAX_MODALITIES];   /* (G, G) */
+  float *ds, *dst;                  /* (G, G) */
+  int *labels;                      /* (G) */
+  int correct[IMML_MAX_MODALITIES]; /* summed over ranks */
+  void *block;
+} imml_coll;
 
 typedef struct imml_optim {
   int active;
@@ -126,6 +148,7 @@ struct imml_model {
   imml_grads_scratch g;
 
   imml_optim opt;
+  imml_coll coll;
   void *arena;
   size_t arena_bytes;
 };
@@ -190,8 +213,24 @@ uint64_t imml_params_layout(const imml_config *cfg, int builtin_ft,
 
 /* mdken.c (METHOD.md section 1) */
 void mdken_forward(const imml_model *m, imml_acts *a, const float *const *h);
-void mdken_contrastive_forward(const imml_model *m, imml_acts *a);
-void mdken_backward(imml_model *m, float *g, float *const *dh);
+/* Contrastive loss over `n` rows (the batch, or a gathered global batch);
+ * the backward adds the gradient for this rank's rows. */
+typedef struct con_space {
+  int n;
+  float *const *z;
+  float *const *nz;
+  float *const *r;
+  float *const *s;
+  float *const *st;
+  const int *labels;
+  float *ds, *dst;
+} con_space;
+double mdken_contrastive_forward(const imml_model *m, int p,
+                                 const con_space *cs);
+/* con_scale multiplies the contrastive gradient, ce_scale the unimodal
+ * heads' (both 1 outside a collective step). */
+void mdken_backward(imml_model *m, float *g, float *const *dh, int off,
+                    float con_scale, float ce_scale);
 
 /* fdc.c (METHOD.md section 2) */
 fdc_view fdc_dict_view(const imml_model *m);
@@ -212,7 +251,8 @@ imml_status imml_check_batch(const imml_config *c, int batch,
                              int need_labels, char *err, size_t n);
 imml_status imml_run_forward(const imml_model *m, imml_acts *a, int training,
                              int batch, const float *const *h,
-                             const int *labels, char *err, size_t n);
+                             const int *labels, imml_coll *coll, char *err,
+                             size_t n);
 
 /* optim.c */
 imml_status imml_optim_validate(const imml_optim_config *in,

@@ -32,65 +32,88 @@ void mdken_forward(const imml_model *m, imml_acts *a, const float *const *h) {
   a->losses.dis = dis / c->n_modalities;
 }
 
-void mdken_contrastive_forward(const imml_model *m, imml_acts *a) {
+double mdken_contrastive_forward(const imml_model *m, int p,
+                                 const con_space *cs) {
   const imml_config *c = &m->cfg;
-  const int B = a->batch, k = c->knowledge_dim, M = c->n_modalities, p = a->p;
+  const int N = cs->n, k = c->knowledge_dim, M = c->n_modalities;
   double con = 0.0;
   for (int mm = 0; mm < M; mm++)
-    k_l2norm_forward(B, k, a->z[mm], a->nz[mm], a->r[mm]);
+    k_l2norm_forward(N, k, cs->z[mm], cs->nz[mm], cs->r[mm]);
   for (int aa = 0; aa < M; aa++) {
     if (aa == p)
       continue;
-    /* S (B, B) = n_p n_aᵀ / tau */
-    k_gemm(0, 1, B, B, k, 1.0f / c->tau, a->nz[p], k, a->nz[aa], k, 0.0f,
-           a->s[aa], B);
+    /* S (N, N) = n_p n_aᵀ / tau */
+    k_gemm(0, 1, N, N, k, 1.0f / c->tau, cs->nz[p], k, cs->nz[aa], k, 0.0f,
+           cs->s[aa], N);
     /* l(Sᵀ) reads the rows of an explicit transpose: contiguous rows are
-     * several times faster than a column walk once B is in the hundreds. */
-    k_transpose(B, B, a->s[aa], B, a->st[aa], B, 0);
-    const double l_rows = k_supcon_forward(B, a->s[aa], B, 1, a->labels);
-    const double l_cols = k_supcon_forward(B, a->st[aa], B, 1, a->labels);
+     * several times faster than a column walk once N is in the hundreds. */
+    k_transpose(N, N, cs->s[aa], N, cs->st[aa], N, 0);
+    const double l_rows = k_supcon_forward(N, cs->s[aa], N, 1, cs->labels);
+    const double l_cols = k_supcon_forward(N, cs->st[aa], N, 1, cs->labels);
     con += 0.5 * (l_rows + l_cols);
   }
-  a->losses.con = con / (M - 1);
+  return con / (M - 1);
 }
 
-/* Adds the contrastive gradient into dz (METHOD.md section 7). */
-static void contrastive_backward(imml_model *m) {
+/* The contrastive space of the last training forward. */
+static con_space train_space(imml_model *m) {
+  con_space cs;
+  if (m->train.gathered) {
+    imml_coll *g = &m->coll;
+    cs = (con_space){g->n,  g->z,      g->nz, g->r,  g->s,
+                     g->st, g->labels, g->ds, g->dst};
+  } else {
+    imml_acts *a = &m->train;
+    cs = (con_space){a->batch, a->z,      a->nz,   a->r,    a->s,
+                     a->st,    a->labels, m->g.ds, m->g.dst};
+  }
+  return cs;
+}
+
+/* Adds scale * dL_con/dz for this rank's rows (off .. off+B-1 of the
+ * space) into dz (METHOD.md section 7). */
+static void contrastive_backward(imml_model *m, int off, float scale) {
   const imml_config *c = &m->cfg;
   imml_acts *a = &m->train;
   imml_grads_scratch *g = &m->g;
-  const int B = a->batch, k = c->knowledge_dim, M = c->n_modalities, p = a->p;
+  const con_space cs = train_space(m);
+  const int B = a->batch, N = cs.n, k = c->knowledge_dim, M = c->n_modalities,
+            p = a->p;
   const float s = c->gamma1 / (float)(M - 1);
+  const float inv_tau = scale / c->tau;
   memset(g->dn_p, 0, (size_t)B * k * sizeof(float));
   for (int aa = 0; aa < M; aa++) {
     if (aa == p)
       continue;
-    memset(g->ds, 0, (size_t)B * B * sizeof(float));
-    memset(g->dst, 0, (size_t)B * B * sizeof(float));
+    memset(cs.ds, 0, (size_t)N * N * sizeof(float));
+    memset(cs.dst, 0, (size_t)N * N * sizeof(float));
     /* dS = (s/2) (A + Eᵀ): A from the rows of S, E from the rows of Sᵀ */
-    k_supcon_backward(B, a->s[aa], B, 1, a->labels, 0.5f * s, g->ds);
-    k_supcon_backward(B, a->st[aa], B, 1, a->labels, 0.5f * s, g->dst);
-    k_transpose(B, B, g->dst, B, g->ds, B, 1);
-    /* dn_p (B, k) += dS (B, B) n_a (B, k) / tau */
-    k_gemm(0, 0, B, k, B, 1.0f / c->tau, g->ds, B, a->nz[aa], k, 1.0f, g->dn_p,
+    k_supcon_backward(N, cs.s[aa], N, 1, cs.labels, 0.5f * s, cs.ds);
+    k_supcon_backward(N, cs.st[aa], N, 1, cs.labels, 0.5f * s, cs.dst);
+    k_transpose(N, N, cs.dst, N, cs.ds, N, 1);
+    /* dn_p (B, k) += dS[own rows] (B, N) n_a (N, k) / tau */
+    k_gemm(0, 0, B, k, N, inv_tau, cs.ds + (size_t)off * N, N, cs.nz[aa], k,
+           1.0f, g->dn_p, k);
+    /* dn_a (B, k) = (dSᵀ)[own rows] n_p / tau = dS[:, own]ᵀ n_p / tau */
+    k_gemm(1, 0, B, k, N, inv_tau, cs.ds + off, N, cs.nz[p], k, 0.0f, g->dn_a,
            k);
-    /* dn_a (B, k) = dSᵀ n_p / tau */
-    k_gemm(1, 0, B, k, B, 1.0f / c->tau, g->ds, B, a->nz[p], k, 0.0f, g->dn_a,
-           k);
-    k_l2norm_backward(B, k, a->nz[aa], a->r[aa], g->dn_a, g->dz[aa]);
+    k_l2norm_backward(B, k, cs.nz[aa] + (size_t)off * k, cs.r[aa] + off,
+                      g->dn_a, g->dz[aa]);
   }
-  k_l2norm_backward(B, k, a->nz[p], a->r[p], g->dn_p, g->dz[p]);
+  k_l2norm_backward(B, k, cs.nz[p] + (size_t)off * k, cs.r[p] + off, g->dn_p,
+                    g->dz[p]);
 }
 
-void mdken_backward(imml_model *m, float *G, float *const *dh) {
+void mdken_backward(imml_model *m, float *G, float *const *dh, int off,
+                    float con_scale, float ce_scale) {
   const imml_config *c = &m->cfg;
   imml_acts *a = &m->train;
   imml_grads_scratch *g = &m->g;
   const int B = a->batch, H = c->hidden_dim, k = c->knowledge_dim,
             C = c->n_classes, M = c->n_modalities;
   if (!a->warm && c->gamma1 != 0.0f)
-    contrastive_backward(m);
-  const float head_scale = c->gamma2 / (float)M;
+    contrastive_backward(m, off, con_scale);
+  const float head_scale = ce_scale * c->gamma2 / (float)M;
   for (int mm = 0; mm < M; mm++) {
     const float *P = m->params;
     const int d = c->dims[mm];

@@ -161,6 +161,7 @@ void imml_model_free(imml_model *m) {
     return;
   const imml_allocator a = m->alloc;
   imml_free(&a, m->opt.block);
+  imml_free(&a, m->coll.block);
   imml_free(&a, m->arena);
   imml_free(&a, m);
 }
@@ -219,30 +220,123 @@ imml_status imml_check_batch(const imml_config *c, int B, const float *const *x,
   return IMML_OK;
 }
 
-/* One forward into a (never changes m).  h are the features the branches
- * read (for training, the copies in a->h). */
+/* Packs this rank's batch size, unimodal correct counts, labels and
+ * knowledge into one message, allgathers it, and unpacks the global batch
+ * in rank order.  The message has the same length for every batch size, so
+ * ranks with different shard sizes still agree on the count. */
+static imml_status gather_batch(const imml_model *m, imml_acts *a, imml_coll *g,
+                                char *err, size_t n) {
+  const imml_config *c = &m->cfg;
+  const int M = c->n_modalities, k = c->knowledge_dim, Bmax = c->max_batch,
+            R = g->ops.world_size;
+  const int B = a->batch;
+  float *snd = g->send;
+  memset(snd, 0, g->count * sizeof(float));
+  snd[0] = (float)B;
+  for (int mm = 0; mm < M; mm++)
+    snd[1 + mm] = (float)a->correct[mm];
+  float *lab = snd + 1 + M;
+  for (int i = 0; i < B; i++)
+    lab[i] = (float)a->labels[i];
+  float *zz = lab + Bmax;
+  for (int mm = 0; mm < M; mm++)
+    memcpy(zz + (size_t)mm * Bmax * k, a->z[mm], (size_t)B * k * sizeof(float));
+  int rc = g->ops.allgather(g->ops.user_data, snd, g->count, g->recv);
+  if (rc != 0) {
+    imml_set_err(err, n, "allgather callback returned %d", rc);
+    return IMML_ERR_CALLBACK;
+  }
+  int rows = 0;
+  for (int mm = 0; mm < M; mm++)
+    g->correct[mm] = 0;
+  for (int r = 0; r < R; r++) {
+    const float *msg = g->recv + (size_t)r * g->count;
+    const float fb = msg[0];
+    if (!(fb >= 1.0f && fb <= (float)Bmax) || fb != (float)(int)fb) {
+      imml_set_err(err, n,
+                   "allgather: rank %d sent batch size %g (must be "
+                   "in 1..%d); is every rank in the same step?",
+                   r, (double)fb, Bmax);
+      return IMML_ERR_SHAPE;
+    }
+    const int br = (int)fb;
+    if (r == g->ops.rank && br != B) {
+      imml_set_err(err, n,
+                   "allgather returned %d rows for this rank (%d "
+                   "sent): the callback mixed up ranks",
+                   br, B);
+      return IMML_ERR_CALLBACK;
+    }
+    if (r == g->ops.rank)
+      g->off = rows;
+    for (int mm = 0; mm < M; mm++)
+      g->correct[mm] += (int)msg[1 + mm];
+    const float *rl = msg + 1 + M;
+    for (int i = 0; i < br; i++) {
+      const float fl = rl[i];
+      if (!(fl >= 0.0f && fl < (float)c->n_classes) || fl != (float)(int)fl) {
+        imml_set_err(err, n, "allgather: rank %d label %d is %g", r, i,
+                     (double)fl);
+        return IMML_ERR_LABEL;
+      }
+      g->labels[rows + i] = (int)fl;
+    }
+    const float *rz = rl + Bmax;
+    for (int mm = 0; mm < M; mm++) {
+      const float *src = rz + (size_t)mm * Bmax * k;
+      if (!k_all_finite((size_t)br * k, src)) {
+        imml_set_err(err, n,
+                     "allgather: rank %d knowledge of modality %d is "
+                     "not finite",
+                     r, mm);
+        return IMML_ERR_NONFINITE;
+      }
+      memcpy(g->z[mm] + (size_t)rows * k, src, (size_t)br * k * sizeof(float));
+    }
+    rows += br;
+  }
+  g->n = rows;
+  return IMML_OK;
+}
+
+/* One forward into a.  Evaluations never change m; a collective training
+ * forward (coll non-NULL) also fills the gathered buffers in *coll. */
 imml_status imml_run_forward(const imml_model *m, imml_acts *a, int training,
                              int B, const float *const *h, const int *labels,
-                             char *err, size_t n) {
+                             imml_coll *coll, char *err, size_t n) {
   const imml_config *c = &m->cfg;
   a->batch = B;
   a->has_labels = labels != NULL;
+  a->gathered = coll != NULL;
   if (labels)
     memcpy(a->labels, labels, (size_t)B * sizeof(int));
   a->warm = !m->p_fixed;
   a->p = m->p_fixed ? m->p : -1;
   a->losses.con = 0.0;
   mdken_forward(m, a, h);
+  if (coll) {
+    imml_status st = gather_batch(m, a, coll, err, n);
+    if (st != IMML_OK)
+      return st;
+  }
   if (a->warm) {
     for (int mm = 0; mm < c->n_modalities; mm++)
       memcpy(a->slot[mm], a->z[mm],
              (size_t)B * c->knowledge_dim * sizeof(float));
   } else {
-    if (labels)
-      mdken_contrastive_forward(m, a);
+    if (labels) {
+      const con_space cs =
+          coll
+              ? (con_space){coll->n,  coll->z,      coll->nz, coll->r,  coll->s,
+                            coll->st, coll->labels, coll->ds, coll->dst}
+              : (con_space){B,     a->z,      a->nz, a->r, a->s,
+                            a->st, a->labels, NULL,  NULL};
+      a->losses.con = mdken_contrastive_forward(m, a->p, &cs);
+    }
     fdc_view v = fdc_dict_view(m);
-    if (v.n == 0) /* empty dictionary: the batch's own detached knowledge */
-      v = fdc_batch_view(m, (const float *const *)a->z, B);
+    if (v.n == 0) /* empty dictionary: the (global) batch's own knowledge */
+      v = coll ? fdc_batch_view(m, (const float *const *)coll->z, coll->n)
+               : fdc_batch_view(m, (const float *const *)a->z, B);
     fdc_forward(m, a, a->p, (const float *const *)a->z, a->slot, &v);
   }
   int rc = ft_forward(m, a, training);
@@ -296,7 +390,8 @@ imml_status imml_forward(imml_model *m, imml_mode mode, int B,
       memcpy(a->h[mm], x[mm], (size_t)B * m->cfg.dims[mm] * sizeof(float));
     h = (const float *const *)a->h;
   }
-  st = imml_run_forward(m, a, training, B, h, labels, m->errmsg,
+  st = imml_run_forward(m, a, training, B, h, labels,
+                        training && m->coll.active ? &m->coll : NULL, m->errmsg,
                         sizeof m->errmsg);
   if (st != IMML_OK)
     return st;
@@ -316,7 +411,9 @@ static void advance_warmup(imml_model *m) {
   if (m->p_fixed)
     return;
   for (int mm = 0; mm < M; mm++) {
-    const float acc = (float)m->train.correct[mm] / (float)m->train.batch;
+    const float acc = m->train.gathered
+                          ? (float)m->coll.correct[mm] / (float)m->coll.n
+                          : (float)m->train.correct[mm] / (float)m->train.batch;
     m->ema[mm] = 0.9f * m->ema[mm] + 0.1f * acc;
   }
   m->steps++;
@@ -346,8 +443,17 @@ imml_status imml_backward(imml_model *m, float *const *dh) {
   float *G = direct ? m->grads : m->stage;
   if (!direct)
     memset(G, 0, np * sizeof(float));
-  /* dlogits (B, C) = (softmax - onehot) / B */
-  k_xent_backward(B, c->n_classes, a->probs, a->labels, 1.0f, m->g.dlogits,
+  /* In a collective step, scale so that the mean over ranks of every
+   * rank's gradient is the single-process gradient of the global batch:
+   * the rank's own means weigh B/G of the global ones, and the global L_con
+   * is differentiated here for this rank's rows only. */
+  const int gathered = a->gathered;
+  const float ce_scale =
+      gathered ? (float)((double)m->coll.ops.world_size * B / m->coll.n) : 1.0f;
+  const float con_scale = gathered ? (float)m->coll.ops.world_size : 1.0f;
+  const int off = gathered ? m->coll.off : 0;
+  /* dlogits (B, C) = ce_scale (softmax - onehot) / B */
+  k_xent_backward(B, c->n_classes, a->probs, a->labels, ce_scale, m->g.dlogits,
                   0.0f);
   imml_status st = IMML_OK;
   int rc = ft_backward(m, G);
@@ -365,7 +471,7 @@ imml_status imml_backward(imml_model *m, float *const *dh) {
       goto refuse;
     }
   fdc_backward(m, G);
-  mdken_backward(m, G, dh);
+  mdken_backward(m, G, dh, off, con_scale, ce_scale);
   for (int i = 0; i < m->n_tensors; i++) {
     const imml_tensor *t = &m->tensors[i];
     const size_t cnt = (size_t)t->rows * t->cols;
@@ -381,7 +487,10 @@ imml_status imml_backward(imml_model *m, float *const *dh) {
     for (size_t i = 0; i < np; i++)
       m->grads[i] += G[i];
   m->grads_zero_hint = 0;
-  fdc_push(m, (const float *const *)a->z, B);
+  if (gathered)
+    fdc_push(m, (const float *const *)m->coll.z, m->coll.n);
+  else
+    fdc_push(m, (const float *const *)a->z, B);
   advance_warmup(m);
   m->pending = 0;
   return IMML_OK;
@@ -492,3 +601,88 @@ imml_status imml_warmup_state(const imml_model *m, int *steps, float *ema) {
 }
 
 int imml_dict_fill(const imml_model *m) { return m ? m->dict_fill : 0; }
+
+/* ------------------------------------------------------------------ */
+
+void imml_collective_init(imml_collective *c) {
+  if (!c)
+    return;
+  memset(c, 0, sizeof *c);
+  c->struct_size = sizeof *c;
+  c->world_size = 1;
+}
+
+imml_status imml_set_collective(imml_model *m, const imml_collective *ops) {
+  if (!m)
+    return IMML_ERR_NULL;
+  m->errmsg[0] = '\0';
+  if (m->pending)
+    return imml_fail(m, IMML_ERR_STATE,
+                     "a training step is pending: call imml_backward first");
+  if (!ops) {
+    imml_free(&m->alloc, m->coll.block);
+    memset(&m->coll, 0, sizeof m->coll);
+    return IMML_OK;
+  }
+  if (ops->struct_size < sizeof *ops)
+    return imml_fail(m, IMML_ERR_INVALID_ARG,
+                     "collective.struct_size = %zu: smaller than this "
+                     "library's imml_collective (%zu); call "
+                     "imml_collective_init()",
+                     ops->struct_size, sizeof *ops);
+  if (!ops->allgather)
+    return imml_fail(m, IMML_ERR_NULL, "collective.allgather is NULL");
+  if (ops->world_size < 1 || ops->world_size > (1 << 16))
+    return imml_fail(m, IMML_ERR_INVALID_ARG,
+                     "collective.world_size = %d: must be in 1..65536",
+                     ops->world_size);
+  if (ops->rank < 0 || ops->rank >= ops->world_size)
+    return imml_fail(m, IMML_ERR_INVALID_ARG,
+                     "collective.rank = %d: must be in 0..%d", ops->rank,
+                     ops->world_size - 1);
+  const imml_config *c = &m->cfg;
+  const size_t M = (size_t)c->n_modalities, k = (size_t)c->knowledge_dim,
+               Bm = (size_t)c->max_batch, R = (size_t)ops->world_size;
+  imml_coll g;
+  memset(&g, 0, sizeof g);
+  g.ops = *ops;
+  g.ops.struct_size = sizeof g.ops;
+  g.count = 1 + M + Bm * (1 + M * k);
+  imml_carver cv = {NULL, 0, 0};
+  for (int pass = 0; pass < 2; pass++) {
+    size_t G, GG, rk;
+    if (!imml_size_mul(&G, R, Bm) || !imml_size_mul(&GG, G, G) ||
+        !imml_size_mul(&rk, R, g.count))
+      cv.overflow = 1;
+    g.send = imml_carve(&cv, g.count, sizeof(float));
+    g.recv = imml_carve(&cv, rk, sizeof(float));
+    for (size_t mm = 0; mm < M; mm++) {
+      g.z[mm] = imml_carve(&cv, G * k, sizeof(float));
+      g.nz[mm] = imml_carve(&cv, G * k, sizeof(float));
+      g.r[mm] = imml_carve(&cv, G, sizeof(float));
+      g.s[mm] = imml_carve(&cv, GG, sizeof(float));
+      g.st[mm] = imml_carve(&cv, GG, sizeof(float));
+    }
+    g.ds = imml_carve(&cv, GG, sizeof(float));
+    g.dst = imml_carve(&cv, GG, sizeof(float));
+    g.labels = imml_carve(&cv, G, sizeof(int));
+    if (cv.overflow)
+      return imml_fail(m, IMML_ERR_TOO_LARGE,
+                       "world_size %d x max_batch %d: gathered buffers "
+                       "overflow",
+                       ops->world_size, c->max_batch);
+    if (pass == 0) {
+      g.block = imml_alloc(&m->alloc, cv.used);
+      if (!g.block)
+        return imml_fail(m, IMML_ERR_NOMEM,
+                         "out of memory for %zu bytes of gathered buffers",
+                         cv.used);
+      cv.base = g.block;
+      cv.used = 0;
+    }
+  }
+  imml_free(&m->alloc, m->coll.block);
+  m->coll = g;
+  m->coll.active = 1;
+  return IMML_OK;
+}

@@ -73,7 +73,8 @@ imml_status imml_predict(const imml_model *m, imml_workspace *ws, int B,
   if (st != IMML_OK)
     return st;
   imml_acts *a = &ws->acts;
-  st = imml_run_forward(m, a, 0, B, x, NULL, ws->errmsg, sizeof ws->errmsg);
+  st = imml_run_forward(m, a, 0, B, x, NULL, NULL, ws->errmsg,
+                        sizeof ws->errmsg);
   if (st != IMML_OK)
     return st;
   const int C = m->cfg.n_classes;
