@@ -455,6 +455,13 @@ IMML_API void imml_collective_init(imml_collective *c);
 IMML_API imml_status imml_set_collective(imml_model *model,
                                          const imml_collective *c);
 
+/*! imml_predict_unimodal() : after a successful imml_predict() with this
+ *  workspace, copies modality m's unimodal head logits o_m (METHOD.md
+ *  section 1) for the same batch into logits (B x C).  IMML_ERR_STATE
+ *  before any successful imml_predict on the workspace. */
+IMML_API imml_status imml_predict_unimodal(const imml_workspace *ws, int m,
+                                           float *logits);
+
 /*! imml_blas_threads() : sets the number of threads of the BLAS library
  *  (process-wide, it is BLAS's own setting) when that BLAS supports it.
  *  @return the number now in effect, or 0 if unknown. */

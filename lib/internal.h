@@ -159,6 +159,7 @@ struct imml_workspace {
   int dims[IMML_MAX_MODALITIES];
   int jmax;
   char errmsg[IMML_ERRMSG_SIZE];
+  int has_result; /* a successful imml_predict filled acts */
   imml_acts acts;
   void *arena;
 };

@@ -73,6 +73,7 @@ imml_status imml_predict(const imml_model *m, imml_workspace *ws, int B,
   if (st != IMML_OK)
     return st;
   imml_acts *a = &ws->acts;
+  ws->has_result = 0;
   st = imml_run_forward(m, a, 0, B, x, NULL, NULL, ws->errmsg,
                         sizeof ws->errmsg);
   if (st != IMML_OK)
@@ -85,6 +86,20 @@ imml_status imml_predict(const imml_model *m, imml_workspace *ws, int B,
   if (classes)
     for (int i = 0; i < B; i++)
       classes[i] = k_argmax(C, a->logits + (size_t)i * C);
+  ws->has_result = 1;
+  return IMML_OK;
+}
+
+imml_status imml_predict_unimodal(const imml_workspace *ws, int m,
+                                  float *logits) {
+  if (!ws || !logits)
+    return IMML_ERR_NULL;
+  if (!ws->has_result)
+    return IMML_ERR_STATE;
+  if (m < 0 || m >= ws->cfg.n_modalities)
+    return IMML_ERR_INVALID_ARG;
+  memcpy(logits, ws->acts.o[m],
+         (size_t)ws->acts.batch * ws->cfg.n_classes * sizeof(float));
   return IMML_OK;
 }
 
