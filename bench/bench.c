@@ -290,7 +290,7 @@ int main(int argc, char **argv) {
     return 1;
   }
   threads = imml_blas_threads(threads);
-  const double ceiling = sgemm_ceiling(reps);
+  const double ceiling = sgemm_ceiling(reps < 20 ? reps : 20);
   int ran = 0;
   for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
     if (only && strcmp(only, shapes[i].name) != 0)
