@@ -53,45 +53,103 @@ void k_linear_backward(int batch, int n_in, int n_out, const float *x, int ldx,
            lddx);
 }
 
-void k_relu_forward(size_t n, const float *x, float *y) {
+IMML_HOT void k_relu_forward(size_t n, const float *x, float *y) {
   for (size_t i = 0; i < n; i++)
     y[i] = x[i] > 0.0f ? x[i] : 0.0f;
 }
 
-void k_relu_backward(size_t n, const float *y, const float *dy, float *dx) {
+IMML_HOT void k_relu_backward(size_t n, const float *y, const float *dy,
+                              float *dx) {
   for (size_t i = 0; i < n; i++)
     dx[i] = y[i] > 0.0f ? dy[i] : 0.0f;
+}
+
+/* exp(x) for x <= 88, branch-free so that loops around it vectorise:
+ * Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, Cephes' degree-7
+ * polynomial for exp(r), and 2^n built in the exponent bits.  Within a few
+ * ulp of a correctly rounded expf (tested against double exp); below -87.3
+ * it returns ~1.2e-38 instead of a subnormal, an absolute error under
+ * 1.2e-38.  Integer n comes from the bits of the rounding sum, never from
+ * a float-to-int conversion, so a NaN stays NaN without undefined
+ * behaviour. */
+static inline float exp_approx(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float t = x * 1.44269504088896341f + 12582912.0f; /* + 1.5 2^23 */
+  uint32_t tb;
+  memcpy(&tb, &t, sizeof tb);
+  const int32_t ni = (int32_t)(tb & 0x7fffffu) - 0x400000;
+  const float n = t - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t sb = (uint32_t)(ni + 127) << 23;
+  float scale;
+  memcpy(&scale, &sb, sizeof scale);
+  return p * scale;
+}
+
+/* Largest of x[0], x[stride], ... x[(cols-1) stride]. */
+static float row_max(int cols, const float *x, size_t stride) {
+  float m = x[0];
+  for (int j = 1; j < cols; j++)
+    if (x[(size_t)j * stride] > m)
+      m = x[(size_t)j * stride];
+  return m;
+}
+
+/* sum_j exp(x_j - m), as 8 interleaved double partial sums (fixed order,
+ * vectorisable); with y non-NULL also stores each exp in y (stride 1). */
+IMML_HOT static double row_exp_sum(int cols, const float *x, size_t stride,
+                                   float m, float *y) {
+  double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int j = 0;
+  if (stride == 1 && y) {
+    for (; j + 8 <= cols; j += 8)
+      for (int l = 0; l < 8; l++) {
+        const float e = exp_approx(x[j + l] - m);
+        y[j + l] = e;
+        part[l] += e;
+      }
+    for (int l = 0; j < cols; j++, l++) {
+      y[j] = exp_approx(x[j] - m);
+      part[l] += y[j];
+    }
+  } else if (stride == 1) {
+    for (; j + 8 <= cols; j += 8)
+      for (int l = 0; l < 8; l++)
+        part[l] += exp_approx(x[j + l] - m);
+    for (int l = 0; j < cols; j++, l++)
+      part[l] += exp_approx(x[j] - m);
+  } else {
+    for (int l = 0; j < cols; j++, l = (l + 1) & 7)
+      part[l] += exp_approx(x[(size_t)j * stride] - m);
+  }
+  return ((part[0] + part[1]) + (part[2] + part[3])) +
+         ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
 /* Row maximum and log of the shifted exponential sum (summed in double). */
 static void row_lse(int cols, const float *x, size_t stride, float *mx,
                     float *lse) {
-  float m = x[0];
-  for (int j = 1; j < cols; j++)
-    if (x[(size_t)j * stride] > m)
-      m = x[(size_t)j * stride];
-  double s = 0.0;
-  for (int j = 0; j < cols; j++)
-    s += expf(x[(size_t)j * stride] - m);
+  const float m = row_max(cols, x, stride);
   *mx = m;
-  *lse = (float)log(s);
+  *lse = (float)log(row_exp_sum(cols, x, stride, m, NULL));
 }
 
-void k_softmax_rows(int rows, int cols, const float *x, int ldx, float *y,
-                    int ldy) {
+IMML_HOT void k_softmax_rows(int rows, int cols, const float *x, int ldx,
+                             float *y, int ldy) {
   for (int i = 0; i < rows; i++) {
     const float *xi = x + (size_t)i * ldx;
     float *yi = y + (size_t)i * ldy;
-    float m = xi[0];
-    for (int j = 1; j < cols; j++)
-      if (xi[j] > m)
-        m = xi[j];
-    double s = 0.0;
-    for (int j = 0; j < cols; j++) {
-      yi[j] = expf(xi[j] - m);
-      s += yi[j];
-    }
-    const float inv = (float)(1.0 / s);
+    const float m = row_max(cols, xi, 1);
+    const float inv = (float)(1.0 / row_exp_sum(cols, xi, 1, m, yi));
     for (int j = 0; j < cols; j++)
       yi[j] *= inv;
   }
@@ -227,8 +285,8 @@ double k_supcon_forward(int batch, const float *s, int rs, int cs,
   return total / batch;
 }
 
-void k_supcon_backward(int batch, const float *s, int rs, int cs,
-                       const int *labels, float scale, float *ds) {
+IMML_HOT void k_supcon_backward(int batch, const float *s, int rs, int cs,
+                                const int *labels, float scale, float *ds) {
   const float g = scale / (float)batch;
   for (int i = 0; i < batch; i++) {
     const float *si = s + (size_t)i * rs;
@@ -240,7 +298,7 @@ void k_supcon_backward(int batch, const float *s, int rs, int cs,
       npos += labels[j] == labels[i];
     const float ppos = 1.0f / (float)npos;
     for (int j = 0; j < batch; j++) {
-      const float p = expf(si[(size_t)j * cs] - m - lse);
+      const float p = exp_approx(si[(size_t)j * cs] - m - lse);
       const float t = labels[j] == labels[i] ? ppos : 0.0f;
       dsi[(size_t)j * cs] += g * (p - t);
     }
