@@ -206,8 +206,8 @@ static void run_shape(const shape *s, int reps, int threads, int csv,
     sgemm_seconds = 0.0;
     sgemm_flops = 0.0;
     const double t0 = now();
-    if ((st = imml_forward(m, IMML_MODE_TRAIN, s->B, (const float *const *)x,
-                           y, logits, NULL)) != IMML_OK)
+    if ((st = imml_forward(m, IMML_MODE_TRAIN, s->B, (const float *const *)x, y,
+                           logits, NULL)) != IMML_OK)
       die("forward", st, m);
     if ((st = imml_backward(m, dx)) != IMML_OK)
       die("backward", st, m);
@@ -234,17 +234,15 @@ static void run_shape(const shape *s, int reps, int threads, int csv,
   if (rss) {
     size_t n_params = 0;
     imml_params_flat(m, NULL, NULL, &n_params);
-    const double need =
-        4.0 * (4.0 * (double)n_params + activation_floats(s));
+    const double need = 4.0 * (4.0 * (double)n_params + activation_floats(s));
     const double grew = proc_status_bytes("VmHWM") - rss0;
     printf("%s: peak RSS grew by %.1f MiB; parameters + gradients + AdamW "
            "moments + activations = %.1f MiB; ratio %.2f\n",
            s->name, grew / 1048576.0, need / 1048576.0, grew / need);
   }
   if (csv)
-    printf("%s,%d,%.4f,%.4f,%.3f,%.2f,%.2f,%s\n", s->name, threads,
-           1e3 * train, 1e3 * infer, gemm / train, rate, ceiling,
-           openblas_get_corename());
+    printf("%s,%d,%.4f,%.4f,%.3f,%.2f,%.2f,%s\n", s->name, threads, 1e3 * train,
+           1e3 * infer, gemm / train, rate, ceiling, openblas_get_corename());
   else
     printf("%-16s threads %d  train step %8.3f ms  inference %7.3f ms  "
            "in sgemm %4.1f%%  %6.1f GFLOP/s (sgemm ceiling %.1f)\n",
