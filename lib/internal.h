@@ -100,6 +100,13 @@ typedef struct imml_coll {
   float *ds, *dst;                  /* (G, G) */
   int *labels;                      /* (G) */
   int correct[IMML_MAX_MODALITIES]; /* summed over ranks */
+  /* Attention scratch for up to R * max_batch strata (an empty dictionary
+   * is replaced by the gathered batch), allocated only when that exceeds
+   * the model's jmax; while attached it replaces the training scratch
+   * train.kk, train.alpha, train.w, g.dw, g.de, g.dk, whose own pointers
+   * are kept in own[] and put back on detach. */
+  float *scratch[6];
+  float *own[6];
   void *block;
 } imml_coll;
 

@@ -604,6 +604,23 @@ int imml_dict_fill(const imml_model *m) { return m ? m->dict_fill : 0; }
 
 /* ------------------------------------------------------------------ */
 
+/* The six training-scratch pointers the attention writes, in a fixed
+ * order: train.kk, train.alpha, train.w, g.dw, g.de, g.dk. */
+static float **attn_scratch(imml_model *m, int i) {
+  float **p[6] = {&m->train.kk, &m->train.alpha, &m->train.w,
+                  &m->g.dw,     &m->g.de,        &m->g.dk};
+  return p[i];
+}
+
+/* Detaches the collective: the model's own scratch comes back. */
+static void coll_release(imml_model *m) {
+  if (m->coll.scratch[0])
+    for (int i = 0; i < 6; i++)
+      *attn_scratch(m, i) = m->coll.own[i];
+  imml_free(&m->alloc, m->coll.block);
+  memset(&m->coll, 0, sizeof m->coll);
+}
+
 void imml_collective_init(imml_collective *c) {
   if (!c)
     return;
@@ -620,8 +637,7 @@ imml_status imml_set_collective(imml_model *m, const imml_collective *ops) {
     return imml_fail(m, IMML_ERR_STATE,
                      "a training step is pending: call imml_backward first");
   if (!ops) {
-    imml_free(&m->alloc, m->coll.block);
-    memset(&m->coll, 0, sizeof m->coll);
+    coll_release(m);
     return IMML_OK;
   }
   if (ops->struct_size < sizeof *ops)
@@ -666,6 +682,15 @@ imml_status imml_set_collective(imml_model *m, const imml_collective *ops) {
     g.ds = imml_carve(&cv, GG, sizeof(float));
     g.dst = imml_carve(&cv, GG, sizeof(float));
     g.labels = imml_carve(&cv, G, sizeof(int));
+    if (G > (size_t)m->jmax) {
+      /* kk (G, k), alpha, w, dw, de (Bmax, G), dk (G, k) */
+      size_t gk = 0, bg = 0;
+      if (!imml_size_mul(&gk, G, k) || !imml_size_mul(&bg, Bm, G))
+        cv.overflow = 1;
+      const size_t n6[6] = {gk, bg, bg, bg, bg, gk};
+      for (int i = 0; i < 6; i++)
+        g.scratch[i] = imml_carve(&cv, n6[i], sizeof(float));
+    }
     if (cv.overflow)
       return imml_fail(m, IMML_ERR_TOO_LARGE,
                        "world_size %d x max_batch %d: gathered buffers "
@@ -681,8 +706,13 @@ imml_status imml_set_collective(imml_model *m, const imml_collective *ops) {
       cv.used = 0;
     }
   }
-  imml_free(&m->alloc, m->coll.block);
+  coll_release(m);
   m->coll = g;
   m->coll.active = 1;
+  if (g.scratch[0])
+    for (int i = 0; i < 6; i++) {
+      m->coll.own[i] = *attn_scratch(m, i);
+      *attn_scratch(m, i) = g.scratch[i];
+    }
   return IMML_OK;
 }
