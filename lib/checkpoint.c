@@ -590,7 +590,16 @@ static imml_status parse(const unsigned char *buf, size_t size,
         m->opt.t = (int64_t)t;
         m->opt.has_buf = has_buf;
         get_f32s(&r, m->opt.m1, m->n_params, "optimiser moment 1");
-        get_f32s(&r, m->opt.m2, m->n_params, "optimiser moment 2");
+        const size_t at2 = r.pos;
+        if (get_f32s(&r, m->opt.m2, m->n_params, "optimiser moment 2") &&
+            ok.kind == IMML_OPT_ADAMW)
+          for (size_t i = 0; i < m->n_params; i++)
+            if (m->opt.m2[i] < 0.0f) {
+              bad(&r, IMML_ERR_FORMAT, at2 + 4 * i,
+                  "AdamW second moment %zu is negative (%g)", i,
+                  (double)m->opt.m2[i]);
+              break;
+            }
       }
     }
   }

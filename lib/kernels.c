@@ -53,15 +53,23 @@ void k_linear_backward(int batch, int n_in, int n_out, const float *x, int ldx,
            lddx);
 }
 
-IMML_HOT void k_relu_forward(size_t n, const float *x, float *y) {
+IMML_HOT static void relu_forward_impl(size_t n, const float *x, float *y) {
   for (size_t i = 0; i < n; i++)
     y[i] = x[i] > 0.0f ? x[i] : 0.0f;
 }
 
-IMML_HOT void k_relu_backward(size_t n, const float *y, const float *dy,
-                              float *dx) {
+void k_relu_forward(size_t n, const float *x, float *y) {
+  relu_forward_impl(n, x, y);
+}
+
+IMML_HOT static void relu_backward_impl(size_t n, const float *y,
+                                        const float *dy, float *dx) {
   for (size_t i = 0; i < n; i++)
     dx[i] = y[i] > 0.0f ? dy[i] : 0.0f;
+}
+
+void k_relu_backward(size_t n, const float *y, const float *dy, float *dx) {
+  relu_backward_impl(n, y, dy, dx);
 }
 
 /* exp(x) for x <= 88, branch-free so that loops around it vectorise:
@@ -143,8 +151,8 @@ static void row_lse(int cols, const float *x, size_t stride, float *mx,
   *lse = (float)log(row_exp_sum(cols, x, stride, m, NULL));
 }
 
-IMML_HOT void k_softmax_rows(int rows, int cols, const float *x, int ldx,
-                             float *y, int ldy) {
+IMML_HOT static void softmax_rows_impl(int rows, int cols, const float *x,
+                                       int ldx, float *y, int ldy) {
   for (int i = 0; i < rows; i++) {
     const float *xi = x + (size_t)i * ldx;
     float *yi = y + (size_t)i * ldy;
@@ -153,6 +161,11 @@ IMML_HOT void k_softmax_rows(int rows, int cols, const float *x, int ldx,
     for (int j = 0; j < cols; j++)
       yi[j] *= inv;
   }
+}
+
+void k_softmax_rows(int rows, int cols, const float *x, int ldx, float *y,
+                    int ldy) {
+  softmax_rows_impl(rows, cols, x, ldx, y, ldy);
 }
 
 void k_log_softmax_rows(int rows, int cols, const float *x, int ldx, float *y,
@@ -285,8 +298,9 @@ double k_supcon_forward(int batch, const float *s, int rs, int cs,
   return total / batch;
 }
 
-IMML_HOT void k_supcon_backward(int batch, const float *s, int rs, int cs,
-                                const int *labels, float scale, float *ds) {
+IMML_HOT static void supcon_backward_impl(int batch, const float *s, int rs,
+                                          int cs, const int *labels,
+                                          float scale, float *ds) {
   const float g = scale / (float)batch;
   for (int i = 0; i < batch; i++) {
     const float *si = s + (size_t)i * rs;
@@ -303,6 +317,11 @@ IMML_HOT void k_supcon_backward(int batch, const float *s, int rs, int cs,
       dsi[(size_t)j * cs] += g * (p - t);
     }
   }
+}
+
+void k_supcon_backward(int batch, const float *s, int rs, int cs,
+                       const int *labels, float scale, float *ds) {
+  supcon_backward_impl(batch, s, rs, cs, labels, scale, ds);
 }
 
 void k_transpose(int rows, int cols, const float *x, int ldx, float *y, int ldy,
@@ -324,7 +343,7 @@ void k_transpose(int rows, int cols, const float *x, int ldx, float *y, int ldy,
     }
 }
 
-IMML_HOT double k_sum_squares(size_t n, const float *x) {
+IMML_HOT static double sum_squares_impl(size_t n, const float *x) {
   double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   size_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -336,7 +355,11 @@ IMML_HOT double k_sum_squares(size_t n, const float *x) {
          ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
-IMML_HOT int k_all_finite(size_t n, const float *x) {
+double k_sum_squares(size_t n, const float *x) {
+  return sum_squares_impl(n, x);
+}
+
+IMML_HOT static int all_finite_impl(size_t n, const float *x) {
   /* A float is non-finite iff its exponent bits are all ones; then adding
    * 1 to the exponent field carries into bit 31.  AND, ADD and OR reduce in
    * any vector unit, unlike a float accumulation without -ffast-math. */
@@ -349,7 +372,9 @@ IMML_HOT int k_all_finite(size_t n, const float *x) {
   return (any & 0x80000000u) == 0;
 }
 
-IMML_HOT int k_all_zero(size_t n, const float *x) {
+int k_all_finite(size_t n, const float *x) { return all_finite_impl(n, x); }
+
+IMML_HOT static int all_zero_impl(size_t n, const float *x) {
   uint32_t any = 0;
   for (size_t i = 0; i < n; i++) {
     uint32_t u;
@@ -358,3 +383,5 @@ IMML_HOT int k_all_zero(size_t n, const float *x) {
   }
   return any == 0;
 }
+
+int k_all_zero(size_t n, const float *x) { return all_zero_impl(n, x); }

@@ -12,7 +12,20 @@
 
 /* Hot element-wise loops are compiled for AVX2 as well as the baseline on
  * x86-64 and chosen at load time (GNU ifunc), so the library stays
- * portable while the loops that are memory- or ALU-bound use wide vectors. */
+ * portable while the loops that are memory- or ALU-bound use wide vectors.
+ * IMML_HOT goes on static functions only: GCC and clang disagree on how a
+ * multiversioned function declared in a header is resolved across
+ * translation units, and a static one needs no such agreement. */
+/* ThreadSanitizer instruments the ifunc resolvers, which then run before
+ * its runtime is up: no clones under TSan. */
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define IMML_NO_TARGET_CLONES 1
+#endif
+#endif
+#if defined(__SANITIZE_THREAD__) && !defined(IMML_NO_TARGET_CLONES)
+#define IMML_NO_TARGET_CLONES 1
+#endif
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) &&          \
     !defined(__clang_analyzer__) && !defined(IMML_NO_TARGET_CLONES)
 #define IMML_HOT __attribute__((target_clones("avx2", "default")))

@@ -269,8 +269,17 @@ static imml_status gather_batch(const imml_model *m, imml_acts *a, imml_coll *g,
     }
     if (r == g->ops.rank)
       g->off = rows;
-    for (int mm = 0; mm < M; mm++)
-      g->correct[mm] += (int)msg[1 + mm];
+    for (int mm = 0; mm < M; mm++) {
+      const float fc = msg[1 + mm];
+      if (!(fc >= 0.0f && fc <= fb) || fc != (float)(int)fc) {
+        imml_set_err(err, n,
+                     "allgather: rank %d sent %g correct predictions of "
+                     "modality %d for %d rows",
+                     r, (double)fc, mm, br);
+        return IMML_ERR_CALLBACK;
+      }
+      g->correct[mm] += (int)fc;
+    }
     const float *rl = msg + 1 + M;
     for (int i = 0; i < br; i++) {
       const float fl = rl[i];
@@ -666,7 +675,7 @@ imml_status imml_set_collective(imml_model *m, const imml_collective *ops) {
   g.count = 1 + M + Bm * (1 + M * k);
   imml_carver cv = {NULL, 0, 0};
   for (int pass = 0; pass < 2; pass++) {
-    size_t G, GG, rk;
+    size_t G = 0, GG = 0, rk = 0;
     if (!imml_size_mul(&G, R, Bm) || !imml_size_mul(&GG, G, G) ||
         !imml_size_mul(&rk, R, g.count))
       cv.overflow = 1;

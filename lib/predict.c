@@ -63,6 +63,7 @@ imml_status imml_predict(const imml_model *m, imml_workspace *ws, int B,
   if (!m || !ws)
     return IMML_ERR_NULL;
   ws->errmsg[0] = '\0';
+  ws->has_result = 0;
   if (!same_shape(ws, m)) {
     imml_set_err(ws->errmsg, sizeof ws->errmsg,
                  "workspace was created for a model of another shape");
@@ -73,7 +74,6 @@ imml_status imml_predict(const imml_model *m, imml_workspace *ws, int B,
   if (st != IMML_OK)
     return st;
   imml_acts *a = &ws->acts;
-  ws->has_result = 0;
   st = imml_run_forward(m, a, 0, B, x, NULL, NULL, ws->errmsg,
                         sizeof ws->errmsg);
   if (st != IMML_OK)
