@@ -1,0 +1,676 @@
+/* Writes the fuzzers' seed corpus: usage make_corpus DIR
+ *   DIR/load/    checkpoints for fuzz_load: valid ones of a few small
+ *                configurations (built-in and host F&T, with and without
+ *                an optimiser, warm-up done or in flight), and broken ones
+ *                (truncated, a flipped byte, a bad CRC, and fields made
+ *                invalid with the CRC fixed);
+ *   DIR/config/  inputs for fuzz_config (fuzz_common.h's encoding): valid
+ *                configurations and ones beyond each limit.
+ * The committed tests/fuzz/corpus was written by it (meson compile -C
+ * BUILD fuzz-corpus); the fuzzers add what they find beside it. */
+#include "fuzz_common.h"
+
+#include <errno.h>
+#include <sys/stat.h>
+
+/* ---- output ---------------------------------------------------------- */
+
+static const char *out_dir;
+static int n_written;
+static size_t bytes_written;
+
+static void put_file(const char *sub, const char *name, const void *buf,
+                     size_t size) {
+  char path[1024];
+  snprintf(path, sizeof path, "%s/%s/%s", out_dir, sub, name);
+  FILE *f = fopen(path, "wb");
+  if (!f || (size && fwrite(buf, 1, size, f) != size) || fclose(f) != 0) {
+    fprintf(stderr, "make_corpus: cannot write %s\n", path);
+    exit(1);
+  }
+  n_written++;
+  bytes_written += size;
+}
+
+static void make_dir(const char *sub) {
+  char path[1024];
+  snprintf(path, sizeof path, "%s%s%s", out_dir, sub ? "/" : "",
+           sub ? sub : "");
+  if (mkdir(path, 0755) != 0 && errno != EEXIST) {
+    fprintf(stderr, "make_corpus: cannot create %s\n", path);
+    exit(1);
+  }
+}
+
+/* ---- checkpoints ------------------------------------------------------ */
+
+static uint32_t rd32(const unsigned char *b, size_t at) {
+  return (uint32_t)b[at] | (uint32_t)b[at + 1] << 8 |
+         (uint32_t)b[at + 2] << 16 | (uint32_t)b[at + 3] << 24;
+}
+
+static void wr32(unsigned char *b, size_t at, uint32_t v) {
+  for (int i = 0; i < 4; i++)
+    b[at + (size_t)i] = (unsigned char)(v >> (8 * i));
+}
+
+static void wrf(unsigned char *b, size_t at, float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  wr32(b, at, u);
+}
+
+static void fix_crc(unsigned char *b, size_t size) {
+  wr32(b, size - 4, fuzz_crc32(b, size - 4));
+}
+
+/* Byte offsets of the fields make_corpus changes (doc/FORMAT.md). */
+typedef struct layout {
+  size_t max_batch, dict_size, tau, first_value, second_name, dict_fill,
+      opt_flag, m2;
+} layout;
+
+static void walk(const unsigned char *b, size_t size, layout *L) {
+  memset(L, 0, sizeof *L);
+  const uint32_t M = rd32(b, 24);
+  size_t o = 28 + 4 * (size_t)M; /* after the dims */
+  const uint32_t k = rd32(b, o + 4);
+  L->max_batch = o + 12;
+  L->dict_size = o + 16;
+  L->tau = o + 32;
+  o += 20 + 16 + 12 + 8 + 4; /* ints, floats, p/warm-up/slot, seed, builtin */
+  o += 12 + 4 * (size_t)M;   /* predominant state */
+  const uint32_t nt = rd32(b, o);
+  o += 4;
+  size_t n_params = 0;
+  for (uint32_t i = 0; i < nt; i++) {
+    if (i == 1)
+      L->second_name = o + 4;
+    const uint32_t len = rd32(b, o);
+    o += 4 + len;
+    const size_t cnt = (size_t)rd32(b, o) * rd32(b, o + 4);
+    o += 8;
+    if (i == 0)
+      L->first_value = o;
+    o += 4 * cnt;
+    n_params += cnt;
+  }
+  L->dict_fill = o;
+  o += 8 + 4 * (size_t)rd32(b, o) * M * k;
+  L->opt_flag = o;
+  /* flag, kind, lr, wd, momentum, nesterov, beta1, beta2, eps, clip, t
+   * (8 bytes), has_buf, then moment 1 */
+  L->m2 = rd32(b, o) ? o + 52 + 4 * n_params : 0;
+  if (L->m2 + 4 * n_params + 4 > size)
+    L->m2 = 0;
+}
+
+typedef struct spec {
+  const char *name;
+  int M, dims[3], H, k, C, B, J, warmup, predominant, strict, host;
+  int opt; /* -1 none */
+  int steps;
+} spec;
+
+static const spec specs[] = {
+    {"valid-builtin-adamw",
+     2,
+     {3, 2, 0},
+     4,
+     2,
+     2,
+     3,
+     4,
+     2,
+     -1,
+     0,
+     0,
+     IMML_OPT_ADAMW,
+     4},
+    {"valid-builtin-fresh", 2, {2, 3, 0}, 3, 2, 3, 2, 3, 5, -1, 0, 0, -1, 0},
+    {"valid-host-sgd-warmup",
+     2,
+     {3, 3, 0},
+     4,
+     2,
+     2,
+     4,
+     6,
+     10,
+     -1,
+     0,
+     1,
+     IMML_OPT_SGD,
+     2},
+    {"valid-strict-m3-sgd",
+     3,
+     {2, 2, 3},
+     3,
+     2,
+     3,
+     2,
+     5,
+     0,
+     1,
+     1,
+     0,
+     IMML_OPT_SGD,
+     3},
+    {"valid-host-noopt-fixed", 2, {2, 4, 0}, 3, 3, 2, 3, 3, 1, -1, 0, 1, -1, 3},
+};
+#define N_SPECS (int)(sizeof specs / sizeof specs[0])
+
+static unsigned char *checkpoint(const spec *sp, size_t *size) {
+  imml_config c;
+  imml_config_init(&c);
+  c.n_modalities = sp->M;
+  c.dims = sp->dims;
+  c.hidden_dim = sp->H;
+  c.knowledge_dim = sp->k;
+  c.n_classes = sp->C;
+  c.max_batch = sp->B;
+  c.dict_size = sp->J;
+  c.warmup_steps = sp->warmup;
+  c.predominant = sp->predominant;
+  c.slot_mode = sp->strict ? IMML_SLOT_STRICT : IMML_SLOT_CONDITIONAL;
+  c.seed = 7;
+  const imml_ft_ops ops = fuzz_host_ops();
+  imml_model *m = NULL;
+  char err[256];
+  if (imml_model_create_ex(&c, sp->host ? &ops : NULL, &m, err, sizeof err) !=
+      IMML_OK) {
+    fprintf(stderr, "make_corpus: %s: %s\n", sp->name, err);
+    exit(1);
+  }
+  if (sp->opt >= 0) {
+    imml_optim_config oc;
+    imml_optim_config_init(&oc, (imml_optimizer_kind)sp->opt);
+    oc.lr = 0.05f;
+    if (sp->opt == IMML_OPT_SGD) {
+      oc.momentum = 0.9f;
+      oc.nesterov = 1;
+    }
+    imml_optim_setup(m, &oc);
+  }
+  for (int s = 0; s < sp->steps; s++) {
+    float x[3][16];
+    const float *f[3];
+    int y[4];
+    for (int mm = 0; mm < sp->M; mm++) {
+      for (int i = 0; i < sp->B * sp->dims[mm]; i++)
+        x[mm][i] = (float)((i * 5 + mm * 3 + s * 7) % 11) / 5.0f - 1.0f;
+      f[mm] = x[mm];
+    }
+    for (int i = 0; i < sp->B; i++)
+      y[i] = (i + s) % sp->C;
+    if (imml_forward(m, IMML_MODE_TRAIN, sp->B, f, y, NULL, NULL) != IMML_OK ||
+        imml_backward(m, NULL) != IMML_OK ||
+        (sp->opt >= 0 && imml_step(m) != IMML_OK)) {
+      fprintf(stderr, "make_corpus: %s: %s\n", sp->name, imml_errmsg(m));
+      exit(1);
+    }
+  }
+  size_t need = 0;
+  imml_save_mem(m, NULL, 0, &need);
+  unsigned char *buf = malloc(need);
+  if (!buf || imml_save_mem(m, buf, need, size) != IMML_OK) {
+    fprintf(stderr, "make_corpus: %s: save failed\n", sp->name);
+    exit(1);
+  }
+  imml_model_free(m);
+  return buf;
+}
+
+static void broken_checkpoints(const unsigned char *v, size_t size) {
+  unsigned char *b = malloc(size);
+  if (!b)
+    exit(1);
+  layout L;
+  walk(v, size, &L);
+  put_file("load", "broken-empty", "", 0);
+  put_file("load", "broken-magic-only", "IMMLCKPT", 8);
+  put_file("load", "broken-header-only", v, 27);
+  put_file("load", "broken-truncated-half", v, size / 2);
+  put_file("load", "broken-no-crc", v, size - 4);
+  memcpy(b, v, size);
+  b[size / 2] ^= 0x10;
+  put_file("load", "broken-flipped-payload", b, size);
+  memcpy(b, v, size);
+  b[size - 1] ^= 0x01;
+  put_file("load", "broken-bad-crc", b, size);
+  /* fields made invalid, CRC fixed so the field check itself runs */
+  struct {
+    const char *name;
+    size_t at;
+    int is_float;
+    uint32_t u;
+    float f;
+  } edits[] = {
+      {"crafted-version-2", 8, 0, 2, 0},
+      {"crafted-dims-2p31", 28, 0, 0x7FFFFFFFu, 0},
+      {"crafted-max-batch-2p20", L.max_batch, 0, 1u << 20, 0},
+      {"crafted-dict-size-0", L.dict_size, 0, 0, 0},
+      {"crafted-tau-nan", L.tau, 1, 0, NAN},
+      {"crafted-param-inf", L.first_value, 1, 0, INFINITY},
+      {"crafted-tensor-name", L.second_name, 0, 0x78787878u, 0},
+      {"crafted-dict-fill-huge", L.dict_fill, 0, 0x7FFFFFF0u, 0},
+      {"crafted-optimiser-flag-2", L.opt_flag, 0, 2, 0},
+      {"crafted-negative-moment-2", L.m2, 1, 0, -1.0f},
+  };
+  for (size_t i = 0; i < sizeof edits / sizeof edits[0]; i++) {
+    if (edits[i].at == 0 || edits[i].at + 4 > size - 4)
+      continue;
+    memcpy(b, v, size);
+    if (edits[i].is_float)
+      wrf(b, edits[i].at, edits[i].f);
+    else
+      wr32(b, edits[i].at, edits[i].u);
+    fix_crc(b, size);
+    put_file("load", edits[i].name, b, size);
+  }
+  free(b);
+}
+
+/* ---- fuzz_config inputs ---------------------------------------------- */
+
+typedef struct enc {
+  unsigned char b[512];
+  size_t n;
+} enc;
+
+static void e_byte(enc *e, int v) { e->b[e->n++] = (unsigned char)v; }
+
+static void e_raw(enc *e, uint32_t u) {
+  for (int i = 0; i < 4; i++)
+    e_byte(e, (int)((u >> (8 * i)) & 0xFF));
+}
+
+static void e_int(enc *e, int v) {
+  if (v >= 0 && v < 0x80) {
+    e_byte(e, v);
+  } else if (v == -1) {
+    e_byte(e, 0x80);
+  } else if (v == INT_MAX) {
+    e_byte(e, 0x81);
+  } else if (v > 0 && (v & (v - 1)) == 0 && v <= (1 << 29)) {
+    int s = 0;
+    while ((1 << s) != v)
+      s++;
+    e_byte(e, 0x83 + s);
+  } else {
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    e_byte(e, FUZZ_INT_RAW);
+    e_raw(e, u);
+  }
+}
+
+static void e_float(enc *e, float f) {
+  for (int i = 0; i < 16; i++)
+    if (memcmp(&fuzz_float_table[i], &f, sizeof f) == 0) {
+      e_byte(e, i);
+      return;
+    }
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  e_byte(e, FUZZ_FLOAT_RAW);
+  e_raw(e, u);
+}
+
+typedef struct cfg_seed {
+  const char *name;
+  int flags, M, d;
+  int H, k, C, B, J, p, warm, slot;
+  float beta, g1, g2, tau;
+  int kind;
+  float lr, wd, mom;
+  int nest;
+  int world, rank;
+} cfg_seed;
+
+static const cfg_seed cfg_seeds[] = {
+    {"valid-small", 0,    2,    4,    8, 4,     3,     4,    8, -1, 2, 0,
+     0.5f,          0.1f, 1.0f, 0.1f, 1, 1e-3f, 0.01f, 0.0f, 0, 1,  0},
+    {"valid-host-adamw-train",
+     1 | 2 | 4,
+     2,
+     3,
+     4,
+     2,
+     2,
+     3,
+     5,
+     -1,
+     1,
+     0,
+     0.5f,
+     0.1f,
+     1.0f,
+     0.1f,
+     1,
+     0.1f,
+     0.01f,
+     0.0f,
+     0,
+     1,
+     0},
+    {"valid-m3-strict-sgd-train",
+     2 | 4,
+     3,
+     2,
+     3,
+     2,
+     4,
+     3,
+     4,
+     1,
+     0,
+     1,
+     1.0f,
+     1.0f,
+     0.5f,
+     0.5f,
+     0,
+     0.5f,
+     0.0f,
+     0.9f,
+     1,
+     1,
+     0},
+    {"valid-collective-train",
+     4 | 32,
+     2,
+     2,
+     3,
+     2,
+     2,
+     2,
+     3,
+     -1,
+     1,
+     0,
+     0.5f,
+     0.1f,
+     1.0f,
+     0.1f,
+     1,
+     1e-3f,
+     0.01f,
+     0.0f,
+     0,
+     2,
+     1},
+    {"valid-huge-lr-train",
+     2 | 4,
+     2,
+     3,
+     4,
+     2,
+     3,
+     3,
+     4,
+     0,
+     0,
+     0,
+     0.5f,
+     1e30f,
+     1e30f,
+     1e-30f,
+     0,
+     1e30f,
+     0.0f,
+     0.0f,
+     0,
+     1,
+     0},
+    {"limits-m65", 0,    65,   2,    8, 4,     3,     4,    8, -1, 2, 0,
+     0.5f,         0.1f, 1.0f, 0.1f, 1, 1e-3f, 0.01f, 0.0f, 0, 1,  0},
+    {"limits-dims-max",
+     0,
+     2,
+     INT_MAX,
+     8,
+     4,
+     3,
+     4,
+     8,
+     -1,
+     2,
+     0,
+     0.5f,
+     0.1f,
+     1.0f,
+     0.1f,
+     1,
+     1e-3f,
+     0.01f,
+     0.0f,
+     0,
+     1,
+     0},
+    {"limits-product",
+     0,
+     2,
+     1 << 24,
+     1 << 24,
+     4,
+     3,
+     4,
+     8,
+     -1,
+     2,
+     0,
+     0.5f,
+     0.1f,
+     1.0f,
+     0.1f,
+     1,
+     1e-3f,
+     0.01f,
+     0.0f,
+     0,
+     1,
+     0},
+    {"limits-batch-dict",
+     4,
+     2,
+     2,
+     2,
+     2,
+     2,
+     1 << 20,
+     1 << 20,
+     -1,
+     2,
+     0,
+     0.5f,
+     0.1f,
+     1.0f,
+     0.1f,
+     1,
+     1e-3f,
+     0.01f,
+     0.0f,
+     0,
+     1,
+     0},
+    {"invalid-tau-nan",
+     0,
+     2,
+     4,
+     8,
+     4,
+     3,
+     4,
+     8,
+     -1,
+     2,
+     0,
+     0.5f,
+     0.1f,
+     1.0f,
+     NAN,
+     1,
+     1e-3f,
+     0.01f,
+     0.0f,
+     0,
+     1,
+     0},
+    {"invalid-struct-size",
+     8,
+     2,
+     4,
+     8,
+     4,
+     3,
+     4,
+     8,
+     -1,
+     2,
+     0,
+     0.5f,
+     0.1f,
+     1.0f,
+     0.1f,
+     1,
+     1e-3f,
+     0.01f,
+     0.0f,
+     0,
+     1,
+     0},
+    {"invalid-dims-null",
+     16,
+     2,
+     4,
+     8,
+     4,
+     3,
+     4,
+     8,
+     -1,
+     2,
+     0,
+     0.5f,
+     0.1f,
+     1.0f,
+     0.1f,
+     1,
+     1e-3f,
+     0.01f,
+     0.0f,
+     0,
+     1,
+     0},
+    {"invalid-allocator-short-msg",
+     64 | 128,
+     2,
+     4,
+     8,
+     4,
+     3,
+     4,
+     8,
+     -1,
+     2,
+     0,
+     0.5f,
+     0.1f,
+     1.0f,
+     0.1f,
+     1,
+     1e-3f,
+     0.01f,
+     0.0f,
+     0,
+     1,
+     0},
+    {"invalid-collective-world",
+     32,
+     2,
+     4,
+     8,
+     4,
+     3,
+     4,
+     8,
+     -1,
+     2,
+     0,
+     0.5f,
+     0.1f,
+     1.0f,
+     0.1f,
+     1,
+     1e-3f,
+     0.01f,
+     0.0f,
+     0,
+     1 << 20,
+     0},
+};
+
+static void config_seeds(void) {
+  for (size_t i = 0; i < sizeof cfg_seeds / sizeof cfg_seeds[0]; i++) {
+    const cfg_seed *s = &cfg_seeds[i];
+    enc e;
+    e.n = 0;
+    e_byte(&e, s->flags);
+    e_int(&e, s->M);
+    const int nd = s->M >= 1 && s->M <= IMML_MAX_MODALITIES ? s->M : 1;
+    for (int m = 0; m < nd; m++)
+      e_int(&e, s->d + (s->d < 100 ? m : 0));
+    e_int(&e, s->H);
+    e_int(&e, s->k);
+    e_int(&e, s->C);
+    e_int(&e, s->B);
+    e_int(&e, s->J);
+    e_int(&e, s->p);
+    e_int(&e, s->warm);
+    e_int(&e, s->slot);
+    e_float(&e, s->beta);
+    e_float(&e, s->g1);
+    e_float(&e, s->g2);
+    e_float(&e, s->tau);
+    e_raw(&e, 12345u);
+    e_raw(&e, 0u);
+    e_int(&e, s->kind);
+    e_float(&e, s->lr);
+    e_float(&e, s->wd);
+    e_float(&e, s->mom);
+    e_int(&e, s->nest);
+    e_float(&e, 0.9f);
+    e_float(&e, 0.999f);
+    e_float(&e, 1e-8f);
+    e_float(&e, 1.0f);
+    e_int(&e, s->world);
+    e_int(&e, s->rank);
+    put_file("config", s->name, e.b, e.n);
+  }
+}
+
+int main(int argc, char **argv) {
+  if (argc != 2) {
+    fprintf(stderr, "usage: make_corpus DIR\n");
+    return 2;
+  }
+  out_dir = argv[1];
+  make_dir(NULL);
+  make_dir("load");
+  make_dir("config");
+  for (int i = 0; i < N_SPECS; i++) {
+    size_t size;
+    unsigned char *buf = checkpoint(&specs[i], &size);
+    char name[64];
+    snprintf(name, sizeof name, "%s.imml", specs[i].name);
+    put_file("load", name, buf, size);
+    if (i == 0)
+      broken_checkpoints(buf, size);
+    free(buf);
+  }
+  config_seeds();
+  printf("make_corpus: %d files, %zu bytes in %s\n", n_written, bytes_written,
+         out_dir);
+  return 0;
+}

@@ -1,0 +1,1819 @@
+/* Faults (the reliability issue, doc/RELIABILITY.md): allocation failure
+ * of the Nth allocation of every allocating call (create, load from memory
+ * and from a file, workspace, optimiser set-up, collective, save) with
+ * nothing leaked and the model bit-identical afterwards; NaN and Inf
+ * produced inside the computation (an exploding learning rate, overflowing
+ * gradients, non-finite host callback outputs), each refused as a whole;
+ * garbage from the other ranks of a collective, and the first collective
+ * step on an empty dictionary; a workspace of another model shape;
+ * imml_predict_unimodal's states; a checkpoint state that would load but
+ * never train; and absurd sizes refused before any allocation.
+ *
+ * Every allocation goes through a counting hook whose blocks carry a
+ * header and trailing canaries, so a leak, a double free, an overrun or a
+ * block freed through the wrong allocator is seen here as well as by
+ * ASan/LeakSanitizer and valgrind. */
+#include "check_main.h"
+
+#include "imml.h"
+#include "internal.h"
+
+#include <dirent.h>
+#include <limits.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------------ */
+/* Helpers                                                             */
+/* ------------------------------------------------------------------ */
+
+typedef struct drng {
+  uint64_t s;
+} drng;
+
+static uint64_t drng_u64(drng *r) {
+  uint64_t z = (r->s += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+static float drng_unif(drng *r) {
+  return (float)((double)(drng_u64(r) >> 40) * 0x1.0p-24 * 2.0 - 1.0);
+}
+
+static void *xcalloc(size_t n, size_t size) {
+  void *p = calloc(n ? n : 1, size ? size : 1);
+  ck_assert_ptr_nonnull(p);
+  return p;
+}
+
+typedef struct batch {
+  int M, B;
+  int dims[IMML_MAX_MODALITIES];
+  float *x[IMML_MAX_MODALITIES];
+  int *y;
+} batch;
+
+static void batch_random(batch *b, int M, const int *dims, int B, int C,
+                         drng *r) {
+  memset(b, 0, sizeof *b);
+  b->M = M;
+  b->B = B;
+  for (int m = 0; m < M; m++) {
+    b->dims[m] = dims[m];
+    b->x[m] = xcalloc((size_t)B * (size_t)dims[m], sizeof(float));
+    for (int i = 0; i < B * dims[m]; i++)
+      b->x[m][i] = drng_unif(r);
+  }
+  b->y = xcalloc((size_t)B, sizeof(int));
+  for (int i = 0; i < B; i++)
+    b->y[i] = (int)(drng_u64(r) % (uint64_t)C);
+}
+
+static void batch_free(batch *b) {
+  for (int m = 0; m < b->M; m++)
+    free(b->x[m]);
+  free(b->y);
+  memset(b, 0, sizeof *b);
+}
+
+static const float *const *feats(const batch *b) {
+  return (const float *const *)b->x;
+}
+
+static const int dims2[2] = {5, 7};
+static const int dims3[3] = {4, 6, 3};
+
+static void small_cfg(imml_config *c, int M, const int *dims) {
+  imml_config_init(c);
+  c->n_modalities = M;
+  c->dims = dims;
+  c->hidden_dim = 8;
+  c->knowledge_dim = 4;
+  c->n_classes = 3;
+  c->max_batch = 6;
+  c->dict_size = 10;
+  c->warmup_steps = 2;
+  c->seed = 5;
+}
+
+static imml_model *mk(const imml_config *c, const imml_ft_ops *ft) {
+  imml_model *m = NULL;
+  char err[256];
+  const imml_status st = imml_model_create_ex(c, ft, &m, err, sizeof err);
+  ck_assert_msg(st == IMML_OK, "imml_model_create_ex: %d %s", (int)st, err);
+  ck_assert_ptr_nonnull(m);
+  return m;
+}
+
+static void adamw(imml_model *m) {
+  imml_optim_config oc;
+  imml_optim_config_init(&oc, IMML_OPT_ADAMW);
+  oc.lr = 1e-2f;
+  ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
+}
+
+/* One complete training step on a batch drawn from r. */
+static void train_step(imml_model *m, drng *r, int with_step) {
+  imml_config c;
+  ck_assert_int_eq(imml_model_config(m, &c), IMML_OK);
+  batch b;
+  batch_random(&b, c.n_modalities, c.dims, 1 + (int)(drng_u64(r) % 6),
+               c.n_classes, r);
+  imml_status st =
+      imml_forward(m, IMML_MODE_TRAIN, b.B, feats(&b), b.y, NULL, NULL);
+  ck_assert_msg(st == IMML_OK, "forward: %d %s", (int)st, imml_errmsg(m));
+  st = imml_backward(m, NULL);
+  ck_assert_msg(st == IMML_OK, "backward: %d %s", (int)st, imml_errmsg(m));
+  if (with_step) {
+    st = imml_step(m);
+    ck_assert_msg(st == IMML_OK, "step: %d %s", (int)st, imml_errmsg(m));
+  }
+  batch_free(&b);
+}
+
+/* A heap copy of the model's checkpoint. */
+static unsigned char *save_to_mem(imml_model *m, size_t *size) {
+  size_t need = 0;
+  ck_assert_int_eq(imml_save_mem(m, NULL, 0, &need), IMML_OK);
+  unsigned char *buf = xcalloc(need, 1);
+  ck_assert_int_eq(imml_save_mem(m, buf, need, size), IMML_OK);
+  ck_assert_uint_eq(*size, need);
+  return buf;
+}
+
+static int same_checkpoint(imml_model *m, const unsigned char *buf,
+                           size_t size) {
+  size_t n;
+  unsigned char *now = save_to_mem(m, &n);
+  const int same = n == size && memcmp(now, buf, size) == 0;
+  free(now);
+  return same;
+}
+
+/* Everything a failed call must leave bit-identical: parameters,
+ * gradients, the whole dictionary, fill/position, warm-up and predominant
+ * state, the optimiser's configuration, step count and moments, and
+ * whether a training step is pending. */
+typedef struct snap {
+  size_t n, ndict;
+  float *params, *grads, *dict, *m1, *m2;
+  int fill, pos, p, fixed, steps, opt_active, has_buf, pending;
+  int64_t opt_t;
+  imml_optim_config ocfg;
+  float ema[IMML_MAX_MODALITIES];
+} snap;
+
+static void snap_take(imml_model *m, snap *s) {
+  float *d = NULL, *g = NULL;
+  memset(s, 0, sizeof *s);
+  ck_assert_int_eq(imml_params_flat(m, &d, &g, &s->n), IMML_OK);
+  s->params = xcalloc(s->n, sizeof(float));
+  s->grads = xcalloc(s->n, sizeof(float));
+  memcpy(s->params, d, s->n * sizeof(float));
+  memcpy(s->grads, g, s->n * sizeof(float));
+  s->ndict = (size_t)m->cfg.dict_size * (size_t)m->cfg.n_modalities *
+             (size_t)m->cfg.knowledge_dim;
+  s->dict = xcalloc(s->ndict, sizeof(float));
+  memcpy(s->dict, m->dict, s->ndict * sizeof(float));
+  s->fill = imml_dict_fill(m);
+  s->pos = m->dict_pos;
+  s->pending = m->pending;
+  ck_assert_int_eq(imml_predominant(m, &s->p, &s->fixed), IMML_OK);
+  ck_assert_int_eq(imml_warmup_state(m, &s->steps, s->ema), IMML_OK);
+  s->opt_active = m->opt.active;
+  if (m->opt.active) {
+    s->m1 = xcalloc(s->n, sizeof(float));
+    s->m2 = xcalloc(s->n, sizeof(float));
+    memcpy(s->m1, m->opt.m1, s->n * sizeof(float));
+    memcpy(s->m2, m->opt.m2, s->n * sizeof(float));
+    s->opt_t = m->opt.t;
+    s->has_buf = m->opt.has_buf;
+    s->ocfg = m->opt.cfg;
+  }
+}
+
+static void snap_free(snap *s) {
+  free(s->params);
+  free(s->grads);
+  free(s->dict);
+  free(s->m1);
+  free(s->m2);
+  memset(s, 0, sizeof *s);
+}
+
+static int same_f(float a, float b) { return memcmp(&a, &b, sizeof a) == 0; }
+
+static void snap_check(const snap *a, const snap *b, const char *what) {
+  ck_assert_msg(a->n == b->n, "%s: parameter count changed", what);
+  ck_assert_msg(memcmp(a->params, b->params, a->n * sizeof(float)) == 0,
+                "%s: parameters changed", what);
+  ck_assert_msg(memcmp(a->grads, b->grads, a->n * sizeof(float)) == 0,
+                "%s: gradients changed", what);
+  ck_assert_msg(memcmp(a->dict, b->dict, a->ndict * sizeof(float)) == 0,
+                "%s: dictionary contents changed", what);
+  ck_assert_msg(a->fill == b->fill && a->pos == b->pos,
+                "%s: dictionary fill/position %d/%d -> %d/%d", what, a->fill,
+                a->pos, b->fill, b->pos);
+  ck_assert_msg(a->p == b->p && a->fixed == b->fixed,
+                "%s: predominant (%d,%d) -> (%d,%d)", what, a->p, a->fixed,
+                b->p, b->fixed);
+  ck_assert_msg(a->steps == b->steps, "%s: warm-up steps %d -> %d", what,
+                a->steps, b->steps);
+  ck_assert_msg(memcmp(a->ema, b->ema, sizeof a->ema) == 0,
+                "%s: warm-up EMAs changed", what);
+  ck_assert_msg(a->pending == b->pending, "%s: pending step %d -> %d", what,
+                a->pending, b->pending);
+  ck_assert_msg(a->opt_active == b->opt_active, "%s: optimiser presence", what);
+  if (a->opt_active) {
+    const imml_optim_config *x = &a->ocfg, *y = &b->ocfg;
+    ck_assert_msg(
+        x->kind == y->kind && same_f(x->lr, y->lr) &&
+            same_f(x->weight_decay, y->weight_decay) &&
+            same_f(x->momentum, y->momentum) && x->nesterov == y->nesterov &&
+            same_f(x->beta1, y->beta1) && same_f(x->beta2, y->beta2) &&
+            same_f(x->eps, y->eps) && same_f(x->clip_norm, y->clip_norm),
+        "%s: optimiser configuration changed", what);
+    ck_assert_msg(memcmp(a->m1, b->m1, a->n * sizeof(float)) == 0 &&
+                      memcmp(a->m2, b->m2, a->n * sizeof(float)) == 0 &&
+                      a->opt_t == b->opt_t && a->has_buf == b->has_buf,
+                  "%s: optimiser state changed", what);
+  }
+}
+
+static void expect_unchanged(imml_model *m, const snap *before,
+                             const char *what) {
+  snap now;
+  snap_take(m, &now);
+  snap_check(before, &now, what);
+  snap_free(&now);
+}
+
+/* Every parameter, gradient, moment and dictionary entry is finite. */
+static void expect_all_finite(imml_model *m, const char *what) {
+  float *p, *g;
+  size_t n;
+  ck_assert_int_eq(imml_params_flat(m, &p, &g, &n), IMML_OK);
+  for (size_t i = 0; i < n; i++) {
+    ck_assert_msg(isfinite(p[i]) && isfinite(g[i]),
+                  "%s: parameter/gradient %zu is %g/%g", what, i, (double)p[i],
+                  (double)g[i]);
+    if (m->opt.active)
+      ck_assert_msg(isfinite(m->opt.m1[i]) && isfinite(m->opt.m2[i]),
+                    "%s: moment %zu is not finite", what, i);
+  }
+  const size_t nd = (size_t)m->dict_fill * (size_t)m->cfg.n_modalities *
+                    (size_t)m->cfg.knowledge_dim;
+  for (size_t i = 0; i < nd; i++)
+    ck_assert_msg(isfinite(m->dict[i]), "%s: dictionary value %zu is %g", what,
+                  i, (double)m->dict[i]);
+}
+
+/* ------------------------------------------------------------------ */
+/* A failing, counting allocator                                       */
+/* ------------------------------------------------------------------ */
+
+#define HDR 64
+#define TAIL 4096 /* canary bytes after every block */
+#define CANARY 0xA5
+#define MAGIC 0x4641554c54414c4cULL
+
+typedef struct fa {
+  long calls;     /* malloc_fn calls so far (failed ones included) */
+  long fail_at;   /* 1-based call number to fail; 0: never */
+  int fail_rest;  /* also fail every call after fail_at */
+  long failed;    /* calls answered with NULL */
+  long mallocs;   /* successful allocations */
+  long frees;     /* blocks given back */
+  long bad_frees; /* pointers that did not come from this allocator */
+  long overruns;  /* blocks whose trailing canary was overwritten */
+  size_t live;    /* bytes outstanding */
+} fa;
+
+static void *fa_malloc(size_t size, void *ud) {
+  fa *c = ud;
+  c->calls++;
+  if (c->fail_at > 0 &&
+      (c->calls == c->fail_at || (c->fail_rest && c->calls > c->fail_at))) {
+    c->failed++;
+    return NULL;
+  }
+  if (size > ((size_t)1 << 40))
+    return NULL; /* beyond any machine this runs on */
+  unsigned char *p = malloc(size + HDR + TAIL);
+  if (!p)
+    return NULL;
+  const uint64_t magic = MAGIC;
+  memcpy(p, &magic, sizeof magic);
+  memcpy(p + 8, &size, sizeof size);
+  memset(p + HDR + size, CANARY, TAIL);
+  c->mallocs++;
+  c->live += size;
+  return p + HDR;
+}
+
+static void fa_free(void *ptr, void *ud) {
+  fa *c = ud;
+  if (!ptr)
+    return;
+  unsigned char *p = (unsigned char *)ptr - HDR;
+  uint64_t magic;
+  memcpy(&magic, p, sizeof magic);
+  if (magic != MAGIC) {
+    c->bad_frees++;
+    return;
+  }
+  size_t size;
+  memcpy(&size, p + 8, sizeof size);
+  for (size_t i = 0; i < TAIL; i++)
+    if (p[HDR + size + i] != CANARY) {
+      c->overruns++;
+      break;
+    }
+  magic = 0;
+  memcpy(p, &magic, sizeof magic);
+  c->frees++;
+  c->live -= size;
+  free(p);
+}
+
+static imml_allocator fa_hooks(fa *c) {
+  imml_allocator a;
+  a.malloc_fn = fa_malloc;
+  a.free_fn = fa_free;
+  a.user_data = c;
+  return a;
+}
+
+static void fa_reset(fa *c) { memset(c, 0, sizeof *c); }
+
+/* Arms the allocator to fail the n-th call from now (and, with rest, every
+ * later one). */
+static void fa_arm(fa *c, long n, int rest) {
+  c->fail_at = c->calls + n;
+  c->fail_rest = rest;
+  c->failed = 0;
+}
+
+static void fa_disarm(fa *c) {
+  c->fail_at = 0;
+  c->fail_rest = 0;
+}
+
+/* Nothing outstanding and nothing foreign freed. */
+static void fa_balanced(const fa *c, const char *what) {
+  ck_assert_msg(c->bad_frees == 0, "%s: %ld foreign pointers freed", what,
+                c->bad_frees);
+  ck_assert_msg(c->overruns == 0, "%s: %ld blocks written past their end", what,
+                c->overruns);
+  ck_assert_msg(c->mallocs == c->frees && c->live == 0,
+                "%s: %ld allocations, %ld frees, %zu bytes leaked", what,
+                c->mallocs, c->frees, c->live);
+}
+
+#define MAX_ALLOCS 64 /* no call here makes more allocations */
+
+/* A host F&T: logits = concat(slots) Wf for a fixed Wf; poisoning writes a
+ * non-finite value into the last logit or into one dslot value. */
+typedef struct host {
+  int M, k, C;
+  float w[IMML_MAX_MODALITIES * 8 * 8];
+  float poison_fwd; /* 0: none, else written to the last logit */
+  float poison_bwd; /* 0: none, else written to dslots[M-1][last] */
+  int n_fwd, n_bwd;
+} host;
+
+static int host_forward(void *ud, int training, int B, int M, int k,
+                        const float *const *slots, int C, float *logits) {
+  host *h = ud;
+  (void)training;
+  h->n_fwd++;
+  if (M != h->M || k != h->k || C != h->C)
+    return 99;
+  for (int i = 0; i < B; i++)
+    for (int j = 0; j < C; j++) {
+      float acc = 0.0f;
+      for (int m = 0; m < M; m++)
+        for (int t = 0; t < k; t++)
+          acc +=
+              slots[m][(size_t)i * k + t] * h->w[(size_t)(m * k + t) * C + j];
+      logits[(size_t)i * C + j] = acc;
+    }
+  if (h->poison_fwd != 0.0f)
+    logits[(size_t)B * C - 1] = h->poison_fwd;
+  return 0;
+}
+
+static int host_backward(void *ud, int B, int M, int k,
+                         const float *const *slots, const float *dlogits, int C,
+                         float *const *dslots) {
+  host *h = ud;
+  (void)slots;
+  h->n_bwd++;
+  for (int m = 0; m < M; m++)
+    for (int i = 0; i < B; i++)
+      for (int t = 0; t < k; t++) {
+        float acc = 0.0f;
+        for (int j = 0; j < C; j++)
+          acc += dlogits[(size_t)i * C + j] * h->w[(size_t)(m * k + t) * C + j];
+        dslots[m][(size_t)i * k + t] = acc;
+      }
+  if (h->poison_bwd != 0.0f)
+    dslots[M - 1][(size_t)B * k - 1] = h->poison_bwd;
+  return 0;
+}
+
+static void host_init(host *h, int M, int k, int C, uint64_t seed) {
+  memset(h, 0, sizeof *h);
+  ck_assert_int_le(M * k * C, (int)(sizeof h->w / sizeof h->w[0]));
+  h->M = M;
+  h->k = k;
+  h->C = C;
+  drng r = {seed};
+  for (int i = 0; i < M * k * C; i++)
+    h->w[i] = 0.5f * drng_unif(&r);
+}
+
+static imml_ft_ops host_ops(host *h) {
+  imml_ft_ops ops;
+  imml_ft_ops_init(&ops);
+  ops.forward = host_forward;
+  ops.backward = host_backward;
+  ops.user_data = h;
+  return ops;
+}
+
+/* ------------------------------------------------------------------ */
+/* Allocation failure: imml_model_create                               */
+/* ------------------------------------------------------------------ */
+
+/* Fails the 1st, 2nd, ... allocation of imml_model_create_ex (only that
+ * one, or that one and every later one) until the call succeeds.
+ * _i: 0 built-in F&T, M = 2; 1 host F&T, M = 3, strict slots. */
+START_TEST(test_nomem_create) {
+  host h;
+  host_init(&h, 3, 4, 3, 1);
+  imml_ft_ops ops = host_ops(&h);
+  for (int rest = 0; rest < 2; rest++) {
+    int succeeded = 0;
+    long failures = 0;
+    for (long n = 1; n <= MAX_ALLOCS && !succeeded; n++) {
+      imml_config c;
+      if (_i == 0) {
+        small_cfg(&c, 2, dims2);
+      } else {
+        small_cfg(&c, 3, dims3);
+        c.slot_mode = IMML_SLOT_STRICT;
+      }
+      fa cnt;
+      fa_reset(&cnt);
+      fa_arm(&cnt, n, rest);
+      c.allocator = fa_hooks(&cnt);
+      imml_model *m = (imml_model *)&c; /* must be overwritten */
+      char err[256] = "stale";
+      const imml_status st =
+          imml_model_create_ex(&c, _i ? &ops : NULL, &m, err, sizeof err);
+      if (st == IMML_OK) {
+        ck_assert_msg(cnt.failed == 0,
+                      "allocation %ld returned NULL but create succeeded", n);
+        ck_assert_ptr_nonnull(m);
+        ck_assert_str_eq(err, "");
+        succeeded = 1;
+        imml_model_free(m);
+      } else {
+        ck_assert_msg(st == IMML_ERR_NOMEM,
+                      "allocation %ld failing (%s): status %d (%s) '%s'", n,
+                      rest ? "and the rest" : "only", (int)st,
+                      imml_strerror(st), err);
+        ck_assert_int_ge(cnt.failed, 1);
+        ck_assert_ptr_null(m);
+        ck_assert_msg(strstr(err, "memory") != NULL,
+                      "NOMEM message does not say so: '%s'", err);
+        failures++;
+      }
+      fa_balanced(&cnt, "imml_model_create_ex");
+    }
+    ck_assert_msg(succeeded, "create never succeeded");
+    ck_assert_int_ge(failures, 1);
+  }
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* Allocation failure: imml_load_mem_ex, imml_load_ex                  */
+/* ------------------------------------------------------------------ */
+
+/* Checkpoints of three kinds: built-in F&T with AdamW state in flight,
+ * host F&T with SGD momentum, and a model without optimiser. */
+static unsigned char *ckpt_case(int i, host *h, size_t *size) {
+  imml_config c;
+  imml_model *m;
+  drng r = {100 + (uint64_t)i};
+  if (i == 0) {
+    small_cfg(&c, 2, dims2);
+    m = mk(&c, NULL);
+    adamw(m);
+    for (int s = 0; s < 4; s++)
+      train_step(m, &r, 1);
+  } else if (i == 1) {
+    small_cfg(&c, 3, dims3);
+    imml_ft_ops ops = host_ops(h);
+    m = mk(&c, &ops);
+    imml_optim_config oc;
+    imml_optim_config_init(&oc, IMML_OPT_SGD);
+    oc.lr = 0.05f;
+    oc.momentum = 0.9f;
+    ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
+    for (int s = 0; s < 3; s++)
+      train_step(m, &r, 1);
+  } else {
+    small_cfg(&c, 2, dims2);
+    c.predominant = 1;
+    m = mk(&c, NULL);
+    train_step(m, &r, 0);
+  }
+  unsigned char *buf = save_to_mem(m, size);
+  imml_model_free(m);
+  return buf;
+}
+
+static void make_tmpdir(char *dir, size_t n) {
+  const char *base = getenv("TMPDIR");
+  snprintf(dir, n, "%s/imml-faults.XXXXXX", base && *base ? base : "/tmp");
+  ck_assert_ptr_nonnull(mkdtemp(dir));
+}
+
+static void write_file(const char *path, const void *buf, size_t size) {
+  FILE *f = fopen(path, "wb");
+  ck_assert_ptr_nonnull(f);
+  ck_assert_uint_eq(fwrite(buf, 1, size, f), size);
+  ck_assert_int_eq(fclose(f), 0);
+}
+
+static unsigned char *read_file(const char *path, size_t *size) {
+  FILE *f = fopen(path, "rb");
+  ck_assert_ptr_nonnull(f);
+  ck_assert_int_eq(fseek(f, 0, SEEK_END), 0);
+  const long len = ftell(f);
+  ck_assert_int_ge(len, 0);
+  ck_assert_int_eq(fseek(f, 0, SEEK_SET), 0);
+  unsigned char *buf = xcalloc((size_t)len, 1);
+  ck_assert_uint_eq(fread(buf, 1, (size_t)len, f), (size_t)len);
+  fclose(f);
+  *size = (size_t)len;
+  return buf;
+}
+
+/* The entries of dir, sorted, as "a,b,"; returns their number. */
+static int list_dir(const char *dir, char *out, size_t n) {
+  DIR *d = opendir(dir);
+  ck_assert_ptr_nonnull(d);
+  char names[16][256];
+  int count = 0;
+  struct dirent *e;
+  while ((e = readdir(d)) != NULL) {
+    if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+      continue;
+    ck_assert_int_lt(count, 16);
+    snprintf(names[count++], sizeof names[0], "%s", e->d_name);
+  }
+  closedir(d);
+  for (int i = 1; i < count; i++)
+    for (int j = i; j > 0 && strcmp(names[j - 1], names[j]) > 0; j--) {
+      char t[256];
+      memcpy(t, names[j], sizeof t);
+      memcpy(names[j], names[j - 1], sizeof t);
+      memcpy(names[j - 1], t, sizeof t);
+    }
+  size_t len = 0;
+  out[0] = '\0';
+  for (int i = 0; i < count; i++) {
+    const size_t add = strlen(names[i]) + 1;
+    ck_assert_uint_lt(len + add, n);
+    memcpy(out + len, names[i], add - 1);
+    out[len + add - 1] = ',';
+    len += add;
+    out[len] = '\0';
+  }
+  return count;
+}
+
+static void remove_tree(const char *dir) {
+  DIR *d = opendir(dir);
+  if (!d)
+    return;
+  struct dirent *e;
+  char path[1024];
+  while ((e = readdir(d)) != NULL) {
+    if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+      continue;
+    snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+    unlink(path);
+  }
+  closedir(d);
+  rmdir(dir);
+}
+
+/* _i = checkpoint kind x {memory, file}: every allocation of the load
+ * failing in turn gives IMML_ERR_NOMEM with a message, *out NULL and
+ * nothing leaked; the load that finally succeeds gives the same model. */
+START_TEST(test_nomem_load) {
+  const int kind = _i / 2, from_file = _i % 2;
+  host h;
+  host_init(&h, 3, 4, 3, 2);
+  imml_ft_ops ops = host_ops(&h);
+  const imml_ft_ops *ft = kind == 1 ? &ops : NULL;
+  size_t size;
+  unsigned char *buf = ckpt_case(kind, &h, &size);
+  char dir[512], path[600];
+  make_tmpdir(dir, sizeof dir);
+  snprintf(path, sizeof path, "%s/model.imml", dir);
+  write_file(path, buf, size);
+  for (int rest = 0; rest < 2; rest++) {
+    int succeeded = 0;
+    long failures = 0;
+    for (long n = 1; n <= MAX_ALLOCS && !succeeded; n++) {
+      fa cnt;
+      fa_reset(&cnt);
+      fa_arm(&cnt, n, rest);
+      char err[256] = "stale";
+      imml_load_options o;
+      imml_load_options_init(&o);
+      o.allocator = fa_hooks(&cnt);
+      o.errmsg = err;
+      o.errmsg_size = sizeof err;
+      imml_model *m = (imml_model *)&o; /* must be overwritten */
+      const imml_status st = from_file
+                                 ? imml_load_ex(path, ft, &o, &m)
+                                 : imml_load_mem_ex(buf, size, ft, &o, &m);
+      if (st == IMML_OK) {
+        ck_assert_msg(cnt.failed == 0,
+                      "allocation %ld returned NULL but the load succeeded", n);
+        ck_assert_str_eq(err, "");
+        ck_assert_msg(same_checkpoint(m, buf, size),
+                      "the model loaded after failures differs");
+        succeeded = 1;
+        imml_model_free(m);
+      } else {
+        ck_assert_msg(st == IMML_ERR_NOMEM,
+                      "kind %d %s, allocation %ld failing: status %d (%s) "
+                      "'%s'",
+                      kind, from_file ? "file" : "memory", n, (int)st,
+                      imml_strerror(st), err);
+        ck_assert_int_ge(cnt.failed, 1);
+        ck_assert_ptr_null(m);
+        ck_assert_msg(strstr(err, "memory") != NULL,
+                      "NOMEM message does not say so: '%s'", err);
+        failures++;
+      }
+      fa_balanced(&cnt, from_file ? "imml_load_ex" : "imml_load_mem_ex");
+    }
+    ck_assert_msg(succeeded, "the load never succeeded");
+    /* handle + arena (+ optimiser state) (+ the file's bytes) */
+    ck_assert_int_ge(failures, 2 + (kind != 2) + from_file);
+  }
+  /* the file is untouched */
+  size_t fsize;
+  unsigned char *fb = read_file(path, &fsize);
+  ck_assert(fsize == size && memcmp(fb, buf, size) == 0);
+  free(fb);
+  remove_tree(dir);
+  free(buf);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* Allocation failure on an existing model                             */
+/* ------------------------------------------------------------------ */
+
+/* A model on the failing allocator, part-way through training: warm-up
+ * done, a wrapped dictionary, AdamW moments in flight, gradients of a
+ * pending accumulation, and a training forward awaiting its backward. */
+static imml_model *busy_model(fa *cnt, drng *r, const imml_ft_ops *ft) {
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  c.dict_size = 5;
+  fa_reset(cnt);
+  c.allocator = fa_hooks(cnt);
+  imml_model *m = mk(&c, ft);
+  adamw(m);
+  for (int s = 0; s < 4; s++)
+    train_step(m, r, 1);
+  train_step(m, r, 0); /* gradients accumulated, not applied */
+  batch b;
+  batch_random(&b, 2, dims2, 3, c.n_classes, r);
+  ck_assert_int_eq(
+      imml_forward(m, IMML_MODE_TRAIN, b.B, feats(&b), b.y, NULL, NULL),
+      IMML_OK);
+  batch_free(&b);
+  int p, fixed;
+  ck_assert_int_eq(imml_predominant(m, &p, &fixed), IMML_OK);
+  ck_assert_int_eq(fixed, 1);
+  ck_assert_int_eq(imml_dict_fill(m), 5);
+  return m;
+}
+
+/* Completes the pending step, trains one more, and leaves a new training
+ * forward pending: the same on two models given the same seed. */
+static void advance(imml_model *m, uint64_t seed) {
+  drng r = {seed};
+  ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
+  ck_assert_int_eq(imml_step(m), IMML_OK);
+  train_step(m, &r, 1);
+  batch b;
+  batch_random(&b, 2, dims2, 4, 3, &r);
+  ck_assert_int_eq(
+      imml_forward(m, IMML_MODE_TRAIN, b.B, feats(&b), b.y, NULL, NULL),
+      IMML_OK);
+  batch_free(&b);
+}
+
+/* imml_optim_setup replacing an optimiser whose state is in flight (AdamW,
+ * then SGD momentum): every allocation failing in turn gives
+ * IMML_ERR_NOMEM and keeps the old optimiser bit for bit, and training
+ * continues exactly like a model that never saw the failures. */
+START_TEST(test_nomem_optim_setup) {
+  fa cnt, cref;
+  drng r = {7}, rr = {7};
+  imml_model *m = busy_model(&cnt, &r, NULL);
+  imml_model *ref = busy_model(&cref, &rr, NULL);
+  imml_optim_config cfgs[2];
+  imml_optim_config_init(&cfgs[0], IMML_OPT_SGD);
+  cfgs[0].lr = 0.1f;
+  cfgs[0].momentum = 0.5f;
+  imml_optim_config_init(&cfgs[1], IMML_OPT_ADAMW);
+  cfgs[1].lr = 0.02f;
+  cfgs[1].clip_norm = 1.0f;
+  for (int round = 0; round < 4; round++) {
+    const imml_optim_config *oc = &cfgs[round % 2];
+    const int rest = round / 2;
+    long failures = 0;
+    int done = 0;
+    for (long n = 1; n <= MAX_ALLOCS && !done; n++) {
+      snap s0;
+      snap_take(m, &s0);
+      ck_assert(s0.opt_active && s0.opt_t > 0);
+      const long outstanding = cnt.mallocs - cnt.frees;
+      const size_t live = cnt.live;
+      fa_arm(&cnt, n, rest);
+      const imml_status st = imml_optim_setup(m, oc);
+      fa_disarm(&cnt);
+      if (st == IMML_OK) {
+        ck_assert_int_eq(cnt.failed, 0);
+        done = 1;
+      } else {
+        ck_assert_msg(st == IMML_ERR_NOMEM, "allocation %ld: status %d (%s)", n,
+                      (int)st, imml_strerror(st));
+        ck_assert_msg(strstr(imml_errmsg(m), "memory") != NULL, "'%s'",
+                      imml_errmsg(m));
+        expect_unchanged(m, &s0, "failed imml_optim_setup");
+        ck_assert_msg(cnt.mallocs - cnt.frees == outstanding &&
+                          cnt.live == live,
+                      "allocation %ld: failed imml_optim_setup leaked", n);
+        failures++;
+      }
+      snap_free(&s0);
+    }
+    ck_assert(done);
+    ck_assert_int_ge(failures, 1);
+    ck_assert_int_eq(imml_optim_setup(ref, oc), IMML_OK);
+    advance(m, 50 + (uint64_t)round);
+    advance(ref, 50 + (uint64_t)round);
+    snap sa, sb;
+    snap_take(m, &sa);
+    snap_take(ref, &sb);
+    snap_check(&sb, &sa, "training after failed set-ups");
+    snap_free(&sa);
+    snap_free(&sb);
+  }
+  imml_model_free(m);
+  imml_model_free(ref);
+  fa_balanced(&cnt, "model with failed optimiser set-ups");
+  fa_balanced(&cref, "reference model");
+}
+END_TEST
+
+/* imml_workspace_create: every allocation failing in turn gives
+ * IMML_ERR_NOMEM, *out NULL, nothing leaked, the model untouched (a
+ * pending step included), and the workspace finally made predicts like an
+ * evaluation forward. */
+START_TEST(test_nomem_workspace) {
+  fa cnt;
+  drng r = {8};
+  host h;
+  host_init(&h, 2, 4, 3, 3);
+  imml_ft_ops ops = host_ops(&h);
+  imml_model *m = busy_model(&cnt, &r, _i ? &ops : NULL);
+  for (int rest = 0; rest < 2; rest++) {
+    int done = 0;
+    for (long n = 1; n <= MAX_ALLOCS && !done; n++) {
+      snap s0;
+      snap_take(m, &s0);
+      const long outstanding = cnt.mallocs - cnt.frees;
+      const size_t live = cnt.live;
+      fa_arm(&cnt, n, rest);
+      imml_workspace *ws = (imml_workspace *)&cnt; /* must be overwritten */
+      const imml_status st = imml_workspace_create(m, &ws);
+      fa_disarm(&cnt);
+      expect_unchanged(m, &s0, "imml_workspace_create");
+      snap_free(&s0);
+      if (st == IMML_OK) {
+        ck_assert_int_eq(cnt.failed, 0);
+        done = 1;
+        batch b;
+        batch_random(&b, 2, dims2, 6, 3, &r);
+        float l1[18], l2[18];
+        ck_assert_int_eq(imml_predict(m, ws, 6, feats(&b), l1, NULL, NULL),
+                         IMML_OK);
+        ck_assert_int_eq(
+            imml_forward(m, IMML_MODE_EVAL, 6, feats(&b), NULL, l2, NULL),
+            IMML_OK);
+        ck_assert(memcmp(l1, l2, sizeof l1) == 0);
+        batch_free(&b);
+        imml_workspace_free(ws);
+      } else {
+        ck_assert_msg(st == IMML_ERR_NOMEM, "allocation %ld: status %d (%s)", n,
+                      (int)st, imml_strerror(st));
+        ck_assert_ptr_null(ws);
+      }
+      ck_assert_msg(cnt.mallocs - cnt.frees == outstanding && cnt.live == live,
+                    "allocation %ld: the workspace leaked", n);
+    }
+    ck_assert(done);
+  }
+  /* the pending step is still there and completes */
+  ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
+  imml_model_free(m);
+  fa_balanced(&cnt, "workspace");
+}
+END_TEST
+
+/* imml_save allocates its buffer and a file name: either failing gives
+ * IMML_ERR_NOMEM, the model untouched, the existing file untouched and no
+ * temporary file left; imml_save_mem allocates nothing. */
+START_TEST(test_nomem_save) {
+  fa cnt;
+  drng r = {9};
+  imml_model *m = busy_model(&cnt, &r, NULL);
+  char dir[512], path[600], names[256];
+  make_tmpdir(dir, sizeof dir);
+  snprintf(path, sizeof path, "%s/model.imml", dir);
+  const char old[] = "an older checkpoint";
+  write_file(path, old, sizeof old);
+  for (int rest = 0; rest < 2; rest++) {
+    int done = 0;
+    long failures = 0;
+    for (long n = 1; n <= MAX_ALLOCS && !done; n++) {
+      snap s0;
+      snap_take(m, &s0);
+      fa_arm(&cnt, n, rest);
+      const long outstanding = cnt.mallocs - cnt.frees;
+      const imml_status st = imml_save(m, path);
+      fa_disarm(&cnt);
+      ck_assert_msg(cnt.mallocs - cnt.frees == outstanding,
+                    "allocation %ld: imml_save leaked", n);
+      ck_assert_int_eq(list_dir(dir, names, sizeof names), 1);
+      ck_assert_str_eq(names, "model.imml,");
+      size_t fsize;
+      unsigned char *fb = read_file(path, &fsize);
+      if (st == IMML_OK) {
+        ck_assert_int_eq(cnt.failed, 0);
+        ck_assert_msg(same_checkpoint(m, fb, fsize), "saved file differs");
+        done = 1;
+      } else {
+        ck_assert_msg(st == IMML_ERR_NOMEM, "allocation %ld: status %d (%s)", n,
+                      (int)st, imml_strerror(st));
+        ck_assert_msg(strstr(imml_errmsg(m), "memory") != NULL, "'%s'",
+                      imml_errmsg(m));
+        ck_assert_msg(fsize == sizeof old && memcmp(fb, old, sizeof old) == 0,
+                      "a failed save changed the existing file");
+        failures++;
+      }
+      free(fb);
+      expect_unchanged(m, &s0, "imml_save"); /* it only reads the model */
+      snap_free(&s0);
+    }
+    ck_assert(done);
+    ck_assert_int_ge(failures, 1);
+    write_file(path, old, sizeof old);
+  }
+  /* imml_save_mem allocates nothing */
+  const long calls = cnt.calls;
+  size_t size;
+  unsigned char *buf = save_to_mem(m, &size);
+  ck_assert_int_eq(cnt.calls, calls);
+  free(buf);
+  ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
+  imml_model_free(m);
+  fa_balanced(&cnt, "save");
+  remove_tree(dir);
+}
+END_TEST
+
+/* A collective of two ranks faked in one process: rank 1 sends what rank
+ * 0 sends, except one value poisoned by the test. */
+typedef struct fake_peer {
+  long poison_at; /* index into rank 1's message; < 0: none */
+  float poison;
+  int calls;
+} fake_peer;
+
+static int fake_allgather(void *ud, const float *send, size_t count,
+                          float *recv) {
+  fake_peer *f = ud;
+  f->calls++;
+  memcpy(recv, send, count * sizeof(float));
+  memcpy(recv + count, send, count * sizeof(float));
+  if (f->poison_at >= 0 && (size_t)f->poison_at < count)
+    recv[count + (size_t)f->poison_at] = f->poison;
+  return 0;
+}
+
+static imml_collective fake_collective(fake_peer *f) {
+  imml_collective co;
+  imml_collective_init(&co);
+  co.world_size = 2;
+  co.rank = 0;
+  co.allgather = fake_allgather;
+  co.user_data = f;
+  return co;
+}
+
+/* A collective where every one of `world` ranks sends what this one
+ * sends. */
+typedef struct fake_world {
+  int world;
+} fake_world;
+
+static int world_allgather(void *ud, const float *send, size_t count,
+                           float *recv) {
+  const fake_world *w = ud;
+  for (int r = 0; r < w->world; r++)
+    memcpy(recv + (size_t)r * count, send, count * sizeof(float));
+  return 0;
+}
+
+/* imml_set_collective allocates the gathered buffers: a failure keeps the
+ * collective the model had (none, then a previous one) and changes
+ * nothing else. */
+START_TEST(test_nomem_set_collective) {
+  fa cnt;
+  drng r = {15};
+  imml_model *m = busy_model(&cnt, &r, NULL);
+  ck_assert_int_eq(imml_backward(m, NULL), IMML_OK); /* no step pending */
+  fake_peer f = {-1, 0.0f, 0};
+  imml_collective co = fake_collective(&f);
+  for (int round = 0; round < 2; round++) {
+    int done = 0;
+    for (long n = 1; n <= MAX_ALLOCS && !done; n++) {
+      snap s0;
+      snap_take(m, &s0);
+      const int active = m->coll.active;
+      const void *block = m->coll.block;
+      const long outstanding = cnt.mallocs - cnt.frees;
+      fa_arm(&cnt, n, 0);
+      const imml_status st = imml_set_collective(m, &co);
+      fa_disarm(&cnt);
+      if (st == IMML_OK) {
+        done = 1;
+      } else {
+        ck_assert_msg(st == IMML_ERR_NOMEM, "allocation %ld: status %d (%s)", n,
+                      (int)st, imml_strerror(st));
+        ck_assert_msg(strstr(imml_errmsg(m), "memory") != NULL, "'%s'",
+                      imml_errmsg(m));
+        expect_unchanged(m, &s0, "failed imml_set_collective");
+        ck_assert(m->coll.active == active && m->coll.block == block);
+        ck_assert_msg(cnt.mallocs - cnt.frees == outstanding,
+                      "allocation %ld: failed imml_set_collective leaked", n);
+      }
+      snap_free(&s0);
+    }
+    ck_assert(done);
+    ck_assert_int_eq(m->coll.active, 1);
+  }
+  /* a collective step through the fake peer works */
+  train_step(m, &r, 1);
+  ck_assert_int_ge(f.calls, 1);
+  ck_assert_int_eq(imml_set_collective(m, NULL), IMML_OK);
+  imml_model_free(m);
+  fa_balanced(&cnt, "set_collective");
+}
+END_TEST
+
+enum { N_GARBAGE = 10 };
+
+/* What the other rank sends in a collective step is a callback output like
+ * any other: a batch size, label, knowledge value or unimodal correct count
+ * that is NaN, infinite or out of range must refuse the training forward
+ * (the model unchanged, no step pending), never reach the model.  Without
+ * that, a count outside 0..B drives the warm-up EMA outside [0, 1] (and
+ * the checkpoint the model then saves is refused by imml_load), and a NaN
+ * or huge count is converted to int (undefined behaviour). */
+START_TEST(test_collective_garbage_refused) {
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  c.warmup_steps = 3;
+  const int M = 2, Bmax = c.max_batch, C = c.n_classes;
+  imml_model *m = mk(&c, NULL);
+  fake_peer f = {-1, 0.0f, 0};
+  imml_collective co = fake_collective(&f);
+  ck_assert_int_eq(imml_set_collective(m, &co), IMML_OK);
+  drng r = {16};
+  train_step(m, &r, 0); /* one good collective step */
+  const long lab = 1 + M, z = 1 + M + Bmax;
+  struct {
+    long at;
+    float v;
+    imml_status want; /* IMML_OK here: any refusal */
+    const char *what;
+  } cases[N_GARBAGE] = {
+      {0, 0.0f, IMML_ERR_SHAPE, "batch size 0"},
+      {0, NAN, IMML_ERR_SHAPE, "batch size NaN"},
+      {0, (float)(Bmax + 1), IMML_ERR_SHAPE, "batch size max_batch + 1"},
+      {lab, NAN, IMML_ERR_LABEL, "label NaN"},
+      {lab + 1, (float)C, IMML_ERR_LABEL, "label C"},
+      {z + 1, INFINITY, IMML_ERR_NONFINITE, "knowledge Inf"},
+      {1, NAN, IMML_OK, "correct count NaN"},
+      {1, -1.0f, IMML_OK, "correct count -1"},
+      {2, 1e30f, IMML_OK, "correct count 1e30"},
+      {1, 5.0f, IMML_OK, "correct count 5 > batch 4"},
+  };
+  const int i = _i;
+  batch b;
+  batch_random(&b, 2, dims2, 4, C, &r);
+  snap s0;
+  snap_take(m, &s0);
+  f.poison_at = cases[i].at;
+  f.poison = cases[i].v;
+  const imml_status st =
+      imml_forward(m, IMML_MODE_TRAIN, b.B, feats(&b), b.y, NULL, NULL);
+  f.poison_at = -1;
+  if (st == IMML_OK) {
+    /* show what the accepted garbage does to the model */
+    imml_status sb = imml_backward(m, NULL);
+    int steps = 0;
+    float ema[2] = {0, 0};
+    imml_warmup_state(m, &steps, ema);
+    ck_abort_msg("%s: the collective forward accepted it (backward %d, "
+                 "warm-up EMAs %g %g)",
+                 cases[i].what, (int)sb, (double)ema[0], (double)ema[1]);
+  }
+  if (cases[i].want != IMML_OK)
+    ck_assert_msg(st == cases[i].want, "%s: status %d (%s), expected %d",
+                  cases[i].what, (int)st, imml_strerror(st),
+                  (int)cases[i].want);
+  ck_assert_msg(imml_errmsg(m)[0] != '\0', "%s: no message", cases[i].what);
+  expect_unchanged(m, &s0, cases[i].what);
+  ck_assert_int_eq(imml_backward(m, NULL), IMML_ERR_STATE);
+  /* and the next good step goes through */
+  train_step(m, &r, 0);
+  snap_free(&s0);
+  batch_free(&b);
+  imml_model_free(m);
+}
+END_TEST
+
+/* The first collective step on an empty dictionary attends over the
+ * gathered global batch (G = the sum of the shards, up to world_size x
+ * max_batch rows); the attention scratch must hold G rows, not only
+ * max(dict_size, max_batch).  Here every rank sends this rank's batch, and
+ * the predominant modality is named, so the very first step uses the
+ * front-door adjustment with an empty dictionary.  _i: world size 2 (G = 4)
+ * or 32 (G = 64), max_batch 2, dict_size 3.  The logits of this rank's rows
+ * must equal (to rounding) those of one process given the global batch, and
+ * nothing may be written past the model's arena (the counting allocator's
+ * canaries, and ASan/valgrind in CI). */
+START_TEST(test_collective_empty_dictionary) {
+  static const int d[2] = {3, 3};
+  const int R = _i ? 32 : 2, B = 2, G = R * B, C = 2;
+  imml_config c;
+  small_cfg(&c, 2, d);
+  c.hidden_dim = 4;
+  c.knowledge_dim = 2;
+  c.n_classes = C;
+  c.max_batch = B;
+  c.dict_size = 3;
+  c.predominant = 0;
+  fa cnt;
+  fa_reset(&cnt);
+  c.allocator = fa_hooks(&cnt);
+  imml_model *m = mk(&c, NULL);
+  fake_world w = {R};
+  imml_collective co;
+  imml_collective_init(&co);
+  co.world_size = R;
+  co.rank = 0;
+  co.allgather = world_allgather;
+  co.user_data = &w;
+  ck_assert_int_eq(imml_set_collective(m, &co), IMML_OK);
+  /* one process, the global batch: R copies of this rank's batch */
+  imml_config c1 = c;
+  c1.max_batch = G;
+  fa cnt1;
+  fa_reset(&cnt1);
+  c1.allocator = fa_hooks(&cnt1);
+  imml_model *one = mk(&c1, NULL);
+  drng r = {17};
+  batch b, g;
+  batch_random(&b, 2, d, B, C, &r);
+  memset(&g, 0, sizeof g);
+  g.M = 2;
+  g.B = G;
+  for (int mm = 0; mm < 2; mm++) {
+    g.dims[mm] = d[mm];
+    g.x[mm] = xcalloc((size_t)G * d[mm], sizeof(float));
+    for (int i = 0; i < R; i++)
+      memcpy(g.x[mm] + (size_t)i * B * d[mm], b.x[mm],
+             (size_t)B * d[mm] * sizeof(float));
+  }
+  g.y = xcalloc((size_t)G, sizeof(int));
+  for (int i = 0; i < G; i++)
+    g.y[i] = b.y[i % B];
+  float lc[2 * 2], *l1 = xcalloc((size_t)G * C, sizeof(float));
+  const imml_status st =
+      imml_forward(m, IMML_MODE_TRAIN, B, feats(&b), b.y, lc, NULL);
+  ck_assert_msg(st == IMML_OK, "collective forward: %s", imml_errmsg(m));
+  ck_assert_int_eq(
+      imml_forward(one, IMML_MODE_TRAIN, G, feats(&g), g.y, l1, NULL), IMML_OK);
+  ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
+  ck_assert_int_eq(imml_dict_fill(m), 3);
+  imml_model_free(m);
+  imml_model_free(one);
+  fa_balanced(&cnt, "collective model");
+  fa_balanced(&cnt1, "single-process model");
+  for (int i = 0; i < B * C; i++)
+    ck_assert_msg(fabsf(lc[i] - l1[i]) <= 1e-5f * (1.0f + fabsf(l1[i])),
+                  "world %d: logit %d is %.9g, one process gives %.9g", R, i,
+                  (double)lc[i], (double)l1[i]);
+  free(l1);
+  batch_free(&b);
+  batch_free(&g);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* NaN and Inf produced inside the computation                         */
+/* ------------------------------------------------------------------ */
+
+/* The issue's example: SGD (or AdamW) at the largest accepted rate makes
+ * the parameters huge; a later forward overflows.  Every call either
+ * succeeds or is refused with IMML_ERR_NONFINITE, a refused call changes
+ * nothing, and the model never holds a non-finite value. */
+START_TEST(test_exploding_lr) {
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  imml_model *m = mk(&c, NULL);
+  imml_optim_config oc;
+  imml_optim_config_init(&oc, _i ? IMML_OPT_ADAMW : IMML_OPT_SGD);
+  oc.lr = 1e30f; /* the cap imml_optim_setup accepts */
+  oc.weight_decay = 0.0f;
+  ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
+  imml_workspace *ws = NULL;
+  ck_assert_int_eq(imml_workspace_create(m, &ws), IMML_OK);
+  drng r = {10};
+  int refused_forward = 0, refused_other = 0;
+  for (int it = 0; it < 8 && !refused_forward; it++) {
+    batch b;
+    batch_random(&b, 2, dims2, 4, c.n_classes, &r);
+    snap s0;
+    snap_take(m, &s0);
+    imml_losses l;
+    float lg[12];
+    imml_status st =
+        imml_forward(m, IMML_MODE_TRAIN, b.B, feats(&b), b.y, lg, &l);
+    if (st == IMML_OK) {
+      /* the backward, then the step: each refused as a whole or done */
+      for (int phase = 0; phase < 2 && st == IMML_OK; phase++) {
+        snap_free(&s0);
+        snap_take(m, &s0);
+        st = phase == 0 ? imml_backward(m, NULL) : imml_step(m);
+        if (st != IMML_OK) {
+          ck_assert_msg(st == IMML_ERR_NONFINITE,
+                        "iteration %d phase %d: status %d (%s)", it, phase,
+                        (int)st, imml_strerror(st));
+          ck_assert_str_ne(imml_errmsg(m), "");
+          expect_unchanged(m, &s0, phase ? "refused step" : "refused backward");
+          refused_other++;
+          ck_assert_int_eq(imml_zero_grad(m), IMML_OK);
+        }
+      }
+    } else {
+      ck_assert_msg(st == IMML_ERR_NONFINITE, "iteration %d: status %d (%s)",
+                    it, (int)st, imml_strerror(st));
+      ck_assert_msg(strstr(imml_errmsg(m), "finite") != NULL, "message '%s'",
+                    imml_errmsg(m));
+      /* a refused training forward leaves no pending step (DECISIONS.md),
+       * and nothing else changes */
+      s0.pending = 0;
+      expect_unchanged(m, &s0, "refused training forward");
+      ck_assert_int_eq(imml_backward(m, NULL), IMML_ERR_STATE);
+      /* evaluation overflows the same way */
+      ck_assert_int_eq(
+          imml_forward(m, IMML_MODE_EVAL, b.B, feats(&b), NULL, lg, NULL),
+          IMML_ERR_NONFINITE);
+      ck_assert_int_eq(imml_predict(m, ws, b.B, feats(&b), lg, NULL, NULL),
+                       IMML_ERR_NONFINITE);
+      ck_assert_str_ne(imml_workspace_errmsg(ws), "");
+      expect_unchanged(m, &s0, "refused evaluation");
+      refused_forward = 1;
+    }
+    expect_all_finite(m, "exploding learning rate");
+    snap_free(&s0);
+    batch_free(&b);
+  }
+  ck_assert_msg(refused_forward,
+                "lr 1e30 never made a forward overflow (%d other refusals)",
+                refused_other);
+  imml_workspace_free(ws);
+  imml_model_free(m);
+}
+END_TEST
+
+/* Sets every element of a tensor to v, or (signed) to +v in column 0 and
+ * -v in the others. */
+static void set_tensor(imml_model *m, const char *name, float v, int signed_) {
+  for (int i = 0; i < imml_param_count(m); i++) {
+    imml_param_view pv;
+    ck_assert_int_eq(imml_param_info(m, i, &pv), IMML_OK);
+    if (strcmp(pv.name, name) == 0) {
+      for (int j = 0; j < pv.rows * pv.cols; j++)
+        pv.data[j] = signed_ && j % pv.cols != 0 ? -v : v;
+      return;
+    }
+  }
+  ck_abort_msg("no parameter %s", name);
+}
+
+/* Parameters crafted (through imml_param_info) to large finite values so
+ * that the forward is finite but a gradient overflows: W1 = 1e20 makes
+ * u ~ 1e20 while W2 = b2 = 0 keeps z = 0; ft.w = +-1e20 (the sign
+ * differs between classes, or the softmax gradient would cancel) makes
+ * dz ~ 1e20, so dW2 = uᵀ dz ~ 1e40 overflows float.  The backward is refused as
+ * a whole and leaves the model bit-identical, the step still pending. _i: bit 0
+ * p fixed (front-door adjustment, dictionary in use) or warm-up; bit 1
+ * gradients already accumulated (staged) or all zero (direct). */
+START_TEST(test_backward_overflow_refused) {
+  const int fixed = _i & 1, staged = (_i >> 1) & 1;
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  c.warmup_steps = fixed ? 2 : 100;
+  imml_model *m = mk(&c, NULL);
+  adamw(m);
+  drng r = {11 + (uint64_t)_i};
+  for (int s = 0; s < 3; s++)
+    train_step(m, &r, 1);
+  if (staged)
+    train_step(m, &r, 0);
+  int p, fx;
+  ck_assert_int_eq(imml_predominant(m, &p, &fx), IMML_OK);
+  ck_assert_int_eq(fx, fixed);
+  ck_assert_int_ge(imml_dict_fill(m), 1);
+  for (int mm = 0; mm < 2; mm++) {
+    char name[16];
+    snprintf(name, sizeof name, "m%d.w1", mm);
+    set_tensor(m, name, 1e20f, 0);
+    snprintf(name, sizeof name, "m%d.b1", mm);
+    set_tensor(m, name, 0.0f, 0);
+    snprintf(name, sizeof name, "m%d.w2", mm);
+    set_tensor(m, name, 0.0f, 0);
+    snprintf(name, sizeof name, "m%d.b2", mm);
+    set_tensor(m, name, 0.0f, 0);
+  }
+  set_tensor(m, "ft.w", 1e20f, 1);
+  batch b;
+  batch_random(&b, 2, dims2, 5, c.n_classes, &r);
+  for (int i = 0; i < b.dims[0]; i++)
+    b.x[0][i] = 1.0f; /* row 0: u = relu(5e20) for sure */
+  imml_losses l;
+  float lg[15];
+  const imml_status fst =
+      imml_forward(m, IMML_MODE_TRAIN, b.B, feats(&b), b.y, lg, &l);
+  ck_assert_msg(fst == IMML_OK, "the crafted forward should be finite: %s",
+                imml_errmsg(m));
+  ck_assert(isfinite(l.total));
+  snap s0;
+  snap_take(m, &s0);
+  ck_assert_int_eq(s0.pending, 1);
+  float *dh[2];
+  for (int mm = 0; mm < 2; mm++)
+    dh[mm] = xcalloc((size_t)b.B * dims2[mm], sizeof(float));
+  for (int round = 0; round < 2; round++) {
+    const imml_status st = imml_backward(m, round ? NULL : dh);
+    ck_assert_msg(st == IMML_ERR_NONFINITE, "round %d: status %d (%s) '%s'",
+                  round, (int)st, imml_strerror(st), imml_errmsg(m));
+    const char *msg = imml_errmsg(m);
+    ck_assert_msg(strstr(msg, "m0.w2") || strstr(msg, "m1.w2"),
+                  "the message should name the overflowing tensor: '%s'", msg);
+    expect_unchanged(m, &s0, "refused backward");
+  }
+  /* the refused step is still pending: with sane parameters the same
+   * activations give finite gradients and the step completes */
+  set_tensor(m, "ft.w", 1e-30f, 1);
+  ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
+  ck_assert_int_eq(imml_backward(m, NULL), IMML_ERR_STATE);
+  for (int mm = 0; mm < 2; mm++)
+    free(dh[mm]);
+  snap_free(&s0);
+  batch_free(&b);
+  imml_model_free(m);
+}
+END_TEST
+
+/* A host F&T whose outputs are NaN or infinite: logits in a training
+ * forward, an evaluation forward and imml_predict; dL/dslot in a backward.
+ * Each is IMML_ERR_NONFINITE with a message and the model unchanged; the
+ * refused backward keeps the step pending, and completing it gives the
+ * model of a host that never misbehaved.  _i: 0 warm-up, 1 p fixed. */
+START_TEST(test_host_nonfinite_outputs) {
+  const float bad[3] = {NAN, INFINITY, -INFINITY};
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  c.warmup_steps = _i ? 1 : 50;
+  host h, href;
+  host_init(&h, 2, c.knowledge_dim, c.n_classes, 12);
+  host_init(&href, 2, c.knowledge_dim, c.n_classes, 12);
+  imml_ft_ops ops = host_ops(&h), oref = host_ops(&href);
+  imml_model *m = mk(&c, &ops), *ref = mk(&c, &oref);
+  adamw(m);
+  adamw(ref);
+  imml_workspace *ws = NULL;
+  ck_assert_int_eq(imml_workspace_create(m, &ws), IMML_OK);
+  drng r = {13}, rr = {13}, rb = {14};
+  for (int s = 0; s < 2; s++) {
+    train_step(m, &r, 1);
+    train_step(ref, &rr, 1);
+  }
+  for (int v = 0; v < 3; v++) {
+    batch b;
+    batch_random(&b, 2, dims2, 4, c.n_classes, &rb);
+    snap s0;
+    snap_take(m, &s0);
+    float lg[12];
+    h.poison_fwd = bad[v];
+    ck_assert_int_eq(
+        imml_forward(m, IMML_MODE_TRAIN, b.B, feats(&b), b.y, lg, NULL),
+        IMML_ERR_NONFINITE);
+    ck_assert_msg(strstr(imml_errmsg(m), "logits") != NULL, "'%s'",
+                  imml_errmsg(m));
+    expect_unchanged(m, &s0, "non-finite host logits (training)");
+    ck_assert_int_eq(imml_backward(m, NULL), IMML_ERR_STATE);
+    ck_assert_int_eq(
+        imml_forward(m, IMML_MODE_EVAL, b.B, feats(&b), b.y, lg, NULL),
+        IMML_ERR_NONFINITE);
+    ck_assert_str_ne(imml_errmsg(m), "");
+    ck_assert_int_eq(imml_predict(m, ws, b.B, feats(&b), lg, NULL, NULL),
+                     IMML_ERR_NONFINITE);
+    ck_assert_msg(strstr(imml_workspace_errmsg(ws), "logits") != NULL, "'%s'",
+                  imml_workspace_errmsg(ws));
+    expect_unchanged(m, &s0, "non-finite host logits (evaluation)");
+    h.poison_fwd = 0.0f;
+    snap_free(&s0);
+
+    /* the backward */
+    ck_assert_int_eq(
+        imml_forward(m, IMML_MODE_TRAIN, b.B, feats(&b), b.y, NULL, NULL),
+        IMML_OK);
+    ck_assert_int_eq(
+        imml_forward(ref, IMML_MODE_TRAIN, b.B, feats(&b), b.y, NULL, NULL),
+        IMML_OK);
+    snap_take(m, &s0);
+    h.poison_bwd = bad[v];
+    for (int round = 0; round < 2; round++) {
+      ck_assert_int_eq(imml_backward(m, NULL), IMML_ERR_NONFINITE);
+      ck_assert_msg(strstr(imml_errmsg(m), "dslot") != NULL, "'%s'",
+                    imml_errmsg(m));
+      expect_unchanged(m, &s0, "non-finite host dslots");
+    }
+    h.poison_bwd = 0.0f;
+    ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
+    ck_assert_int_eq(imml_backward(ref, NULL), IMML_OK);
+    ck_assert_int_eq(imml_step(m), IMML_OK);
+    ck_assert_int_eq(imml_step(ref), IMML_OK);
+    snap sa, sb;
+    snap_take(m, &sa);
+    snap_take(ref, &sb);
+    snap_check(&sb, &sa, "after the host recovered");
+    snap_free(&sa);
+    snap_free(&sb);
+    snap_free(&s0);
+    batch_free(&b);
+  }
+  int p, fixed;
+  ck_assert_int_eq(imml_predominant(m, &p, &fixed), IMML_OK);
+  ck_assert_int_eq(fixed, _i);
+  imml_workspace_free(ws);
+  imml_model_free(m);
+  imml_model_free(ref);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* A workspace of another model shape                                  */
+/* ------------------------------------------------------------------ */
+
+enum { N_SHAPES = 8 };
+
+/* Variant i of the base configuration: 0..6 change the shape, 7 only
+ * things a workspace does not depend on. */
+static void shape_variant(int i, imml_config *c) {
+  static const int dims_other[2] = {5, 8};
+  small_cfg(c, 2, dims2);
+  switch (i) {
+  case 0:
+    small_cfg(c, 3, dims3); /* three modalities instead of two */
+    break;
+  case 1:
+    c->dims = dims_other;
+    break;
+  case 2:
+    c->hidden_dim = 9;
+    break;
+  case 3:
+    c->knowledge_dim = 5;
+    break;
+  case 4:
+    c->n_classes = 4;
+    break;
+  case 5:
+    c->max_batch = 5;
+    break;
+  case 6:
+    c->dict_size = 12; /* max(J, max_batch) sizes the strata scratch */
+    break;
+  default:
+    c->seed = 77;
+    c->beta = 0.9f;
+    c->slot_mode = IMML_SLOT_STRICT;
+    c->predominant = 1;
+    break;
+  }
+}
+
+START_TEST(test_workspace_of_another_shape) {
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  imml_model *m = mk(&c, NULL);
+  drng r = {14};
+  for (int s = 0; s < 3; s++)
+    train_step(m, &r, 0);
+  imml_workspace *own = NULL;
+  ck_assert_int_eq(imml_workspace_create(m, &own), IMML_OK);
+  batch b;
+  batch_random(&b, 2, dims2, 5, c.n_classes, &r);
+  float want[15];
+  ck_assert_int_eq(imml_predict(m, own, 5, feats(&b), want, NULL, NULL),
+                   IMML_OK);
+  for (int i = 0; i < N_SHAPES; i++) {
+    imml_config oc;
+    shape_variant(i, &oc);
+    imml_model *other = mk(&oc, NULL);
+    imml_workspace *ws = NULL;
+    ck_assert_int_eq(imml_workspace_create(other, &ws), IMML_OK);
+    snap s0;
+    snap_take(m, &s0);
+    float lg[15];
+    memset(lg, 0, sizeof lg);
+    const imml_status st = imml_predict(m, ws, 5, feats(&b), lg, NULL, NULL);
+    if (i < N_SHAPES - 1) {
+      ck_assert_msg(st == IMML_ERR_SHAPE, "variant %d: status %d (%s)", i,
+                    (int)st, imml_strerror(st));
+      ck_assert_msg(strstr(imml_workspace_errmsg(ws), "shape") != NULL,
+                    "variant %d: message '%s'", i, imml_workspace_errmsg(ws));
+      /* and the other way round */
+      ck_assert_int_eq(imml_predict(other, own, 1, feats(&b), NULL, NULL, NULL),
+                       IMML_ERR_SHAPE);
+    } else {
+      /* same shape: any model of it may use the workspace */
+      ck_assert_msg(st == IMML_OK, "same shape: %s", imml_workspace_errmsg(ws));
+      ck_assert(memcmp(lg, want, sizeof want) == 0);
+    }
+    expect_unchanged(m, &s0, "predict with a foreign workspace");
+    snap_free(&s0);
+    imml_workspace_free(ws);
+    imml_model_free(other);
+  }
+  /* the model's own workspace still works and agrees */
+  float again[15];
+  ck_assert_int_eq(imml_predict(m, own, 5, feats(&b), again, NULL, NULL),
+                   IMML_OK);
+  ck_assert(memcmp(again, want, sizeof want) == 0);
+  batch_free(&b);
+  imml_workspace_free(own);
+  imml_model_free(m);
+}
+END_TEST
+
+/* imml_predict_unimodal reads what the last successful imml_predict on the
+ * workspace left: NULL arguments, a modality out of range, no successful
+ * prediction yet, or a failed one since, are refused with their status.
+ * A failed prediction must leave nothing to read whether it failed in its
+ * argument checks (here: NaN features) or in the forward (non-finite
+ * logits): otherwise the unimodal logits of an earlier batch are returned
+ * as those of the batch just refused. */
+START_TEST(test_predict_unimodal_errors) {
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  imml_model *m = mk(&c, NULL);
+  imml_workspace *ws = NULL;
+  ck_assert_int_eq(imml_workspace_create(m, &ws), IMML_OK);
+  float o[6 * 3];
+  ck_assert_int_eq(imml_predict_unimodal(NULL, 0, o), IMML_ERR_NULL);
+  ck_assert_int_eq(imml_predict_unimodal(ws, 0, NULL), IMML_ERR_NULL);
+  ck_assert_int_eq(imml_predict_unimodal(ws, 0, o), IMML_ERR_STATE);
+  drng r = {18};
+  batch b;
+  batch_random(&b, 2, dims2, 4, c.n_classes, &r);
+  ck_assert_int_eq(imml_predict(m, ws, 4, feats(&b), NULL, NULL, NULL),
+                   IMML_OK);
+  float o0[12], o1[12], again[12];
+  ck_assert_int_eq(imml_predict_unimodal(ws, 0, o0), IMML_OK);
+  ck_assert_int_eq(imml_predict_unimodal(ws, 1, o1), IMML_OK);
+  ck_assert_int_eq(imml_predict_unimodal(ws, -1, o), IMML_ERR_INVALID_ARG);
+  ck_assert_int_eq(imml_predict_unimodal(ws, 2, o), IMML_ERR_INVALID_ARG);
+  ck_assert(memcmp(o0, o1, sizeof o0) != 0);
+  /* the same batch again gives the same unimodal logits */
+  ck_assert_int_eq(imml_predict(m, ws, 4, feats(&b), NULL, NULL, NULL),
+                   IMML_OK);
+  ck_assert_int_eq(imml_predict_unimodal(ws, 0, again), IMML_OK);
+  ck_assert(memcmp(o0, again, sizeof o0) == 0);
+  /* a prediction refused for its arguments leaves nothing to read */
+  b.x[1][3] = NAN;
+  ck_assert_int_eq(imml_predict(m, ws, 4, feats(&b), NULL, NULL, NULL),
+                   IMML_ERR_NONFINITE);
+  ck_assert_int_eq(imml_predict_unimodal(ws, 0, o), IMML_ERR_STATE);
+  batch_free(&b);
+  imml_workspace_free(ws);
+  imml_model_free(m);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* Checkpoint state that loads but cannot be used                      */
+/* ------------------------------------------------------------------ */
+
+static uint32_t rd32(const unsigned char *b, size_t at) {
+  return (uint32_t)b[at] | (uint32_t)b[at + 1] << 8 |
+         (uint32_t)b[at + 2] << 16 | (uint32_t)b[at + 3] << 24;
+}
+
+static void wr32(unsigned char *b, size_t at, uint32_t v) {
+  for (int i = 0; i < 4; i++)
+    b[at + (size_t)i] = (unsigned char)(v >> (8 * i));
+}
+
+static uint32_t crc32_bitwise(const unsigned char *p, size_t n) {
+  uint32_t crc = 0xFFFFFFFFu;
+  for (size_t i = 0; i < n; i++) {
+    crc ^= p[i];
+    for (int j = 0; j < 8; j++)
+      crc = (crc & 1u) ? 0xEDB88320u ^ (crc >> 1) : crc >> 1;
+  }
+  return crc ^ 0xFFFFFFFFu;
+}
+
+/* Offset of the optimiser's second moment in a checkpoint (doc/FORMAT.md),
+ * and the parameter count. */
+static size_t second_moment_at(const unsigned char *b, size_t size,
+                               size_t *n_params) {
+  const uint32_t M = rd32(b, 24);
+  size_t o = 28 + 4 * (size_t)M;
+  const uint32_t k = rd32(b, o + 4);
+  o += 20 + 16 + 12 + 8 + 4 + 12 + 4 * (size_t)M;
+  const uint32_t nt = rd32(b, o);
+  o += 4;
+  size_t np = 0;
+  for (uint32_t i = 0; i < nt; i++) {
+    o += 4 + rd32(b, o);
+    const size_t cnt = (size_t)rd32(b, o) * rd32(b, o + 4);
+    o += 8 + 4 * cnt;
+    np += cnt;
+  }
+  o += 8 + 4 * (size_t)rd32(b, o) * M * k; /* dictionary */
+  ck_assert_uint_eq(rd32(b, o), 1);        /* an optimiser */
+  o += 52 + 4 * np; /* its fields (48 bytes after the flag), moment 1 */
+  ck_assert_uint_le(o + 4 * np + 4, size);
+  *n_params = np;
+  return o;
+}
+
+/* AdamW's second moment is a running mean of squares: a negative value in
+ * a checkpoint (finite, so it passes the NaN/Inf check) makes sqrt(v) NaN
+ * in every later imml_step, which is then refused for ever with a message
+ * blaming the learning rate.  The loader must refuse it as a format error
+ * naming the field. */
+START_TEST(test_negative_second_moment_refused) {
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  imml_model *m = mk(&c, NULL);
+  adamw(m);
+  drng r = {19};
+  for (int s = 0; s < 2; s++)
+    train_step(m, &r, 1);
+  size_t size, np;
+  unsigned char *buf = save_to_mem(m, &size);
+  const size_t at = second_moment_at(buf, size, &np);
+  const float neg = -0.5f;
+  uint32_t u;
+  memcpy(&u, &neg, sizeof u);
+  wr32(buf, at + 4 * (np / 2), u);
+  wr32(buf, size - 4, crc32_bitwise(buf, size - 4));
+  char err[256] = "";
+  imml_load_options o;
+  imml_load_options_init(&o);
+  o.errmsg = err;
+  o.errmsg_size = sizeof err;
+  imml_model *l = NULL;
+  const imml_status st = imml_load_mem_ex(buf, size, NULL, &o, &l);
+  if (st == IMML_OK) {
+    const imml_status ss = imml_step(l);
+    char msg[256];
+    snprintf(msg, sizeof msg, "%s", imml_errmsg(l));
+    imml_model_free(l);
+    ck_abort_msg("a negative AdamW second moment was loaded; imml_step then "
+                 "gives %d (%s): '%s'",
+                 (int)ss, imml_strerror(ss), msg);
+  }
+  ck_assert_msg(st == IMML_ERR_FORMAT, "status %d (%s) '%s'", (int)st,
+                imml_strerror(st), err);
+  ck_assert_msg(strstr(err, "moment") != NULL, "'%s'", err);
+  free(buf);
+  imml_model_free(m);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* Absurd sizes: refused before any allocation                         */
+/* ------------------------------------------------------------------ */
+
+enum { N_ABSURD = 12 };
+
+static int big_dims[IMML_MAX_MODALITIES];
+
+/* Case i: one field (or one product) beyond the limits; returns the text
+ * the message must contain. */
+static const char *absurd_case(int i, imml_config *c) {
+  small_cfg(c, 2, dims2);
+  switch (i) {
+  case 0:
+    big_dims[0] = INT_MAX;
+    big_dims[1] = 7;
+    c->dims = big_dims;
+    return "dims[0]";
+  case 1:
+    big_dims[0] = 5;
+    big_dims[1] = (1 << 24) + 1;
+    c->dims = big_dims;
+    return "dims[1]";
+  case 2:
+    c->hidden_dim = INT_MAX;
+    return "hidden_dim";
+  case 3:
+    c->knowledge_dim = INT_MAX;
+    return "knowledge_dim";
+  case 4:
+    c->n_classes = INT_MAX;
+    return "n_classes";
+  case 5:
+    c->max_batch = INT_MAX;
+    return "max_batch";
+  case 6:
+    c->dict_size = INT_MAX;
+    return "dict_size";
+  case 7:
+    c->n_modalities = INT_MAX;
+    return "n_modalities";
+  case 8:
+    c->n_modalities = IMML_MAX_MODALITIES + 1;
+    return "n_modalities";
+  case 9:
+    c->max_batch = 1 << 30;
+    return "max_batch";
+  case 10:
+    c->dict_size = (1 << 20) + 1;
+    return "dict_size";
+  default:
+    /* M k beyond the limit although each is within its own */
+    for (int m = 0; m < IMML_MAX_MODALITIES; m++)
+      big_dims[m] = 3;
+    c->n_modalities = IMML_MAX_MODALITIES;
+    c->dims = big_dims;
+    c->knowledge_dim = 1 << 20;
+    return "knowledge_dim";
+  }
+}
+
+START_TEST(test_absurd_config_sizes) {
+  imml_config c;
+  const char *field = absurd_case(_i, &c);
+  fa cnt;
+  fa_reset(&cnt);
+  c.allocator = fa_hooks(&cnt);
+  imml_model *m = (imml_model *)&c;
+  char err[256] = "";
+  const imml_status st = imml_model_create_ex(&c, NULL, &m, err, sizeof err);
+  ck_assert_msg(st == IMML_ERR_TOO_LARGE, "case %d: status %d (%s) '%s'", _i,
+                (int)st, imml_strerror(st), err);
+  ck_assert_ptr_null(m);
+  ck_assert_msg(strstr(err, field) != NULL, "case %d: '%s' does not name %s",
+                _i, err, field);
+  ck_assert_msg(cnt.calls == 0, "case %d: %ld allocations before the refusal",
+                _i, cnt.calls);
+}
+END_TEST
+
+/* Products of fields each within its own limit but whose model could not
+ * exist in a 64-bit address space (more than 2^47 bytes, the x86-64 user
+ * space): they must be refused as too large before the allocator is asked
+ * for anything, like a single field beyond its limit. */
+enum { N_PRODUCTS = 4 };
+
+START_TEST(test_absurd_products_too_large) {
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  const char *what = "";
+  switch (_i) {
+  case 0: /* W1 alone: 2^24 x 2^24 floats = 4 PiB per modality */
+    big_dims[0] = 1 << 24;
+    big_dims[1] = 1 << 24;
+    c.dims = big_dims;
+    c.hidden_dim = 1 << 24;
+    what = "dims x hidden_dim";
+    break;
+  case 1: /* W2: 2^24 x 2^20 floats = 64 TiB per modality */
+    c.hidden_dim = 1 << 24;
+    c.knowledge_dim = 1 << 20;
+    what = "hidden_dim x knowledge_dim";
+    break;
+  case 2: /* Wc: 64 modalities x 2^18 x 2^20 floats */
+    for (int m = 0; m < IMML_MAX_MODALITIES; m++)
+      big_dims[m] = 3;
+    c.n_modalities = IMML_MAX_MODALITIES;
+    c.dims = big_dims;
+    c.knowledge_dim = 1 << 18;
+    c.n_classes = 1 << 20;
+    what = "n_modalities x knowledge_dim x n_classes";
+    break;
+  default: /* every field at its limit */
+    for (int m = 0; m < IMML_MAX_MODALITIES; m++)
+      big_dims[m] = 1 << 24;
+    c.n_modalities = IMML_MAX_MODALITIES;
+    c.dims = big_dims;
+    c.hidden_dim = 1 << 24;
+    c.knowledge_dim = 1 << 18;
+    c.n_classes = 1 << 20;
+    c.max_batch = 1 << 20;
+    c.dict_size = 1 << 20;
+    what = "every field at its limit";
+    break;
+  }
+  fa cnt;
+  fa_reset(&cnt);
+  c.allocator = fa_hooks(&cnt);
+  imml_model *m = (imml_model *)&c;
+  char err[256] = "";
+  const imml_status st = imml_model_create_ex(&c, NULL, &m, err, sizeof err);
+  ck_assert_ptr_null(m);
+  fa_balanced(&cnt, what);
+  ck_assert_msg(st == IMML_ERR_TOO_LARGE && cnt.calls == 0,
+                "%s: status %d (%s) after %ld allocator calls: '%s'", what,
+                (int)st, imml_strerror(st), cnt.calls, err);
+}
+END_TEST
+
+static Suite *faults_suite(void) {
+  Suite *s = suite_create("faults");
+  TCase *tc = tcase_create("nomem");
+  tcase_add_loop_test(tc, test_nomem_create, 0, 2);
+  tcase_add_loop_test(tc, test_nomem_load, 0, 6);
+  tcase_add_test(tc, test_nomem_optim_setup);
+  tcase_add_loop_test(tc, test_nomem_workspace, 0, 2);
+  tcase_add_test(tc, test_nomem_save);
+  suite_add_tcase(s, tc);
+  tc = tcase_create("nonfinite");
+  tcase_add_loop_test(tc, test_exploding_lr, 0, 2);
+  tcase_add_loop_test(tc, test_backward_overflow_refused, 0, 4);
+  tcase_add_loop_test(tc, test_host_nonfinite_outputs, 0, 2);
+  suite_add_tcase(s, tc);
+  tc = tcase_create("collective");
+  tcase_add_test(tc, test_nomem_set_collective);
+  tcase_add_loop_test(tc, test_collective_garbage_refused, 0, N_GARBAGE);
+  tcase_add_loop_test(tc, test_collective_empty_dictionary, 0, 2);
+  suite_add_tcase(s, tc);
+  tc = tcase_create("shapes");
+  tcase_add_test(tc, test_workspace_of_another_shape);
+  tcase_add_test(tc, test_predict_unimodal_errors);
+  tcase_add_loop_test(tc, test_absurd_config_sizes, 0, N_ABSURD);
+  tcase_add_loop_test(tc, test_absurd_products_too_large, 0, N_PRODUCTS);
+  suite_add_tcase(s, tc);
+  tc = tcase_create("checkpoint");
+  tcase_add_test(tc, test_negative_second_moment_refused);
+  suite_add_tcase(s, tc);
+  return s;
+}
+
+int main(void) { return imml_run_suite(faults_suite()); }
