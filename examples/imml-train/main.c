@@ -6,12 +6,15 @@
 
 #include <imml.h>
 
+#include "args.h"
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+static const arg_ctx args_ctx = {"imml-train", 0};
 
 #ifndef IMML_DATA_DIR
 #define IMML_DATA_DIR "examples/data/mfeat"
@@ -247,58 +250,6 @@ static int usage_error(const char *fmt, const char *a, const char *b) {
   return EXIT_USAGE;
 }
 
-static int parse_long(const char *name, const char *s, long lo, long hi,
-                      long *out) {
-  char *end;
-  errno = 0;
-  const long v = strtol(s, &end, 10);
-  if (errno || end == s || *end != '\0' || v < lo || v > hi) {
-    char range[64];
-    snprintf(range, sizeof range, "an integer in %ld..%ld", lo, hi);
-    fprintf(stderr, "imml-train: error: --%s: expected %s, got '%s'\n", name,
-            range, s);
-    return -1;
-  }
-  *out = v;
-  return 0;
-}
-
-static int parse_int(const char *name, const char *s, int lo, int hi,
-                     int *out) {
-  long v;
-  if (parse_long(name, s, lo, hi, &v) != 0)
-    return -1;
-  *out = (int)v;
-  return 0;
-}
-
-/* A finite number in [lo, hi] (or (lo, hi] when lo_open). */
-static int parse_num(const char *name, const char *s, double lo, int lo_open,
-                     double hi, int hi_open, double *out) {
-  char *end;
-  errno = 0;
-  const double v = strtod(s, &end);
-  if (errno || end == s || *end != '\0' || !isfinite(v) ||
-      (lo_open ? v <= lo : v < lo) || (hi_open ? v >= hi : v > hi)) {
-    fprintf(stderr,
-            "imml-train: error: --%s: expected a number in %c%g, %g%c, got "
-            "'%s'\n",
-            name, lo_open ? '(' : '[', lo, hi, hi_open ? ')' : ']', s);
-    return -1;
-  }
-  *out = v;
-  return 0;
-}
-
-static int parse_float(const char *name, const char *s, double lo, int lo_open,
-                       double hi, int hi_open, float *out) {
-  double v;
-  if (parse_num(name, s, lo, lo_open, hi, hi_open, &v) != 0)
-    return -1;
-  *out = (float)v;
-  return 0;
-}
-
 /* Splits a comma-separated list in place. */
 static int split_list(const char *name, char *list, char **out, int *n) {
   *n = 0;
@@ -330,21 +281,21 @@ static int set_option(cli *c, int id, const char *v) {
   long l;
   switch (id) {
   case O_HIDDEN:
-    return parse_int(name, v, 1, 1 << 20, &o->hidden);
+    return arg_int(&args_ctx, name, v, 1, 1 << 20, &o->hidden);
   case O_KNOWLEDGE:
-    return parse_int(name, v, 1, 1 << 20, &o->knowledge);
+    return arg_int(&args_ctx, name, v, 1, 1 << 20, &o->knowledge);
   case O_DICT:
-    return parse_int(name, v, 1, 1 << 24, &o->dict_size);
+    return arg_int(&args_ctx, name, v, 1, 1 << 24, &o->dict_size);
   case O_BETA:
-    return parse_float(name, v, 0, 0, 1, 0, &o->beta);
+    return arg_float(&args_ctx, name, v, 0, 0, 1, 0, &o->beta);
   case O_GAMMA1:
-    return parse_float(name, v, 0, 0, 1e6, 0, &o->gamma1);
+    return arg_float(&args_ctx, name, v, 0, 0, 1e6, 0, &o->gamma1);
   case O_GAMMA2:
-    return parse_float(name, v, 0, 0, 1e6, 0, &o->gamma2);
+    return arg_float(&args_ctx, name, v, 0, 0, 1e6, 0, &o->gamma2);
   case O_TAU:
-    return parse_float(name, v, 0, 1, 1e6, 0, &o->tau);
+    return arg_float(&args_ctx, name, v, 0, 1, 1e6, 0, &o->tau);
   case O_WARMUP:
-    return parse_int(name, v, 0, INT_MAX, &o->warmup);
+    return arg_int(&args_ctx, name, v, 0, INT_MAX, &o->warmup);
   case O_SLOT:
     if (strcmp(v, "conditional") == 0)
       o->slot_mode = IMML_SLOT_CONDITIONAL;
@@ -364,7 +315,8 @@ static int set_option(cli *c, int id, const char *v) {
       o->predominant = -1;
       return 0;
     }
-    return parse_int(name, v, 0, IMML_MAX_MODALITIES - 1, &o->predominant);
+    return arg_int(&args_ctx, name, v, 0, IMML_MAX_MODALITIES - 1,
+                   &o->predominant);
   case O_SEED: {
     char *end;
     errno = 0;
@@ -393,23 +345,23 @@ static int set_option(cli *c, int id, const char *v) {
     }
     return 0;
   case O_LR:
-    return parse_float(name, v, 0, 1, 1e6, 0, &o->lr);
+    return arg_float(&args_ctx, name, v, 0, 1, 1e6, 0, &o->lr);
   case O_WD:
-    return parse_float(name, v, 0, 0, 1e6, 0, &o->weight_decay);
+    return arg_float(&args_ctx, name, v, 0, 0, 1e6, 0, &o->weight_decay);
   case O_MOMENTUM:
-    return parse_float(name, v, 0, 0, 1, 1, &o->momentum);
+    return arg_float(&args_ctx, name, v, 0, 0, 1, 1, &o->momentum);
   case O_EPOCHS:
-    return parse_int(name, v, 1, 1000000, &o->epochs);
+    return arg_int(&args_ctx, name, v, 1, 1000000, &o->epochs);
   case O_BATCH:
-    return parse_int(name, v, 1, 1 << 20, &o->batch);
+    return arg_int(&args_ctx, name, v, 1, 1 << 20, &o->batch);
   case O_THREADS:
-    return parse_int(name, v, 1, 4096, &c->threads);
+    return arg_int(&args_ctx, name, v, 1, 4096, &c->threads);
   case O_FRAC:
-    return parse_num(name, v, 0, 0, 1, 1, &c->test_fraction);
+    return arg_num(&args_ctx, name, v, 0, 0, 1, 1, &c->test_fraction);
   case O_MINACC:
-    return parse_num(name, v, 0, 0, 1, 0, &c->min_test_acc);
+    return arg_num(&args_ctx, name, v, 0, 0, 1, 0, &c->min_test_acc);
   case O_COMPARE:
-    if (parse_long(name, v, 1, 10000, &l) != 0)
+    if (arg_long(&args_ctx, name, v, 1, 10000, &l) != 0)
       return -1;
     c->compare = (int)l;
     return 0;

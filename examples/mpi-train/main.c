@@ -21,6 +21,7 @@
 #include <imml.h>
 #include <mpi.h>
 
+#include "../imml-train/args.h"
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
@@ -30,6 +31,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+/* Messages about option values come from rank 0 only (main sets quiet). */
+static arg_ctx args_ctx = {"mpi-train", 0};
 
 enum { EXIT_USAGE = 2, EXIT_BELOW_MIN = 3 };
 
@@ -250,60 +254,6 @@ static int opt_error(const char *fmt, const char *a) {
   return -1;
 }
 
-static int parse_long(const char *name, const char *s, long lo, long hi,
-                      long *out) {
-  char *end;
-  errno = 0;
-  const long v = strtol(s, &end, 10);
-  if (errno || end == s || *end != '\0' || v < lo || v > hi) {
-    if (g_rank == 0)
-      fprintf(stderr,
-              "mpi-train: error: --%s: expected an integer in %ld..%ld, got "
-              "'%s'\n",
-              name, lo, hi, s);
-    return -1;
-  }
-  *out = v;
-  return 0;
-}
-
-static int parse_int(const char *name, const char *s, int lo, int hi,
-                     int *out) {
-  long v;
-  if (parse_long(name, s, lo, hi, &v) != 0)
-    return -1;
-  *out = (int)v;
-  return 0;
-}
-
-/* A finite number in [lo, hi] (or (lo, ...) / (..., hi) when open). */
-static int parse_num(const char *name, const char *s, double lo, int lo_open,
-                     double hi, int hi_open, double *out) {
-  char *end;
-  errno = 0;
-  const double v = strtod(s, &end);
-  if (errno || end == s || *end != '\0' || !isfinite(v) ||
-      (lo_open ? v <= lo : v < lo) || (hi_open ? v >= hi : v > hi)) {
-    if (g_rank == 0)
-      fprintf(stderr,
-              "mpi-train: error: --%s: expected a number in %c%g, %g%c, got "
-              "'%s'\n",
-              name, lo_open ? '(' : '[', lo, hi, hi_open ? ')' : ']', s);
-    return -1;
-  }
-  *out = v;
-  return 0;
-}
-
-static int parse_float(const char *name, const char *s, double lo, int lo_open,
-                       double hi, int hi_open, float *out) {
-  double v;
-  if (parse_num(name, s, lo, lo_open, hi, hi_open, &v) != 0)
-    return -1;
-  *out = (float)v;
-  return 0;
-}
-
 static int parse_dims(const char *s, opts *o) {
   o->bench_m = 0;
   const char *p = s;
@@ -338,21 +288,21 @@ static int set_option(opts *o, int id, const char *v) {
   const char *name = opt_table[id].name;
   switch (id) {
   case O_HIDDEN:
-    return parse_int(name, v, 1, 1 << 20, &o->hidden);
+    return arg_int(&args_ctx, name, v, 1, 1 << 20, &o->hidden);
   case O_KNOWLEDGE:
-    return parse_int(name, v, 1, 1 << 20, &o->knowledge);
+    return arg_int(&args_ctx, name, v, 1, 1 << 20, &o->knowledge);
   case O_DICT:
-    return parse_int(name, v, 1, 1 << 24, &o->dict_size);
+    return arg_int(&args_ctx, name, v, 1, 1 << 24, &o->dict_size);
   case O_BETA:
-    return parse_float(name, v, 0, 0, 1, 0, &o->beta);
+    return arg_float(&args_ctx, name, v, 0, 0, 1, 0, &o->beta);
   case O_GAMMA1:
-    return parse_float(name, v, 0, 0, 1e6, 0, &o->gamma1);
+    return arg_float(&args_ctx, name, v, 0, 0, 1e6, 0, &o->gamma1);
   case O_GAMMA2:
-    return parse_float(name, v, 0, 0, 1e6, 0, &o->gamma2);
+    return arg_float(&args_ctx, name, v, 0, 0, 1e6, 0, &o->gamma2);
   case O_TAU:
-    return parse_float(name, v, 0, 1, 1e6, 0, &o->tau);
+    return arg_float(&args_ctx, name, v, 0, 1, 1e6, 0, &o->tau);
   case O_WARMUP:
-    return parse_int(name, v, 0, INT_MAX, &o->warmup);
+    return arg_int(&args_ctx, name, v, 0, INT_MAX, &o->warmup);
   case O_SLOT:
     if (strcmp(v, "conditional") == 0)
       o->slot_mode = IMML_SLOT_CONDITIONAL;
@@ -367,7 +317,8 @@ static int set_option(opts *o, int id, const char *v) {
       o->predominant = -1;
       return 0;
     }
-    return parse_int(name, v, 0, IMML_MAX_MODALITIES - 1, &o->predominant);
+    return arg_int(&args_ctx, name, v, 0, IMML_MAX_MODALITIES - 1,
+                   &o->predominant);
   case O_SEED: {
     char *end;
     errno = 0;
@@ -386,21 +337,21 @@ static int set_option(opts *o, int id, const char *v) {
       return opt_error("--optimizer: expected adamw or sgd, got '%s'", v);
     return 0;
   case O_LR:
-    return parse_float(name, v, 0, 1, 1e6, 0, &o->lr);
+    return arg_float(&args_ctx, name, v, 0, 1, 1e6, 0, &o->lr);
   case O_WD:
-    return parse_float(name, v, 0, 0, 1e6, 0, &o->weight_decay);
+    return arg_float(&args_ctx, name, v, 0, 0, 1e6, 0, &o->weight_decay);
   case O_MOMENTUM:
-    return parse_float(name, v, 0, 0, 1, 1, &o->momentum);
+    return arg_float(&args_ctx, name, v, 0, 0, 1, 1, &o->momentum);
   case O_EPOCHS:
-    return parse_int(name, v, 1, 1000000, &o->epochs);
+    return arg_int(&args_ctx, name, v, 1, 1000000, &o->epochs);
   case O_BATCH:
-    return parse_int(name, v, 1, 1 << 20, &o->batch);
+    return arg_int(&args_ctx, name, v, 1, 1 << 20, &o->batch);
   case O_THREADS:
-    return parse_int(name, v, 1, 4096, &o->threads);
+    return arg_int(&args_ctx, name, v, 1, 4096, &o->threads);
   case O_FRAC:
-    return parse_num(name, v, 0, 0, 1, 1, &o->test_fraction);
+    return arg_num(&args_ctx, name, v, 0, 0, 1, 1, &o->test_fraction);
   case O_MINACC:
-    return parse_num(name, v, 0, 0, 1, 0, &o->min_test_acc);
+    return arg_num(&args_ctx, name, v, 0, 0, 1, 0, &o->min_test_acc);
   case O_METRICS:
     o->metrics = v;
     return 0;
@@ -420,13 +371,13 @@ static int set_option(opts *o, int id, const char *v) {
     o->bench = 1;
     return 0;
   case O_BSTEPS:
-    return parse_int(name, v, 1, 1000000, &o->bench_steps);
+    return arg_int(&args_ctx, name, v, 1, 1000000, &o->bench_steps);
   case O_BWARM:
-    return parse_int(name, v, 0, 1000000, &o->bench_warmup);
+    return arg_int(&args_ctx, name, v, 0, 1000000, &o->bench_warmup);
   case O_BDIMS:
     return parse_dims(v, o);
   case O_BCLASSES:
-    return parse_int(name, v, 2, 1 << 20, &o->bench_classes);
+    return arg_int(&args_ctx, name, v, 2, 1 << 20, &o->bench_classes);
   default:
     return 0;
   }
@@ -1056,6 +1007,7 @@ static void set_threads(const opts *o) {
 int main(int argc, char **argv) {
   MPI_Init(&argc, &argv);
   MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
+  args_ctx.quiet = g_rank != 0;
   MPI_Comm_size(MPI_COMM_WORLD, &g_size);
   if (imml_version_number() != IMML_VERSION_NUMBER) {
     if (g_rank == 0)
