@@ -4,11 +4,14 @@
  * the step spent inside cblas_sgemm and the sgemm ceiling of this machine.
  *
  * usage: bench [--shape NAME] [--reps N] [--threads N] [--csv] [--rss]
+ *              [--gemms]
  *
  * --rss reports, for each shape run, the growth of the peak resident set
  * from just before the model is created (BLAS already warmed up) to the end
  * of training, next to the bytes the method needs: parameters, gradients,
  * AdamW's two moments, and the activations a training step keeps.
+ * --gemms lists the timed training steps' sgemm calls by shape: how many
+ * per step, their time and rate.
  *
  * The time spent in cblas_sgemm is measured by interposing the symbol: this
  * executable defines cblas_sgemm, which the dynamic linker binds libimml's
@@ -36,6 +39,17 @@ static sgemm_fn real_sgemm;
 static double sgemm_seconds;
 static double sgemm_flops;
 
+/* Optional per-shape log of the timed steps' sgemm calls (--gemms). */
+typedef struct gemm_entry {
+  enum CBLAS_TRANSPOSE ta, tb;
+  int m, n, k;
+  long calls;
+  double seconds;
+} gemm_entry;
+#define GEMM_LOG_MAX 128
+static gemm_entry gemm_log[GEMM_LOG_MAX];
+static int n_gemm_log, gemm_log_on, want_gemm_log;
+
 static double now(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -50,8 +64,37 @@ void cblas_sgemm(const enum CBLAS_ORDER order, const enum CBLAS_TRANSPOSE ta,
                  const blasint ldc) {
   const double t0 = now();
   real_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  sgemm_seconds += now() - t0;
+  const double dt = now() - t0;
+  sgemm_seconds += dt;
   sgemm_flops += 2.0 * m * n * k;
+  if (!gemm_log_on)
+    return;
+  int i = 0;
+  while (i < n_gemm_log &&
+         !(gemm_log[i].ta == ta && gemm_log[i].tb == tb && gemm_log[i].m == m &&
+           gemm_log[i].n == n && gemm_log[i].k == k))
+    i++;
+  if (i == n_gemm_log) {
+    if (n_gemm_log == GEMM_LOG_MAX)
+      return;
+    gemm_log[n_gemm_log++] = (gemm_entry){ta, tb, m, n, k, 0, 0.0};
+  }
+  gemm_log[i].calls++;
+  gemm_log[i].seconds += dt;
+}
+
+/* --gemms: the step's sgemm calls grouped by shape, per training step. */
+static void print_gemm_log(int steps) {
+  printf("# sgemm calls per training step: op(A) op(B) m n k, calls, "
+         "ms, GFLOP/s\n");
+  for (int i = 0; i < n_gemm_log; i++) {
+    const gemm_entry *e = &gemm_log[i];
+    printf("#   %c%c %5d %5d %5d  %3.0f  %7.3f  %6.1f\n",
+           e->ta == CblasTrans ? 'T' : 'N', e->tb == CblasTrans ? 'T' : 'N',
+           e->m, e->n, e->k, (double)e->calls / steps, 1e3 * e->seconds / steps,
+           2.0 * e->m * e->n * e->k * (double)e->calls / e->seconds * 1e-9);
+  }
+  n_gemm_log = 0;
 }
 
 typedef struct shape {
@@ -205,6 +248,7 @@ static void run_shape(const shape *s, int reps, int threads, int csv,
   for (int r = -warm; r < reps; r++) {
     sgemm_seconds = 0.0;
     sgemm_flops = 0.0;
+    gemm_log_on = want_gemm_log && r >= 0;
     const double t0 = now();
     if ((st = imml_forward(m, IMML_MODE_TRAIN, s->B, (const float *const *)x, y,
                            logits, NULL)) != IMML_OK)
@@ -214,6 +258,7 @@ static void run_shape(const shape *s, int reps, int threads, int csv,
     if ((st = imml_step(m)) != IMML_OK)
       die("step", st, m);
     const double t1 = now();
+    gemm_log_on = 0;
     if (r >= 0) {
       t_train[r] = t1 - t0;
       t_gemm[r] = sgemm_seconds;
@@ -258,6 +303,8 @@ static void run_shape(const shape *s, int reps, int threads, int csv,
   free(t_infer);
   free(t_gemm);
   imml_model_free(m);
+  if (want_gemm_log)
+    print_gemm_log(reps);
 }
 
 int main(int argc, char **argv) {
@@ -274,9 +321,11 @@ int main(int argc, char **argv) {
       csv = 1;
     else if (!strcmp(argv[i], "--rss"))
       rss = 1;
+    else if (!strcmp(argv[i], "--gemms"))
+      want_gemm_log = 1;
     else {
       fprintf(stderr, "usage: bench [--shape NAME] [--reps N] [--threads N] "
-                      "[--csv] [--rss]\n");
+                      "[--csv] [--rss] [--gemms]\n");
       return 2;
     }
   }

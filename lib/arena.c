@@ -67,6 +67,7 @@ void imml_carve_acts(imml_carver *c, const imml_config *cfg, int jmax,
   }
   a->q = carve_f(c, B, k);
   a->kk = carve_f(c, (size_t)jmax, k);
+  a->qk = carve_f(c, B, (size_t)cfg->n_modalities * k);
   a->alpha = carve_f(c, B, (size_t)jmax);
   a->w = carve_f(c, B, (size_t)jmax);
   a->logits = carve_f(c, B, C);

@@ -35,25 +35,62 @@ static int order_at(int p, int pos) {
   return pos - 1 < p ? pos - 1 : pos;
 }
 
+/* The scores q cᵀ = q (D Wk)ᵀ = (q Wkᵀ) Dᵀ can be associated either way:
+ * through the keys c = D Wk (J, k), or through the projected queries
+ * qk = q Wkᵀ (B, M k).  The products differ (J M k k + B J k against
+ * B M k k + B J M k in the forward, and likewise in the backward), so each
+ * forward takes the one with fewer multiply-adds for its own B and J_eff;
+ * the values agree up to float rounding (doc/DECISIONS.md). */
+static int use_query_side(int B, int J, int k, int M, int backward) {
+  const double mk = (double)M * k;
+  double keys = (double)J * k * (mk + B), queries = (double)B * mk * (k + J);
+  if (backward) { /* dc, dq, dWk against dqk, dq, dWk */
+    keys += (double)J * k * (mk + 2.0 * B);
+    queries += (double)B * mk * (J + 2.0 * k);
+  }
+  return queries < keys;
+}
+
+/* The strata matrix as one (J, M k) operand in modality order, or NULL if
+ * the view's modalities are separate arrays. */
+static const float *strata_matrix(const fdc_view *v, int M, int k) {
+  return v->ld == M * k ? v->d[0] : NULL;
+}
+
 void fdc_forward(const imml_model *m, imml_acts *a, int p,
                  const float *const *z, float *const *slot, const fdc_view *v) {
   const imml_config *c = &m->cfg;
   const int B = a->batch, k = c->knowledge_dim, M = c->n_modalities, J = v->n;
   const float *wq = m->params + m->tensors[IMML_PER_MODALITY * M].offset;
   const float *wk = m->params + m->tensors[IMML_PER_MODALITY * M + 1].offset;
-  /* q (B, k) = [z_p; z_a1; ...] (B, Mk) Wq (Mk, k), one block at a time;
-   * c (J, k) likewise from the strata with Wk. */
-  for (int pos = 0; pos < M; pos++) {
-    const int mm = order_at(p, pos);
-    const float beta0 = pos == 0 ? 0.0f : 1.0f;
-    k_gemm(0, 0, B, k, k, 1.0f, z[mm], k, wq + (size_t)pos * k * k, k, beta0,
-           a->q, k);
-    k_gemm(0, 0, J, k, k, 1.0f, v->d[mm], v->ld, wk + (size_t)pos * k * k, k,
-           beta0, a->kk, k);
+  const float inv_sqrt_k = 1.0f / sqrtf((float)k);
+  a->query_side = use_query_side(B, J, k, M, a == &m->train && c->beta != 0.0f);
+  /* q (B, k) = [z_p; z_a1; ...] (B, Mk) Wq (Mk, k), one block at a time */
+  for (int pos = 0; pos < M; pos++)
+    k_gemm(0, 0, B, k, k, 1.0f, z[order_at(p, pos)], k,
+           wq + (size_t)pos * k * k, k, pos == 0 ? 0.0f : 1.0f, a->q, k);
+  if (a->query_side) {
+    /* qk (B, Mk), block of modality mm = q Wk_posᵀ; E = qk Dᵀ / sqrt(k) */
+    const int ldq = M * k;
+    for (int pos = 0; pos < M; pos++)
+      k_gemm(0, 1, B, k, k, 1.0f, a->q, k, wk + (size_t)pos * k * k, k, 0.0f,
+             a->qk + (size_t)order_at(p, pos) * k, ldq);
+    const float *d = strata_matrix(v, M, k);
+    if (d)
+      k_gemm(0, 1, B, J, M * k, inv_sqrt_k, a->qk, ldq, d, v->ld, 0.0f,
+             a->alpha, J);
+    else
+      for (int mm = 0; mm < M; mm++)
+        k_gemm(0, 1, B, J, k, inv_sqrt_k, a->qk + (size_t)mm * k, ldq, v->d[mm],
+               v->ld, mm == 0 ? 0.0f : 1.0f, a->alpha, J);
+  } else {
+    /* c (J, k) = [d_p; d_a1; ...] Wk; E = q cᵀ / sqrt(k) */
+    for (int pos = 0; pos < M; pos++)
+      k_gemm(0, 0, J, k, k, 1.0f, v->d[order_at(p, pos)], v->ld,
+             wk + (size_t)pos * k * k, k, pos == 0 ? 0.0f : 1.0f, a->kk, k);
+    k_gemm(0, 1, B, J, k, inv_sqrt_k, a->q, k, a->kk, k, 0.0f, a->alpha, J);
   }
-  /* alpha (B, J) = softmax(q cᵀ / sqrt(k)) */
-  k_gemm(0, 1, B, J, k, 1.0f / sqrtf((float)k), a->q, k, a->kk, k, 0.0f,
-         a->alpha, J);
+  /* alpha (B, J) = softmax(E) */
   k_softmax_rows(B, J, a->alpha, J, a->alpha, J);
   /* w = beta alpha + (1 - beta) / J */
   const float beta = c->beta, flat = (1.0f - c->beta) / (float)J;
@@ -107,15 +144,40 @@ void fdc_backward(imml_model *m, float *G) {
   }
   /* dE = alpha ⊙ (dalpha - rowsum(dalpha ⊙ alpha)) */
   k_softmax_backward_rows(B, J, a->alpha, J, g->dw, J, g->de, J);
-  /* dQ (B, k) = dE (B, J) c (J, k) / sqrt(k); dK (J, k) = dEᵀ Q / sqrt(k) */
-  k_gemm(0, 0, B, k, J, inv_sqrt_k, g->de, J, a->kk, k, 0.0f, g->dq, k);
-  k_gemm(1, 0, J, k, B, inv_sqrt_k, g->de, J, a->q, k, 0.0f, g->dk, k);
+  const float *wk = m->params + m->tensors[IMML_PER_MODALITY * M + 1].offset;
+  if (a->query_side) {
+    /* dqk (B, Mk) = dE (B, J) D (J, Mk) / sqrt(k); then per block
+     * dQ += dqk_m Wk_pos and dWk_pos += dqk_mᵀ Q */
+    const int ldq = M * k;
+    const float *d = strata_matrix(v, M, k);
+    if (d)
+      k_gemm(0, 0, B, M * k, J, inv_sqrt_k, g->de, J, d, v->ld, 0.0f, g->dqk,
+             ldq);
+    else
+      for (int mm = 0; mm < M; mm++)
+        k_gemm(0, 0, B, k, J, inv_sqrt_k, g->de, J, v->d[mm], v->ld, 0.0f,
+               g->dqk + (size_t)mm * k, ldq);
+    for (int pos = 0; pos < M; pos++) {
+      const float *blk = g->dqk + (size_t)order_at(p, pos) * k;
+      const size_t w = (size_t)pos * k * k;
+      k_gemm(0, 0, B, k, k, 1.0f, blk, ldq, wk + w, k, pos == 0 ? 0.0f : 1.0f,
+             g->dq, k);
+      k_gemm(1, 0, k, k, B, 1.0f, blk, ldq, a->q, k, 1.0f, dwk + w, k);
+    }
+  } else {
+    /* dQ (B, k) = dE (B, J) c (J, k) / sqrt(k); dK (J, k) = dEᵀ Q / sqrt(k);
+     * dWk block += d_mᵀ dK */
+    k_gemm(0, 0, B, k, J, inv_sqrt_k, g->de, J, a->kk, k, 0.0f, g->dq, k);
+    k_gemm(1, 0, J, k, B, inv_sqrt_k, g->de, J, a->q, k, 0.0f, g->dk, k);
+    for (int pos = 0; pos < M; pos++)
+      k_gemm(1, 0, k, k, J, 1.0f, v->d[order_at(p, pos)], v->ld, g->dk, k, 1.0f,
+             dwk + (size_t)pos * k * k, k);
+  }
   for (int pos = 0; pos < M; pos++) {
     const int mm = order_at(p, pos);
     const size_t blk = (size_t)pos * k * k;
-    /* dWq block += z_mᵀ dQ; dWk block += d_mᵀ dK; dz_m += dQ Wq_blockᵀ */
+    /* dWq block += z_mᵀ dQ; dz_m += dQ Wq_blockᵀ */
     k_gemm(1, 0, k, k, B, 1.0f, a->z[mm], k, g->dq, k, 1.0f, dwq + blk, k);
-    k_gemm(1, 0, k, k, J, 1.0f, v->d[mm], v->ld, g->dk, k, 1.0f, dwk + blk, k);
     k_gemm(0, 1, B, k, k, 1.0f, g->dq, k, wq + blk, k, 1.0f, g->dz[mm], k);
   }
 }

@@ -43,6 +43,7 @@ typedef struct imml_acts {
   int p;    /* predominant modality used (-1 in warm-up) */
   int has_labels;
   int gathered;                     /* training forward of a collective step */
+  int query_side;                   /* attention scores via qk, not kk */
   fdc_view view;                    /* the strata attended over */
   float *h[IMML_MAX_MODALITIES];    /* (B, d_m) copies, training only */
   float *u[IMML_MAX_MODALITIES];    /* (B, H) relu(h W1 + b1) */
@@ -55,7 +56,8 @@ typedef struct imml_acts {
   float *st[IMML_MAX_MODALITIES];   /* (B, B) its transpose */
   float *slot[IMML_MAX_MODALITIES]; /* (B, k) F&T inputs */
   float *q;                         /* (B, k) */
-  float *kk;                        /* (Jmax, k) */
+  float *kk;                        /* (Jmax, k) keys c = D Wk */
+  float *qk;                        /* (B, M k) q Wkᵀ, modality order */
   float *alpha;                     /* (B, Jmax) */
   float *w;                         /* (B, Jmax) */
   float *logits;                    /* (B, C) */
@@ -78,6 +80,7 @@ typedef struct imml_grads_scratch {
   float *de;                         /* (B, Jmax) */
   float *dq;                         /* (B, k) */
   float *dk;                         /* (Jmax, k) */
+  float *dqk;                        /* (B, M k) */
   float *dout;                       /* (B, C) */
   float *du;                         /* (B, H) */
 } imml_grads_scratch;

@@ -43,6 +43,7 @@ static void carve_model(imml_carver *c, imml_model *m) {
   g->de = imml_carve(c, B * J, sizeof(float));
   g->dq = imml_carve(c, B * k, sizeof(float));
   g->dk = imml_carve(c, J * k, sizeof(float));
+  g->dqk = imml_carve(c, B * M * k, sizeof(float));
   g->dout = imml_carve(c, B * C, sizeof(float));
   g->du = imml_carve(c, B * H, sizeof(float));
 }
