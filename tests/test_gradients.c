@@ -1011,6 +1011,44 @@ START_TEST(test_large_batch) {
 }
 END_TEST
 
+/* A small batch over a larger dictionary: the forward then computes the
+ * scores through the projected queries q Wkᵀ rather than the keys D Wk
+ * (lib/fdc.c picks the order with fewer multiply-adds); the grid's
+ * shapes take the keys.  (M, p) x slot mode x beta x dictionary state. */
+enum { N_QUERY_SIDE = 5 * 2 * 2 * 2 };
+
+START_TEST(test_query_side) {
+  int r = _i;
+  const int dict = r % 2;
+  r /= 2;
+  const int bi = r % 2;
+  r /= 2;
+  const int strict = r % 2;
+  r /= 2;
+  const int mp = r;
+  gcase c;
+  memset(&c, 0, sizeof c);
+  c.M = mp_list[mp][0];
+  c.predominant = mp_list[mp][1];
+  c.warmup = 3;
+  c.strict = strict;
+  c.beta = bi ? 1.0f : 0.5f;
+  c.g1 = 0.5f;
+  c.g2 = 1.0f;
+  c.J = 16;
+  c.B_fill = 8;
+  c.n_fill = dict ? 3 : 1; /* 8 of 16, or full and wrapped to pos 8 */
+  c.B = 3;
+  c.n_check = 2;
+  c.seed = 14000u + (uint64_t)_i;
+  snprintf(c.name, sizeof c.name,
+           "query-side#%d M=%d p=%d %s beta=%.1f dict=%s J=16 B=3", _i, c.M,
+           c.predominant, strict ? "strict" : "conditional", (double)c.beta,
+           dict_names[dict ? 2 : 1]);
+  run_case(&c);
+}
+END_TEST
+
 static Suite *gradients_suite(void) {
   Suite *s = suite_create("gradients");
   TCase *tc = tcase_create("grid");
@@ -1024,6 +1062,9 @@ static Suite *gradients_suite(void) {
   suite_add_tcase(s, tc);
   tc = tcase_create("large_batch");
   tcase_add_loop_test(tc, test_large_batch, 0, N_LARGE);
+  suite_add_tcase(s, tc);
+  tc = tcase_create("query_side");
+  tcase_add_loop_test(tc, test_query_side, 0, N_QUERY_SIDE);
   suite_add_tcase(s, tc);
   return s;
 }
