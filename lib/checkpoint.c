@@ -589,6 +589,7 @@ static imml_status parse(const unsigned char *buf, size_t size,
       } else {
         m->opt.t = (int64_t)t;
         m->opt.has_buf = has_buf;
+        m->opt.max1 = m->opt.max2 = NAN; /* the first step measures them */
         get_f32s(&r, m->opt.m1, m->n_params, "optimiser moment 1");
         const size_t at2 = r.pos;
         if (get_f32s(&r, m->opt.m2, m->n_params, "optimiser moment 2") &&

@@ -120,6 +120,9 @@ typedef struct imml_optim {
   float *m1;   /* (n_params) momentum / first moment */
   float *m2;   /* (n_params) second moment (AdamW) */
   int has_buf; /* SGD: momentum buffer initialised */
+  /* AdamW: max |m1| and max |m2| (NaN: not known, e.g. after a load);
+   * they let a step prove its update finite by reading P and G only. */
+  float max1, max2;
   void *block; /* the allocation holding m1, m2 */
 } imml_optim;
 

@@ -104,6 +104,10 @@ void k_transpose(int rows, int cols, const float *x, int ldx, float *y, int ldy,
  * the result is reproducible, and independent chains that vectorise). */
 double k_sum_squares(size_t n, const float *x);
 
+/* The largest |x_i| (0 for n = 0), +inf if any x_i is infinite and NaN if
+ * any is NaN: an integer max over the magnitude bits, which vectorises. */
+float k_max_abs(size_t n, const float *x);
+
 /* 1 if all n values are finite. */
 int k_all_finite(size_t n, const float *x);
 /* 1 if all n values are +0.0 (bit pattern 0; -0.0 is not). */

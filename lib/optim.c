@@ -94,6 +94,7 @@ imml_status imml_optim_alloc(imml_model *m, const imml_optim_config *c) {
   m->opt.m2 = (float *)block + m->n_params;
   m->opt.cfg = *c;
   m->opt.active = 1;
+  m->opt.max1 = m->opt.max2 = 0.0f; /* the moments start at zero */
   return IMML_OK;
 }
 
@@ -146,15 +147,29 @@ static inline uint32_t worst_bits(uint32_t worst, float x) {
   return worst | ((u & 0x7f800000u) + 0x00800000u);
 }
 
+static inline uint32_t top_bits(uint32_t top, float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  u &= 0x7fffffffu;
+  return u > top ? u : top;
+}
+
+static float bits_float(uint32_t u) {
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
 IMML_HOT static float adamw_pass(const step_coef *k, size_t n,
                                  float *restrict P, float *restrict G,
                                  float *restrict M1, float *restrict M2,
-                                 int commit) {
+                                 int commit, float *max1, float *max2) {
   const float clip = k->clip, decay = k->decay, b1 = k->b1, b2 = k->b2,
               c1 = 1.0f - k->b1, c2 = 1.0f - k->b2, bc2 = k->bc2_sqrt,
               eps = k->eps, step = k->step_size;
   uint32_t worst = 0;
-  if (commit) {
+  if (commit) { /* also records the new max |m1|, max |m2| */
+    uint32_t top1 = 0, top2 = 0;
     for (size_t i = 0; i < n; i++) {
       const float g = G[i] * clip;
       const float m1 = b1 * M1[i] + c1 * g;
@@ -163,7 +178,11 @@ IMML_HOT static float adamw_pass(const step_coef *k, size_t n,
       M1[i] = m1;
       M2[i] = m2;
       G[i] = 0.0f;
+      top1 = top_bits(top1, m1);
+      top2 = top_bits(top2, m2);
     }
+    *max1 = bits_float(top1);
+    *max2 = bits_float(top2);
   } else {
     for (size_t i = 0; i < n; i++) {
       const float g = G[i] * clip;
@@ -174,6 +193,34 @@ IMML_HOT static float adamw_pass(const step_coef *k, size_t n,
     }
   }
   return (worst & 0x80000000u) ? NAN : 0.0f;
+}
+
+/* The cheap check an AdamW step runs first.  With max1 >= |M1_i| and
+ * max2 >= M2_i >= 0 for every i,
+ *   |m1| = |b1 M1 + c1 g| <= b1 max1 + c1 |g|,
+ *   0 <= m2 = b2 M2 + c2 g g <= b2 max2 + c2 g g,
+ *   |P decay - step m1 / (sqrt(m2) / bc2 + eps)| <= |P decay| + step |m1| / eps
+ * (the denominator is at least eps), and rounding is monotonic, so these
+ * float bounds hold for the values the commit will compute.  The pass
+ * reads only P and G and has no square root or division.  Returns 1 when
+ * every bound is finite and below 1e37 (room for the rounding of each
+ * operation): then no new value can overflow.  Otherwise the caller runs
+ * the exact check (adamw_pass with commit 0). */
+IMML_HOT static int adamw_bounded(const step_coef *k, size_t n,
+                                  const float *restrict P,
+                                  const float *restrict G, float max1,
+                                  float max2) {
+  const float clip = k->clip, decay = fabsf(k->decay), c1 = 1.0f - k->b1,
+              c2 = 1.0f - k->b2, reach = k->step_size / k->eps,
+              base1 = k->b1 * max1, base2 = k->b2 * max2;
+  uint32_t top = 0;
+  for (size_t i = 0; i < n; i++) {
+    const float g = fabsf(G[i] * clip);
+    const float m1 = base1 + c1 * g;
+    const float m2 = base2 + c2 * g * g;
+    top = top_bits(top_bits(top, fabsf(P[i]) * decay + reach * m1), m2);
+  }
+  return top <= 0x7f800000u && bits_float(top) < 1e37f;
 }
 
 /* One SGD pass (PyTorch semantics, dampening 0), same contract. */
@@ -256,10 +303,21 @@ imml_status imml_step(imml_model *m) {
   k.step_size = (float)((double)k.lr / (1.0 - pow((double)k.b1, t)));
   k.bc2_sqrt = (float)sqrt(1.0 - pow((double)k.b2, t));
   const int adamw = o->cfg.kind == IMML_OPT_ADAMW;
-  /* Pass 1 computes every new value without storing it; only if all are
-   * finite does pass 2 commit, so a refused step changes nothing. */
-  const float bad = adamw ? adamw_pass(&k, n, P, G, o->m1, o->m2, 0)
-                          : sgd_pass(&k, n, P, G, o->m1, 0);
+  /* Pass 1 proves every new value finite without storing it (AdamW: a
+   * bound first, the exact values only if the bound is inconclusive); only
+   * then does pass 2 commit, so a refused step changes nothing. */
+  float bad = 0.0f;
+  if (!adamw) {
+    bad = sgd_pass(&k, n, P, G, o->m1, 0);
+  } else {
+    if (isnan(o->max1) || isnan(o->max2)) {
+      o->max1 = k_max_abs(n, o->m1); /* a NaN or infinite moment stays */
+      o->max2 = k_max_abs(n, o->m2); /* non-finite: the exact check runs */
+    }
+    if (!(k.step_size / k.eps < 1e30f && o->max1 < 1e37f && o->max2 < 1e37f &&
+          adamw_bounded(&k, n, P, G, o->max1, o->max2)))
+      bad = adamw_pass(&k, n, P, G, o->m1, o->m2, 0, NULL, NULL);
+  }
   if (isnan(bad)) {
     if (!k_all_finite(n, G))
       return imml_fail(m, IMML_ERR_NONFINITE,
@@ -271,7 +329,7 @@ imml_status imml_step(imml_model *m) {
                      (double)k.lr);
   }
   if (adamw)
-    adamw_pass(&k, n, P, G, o->m1, o->m2, 1);
+    adamw_pass(&k, n, P, G, o->m1, o->m2, 1, &o->max1, &o->max2);
   else
     sgd_pass(&k, n, P, G, o->m1, 1);
   m->grads_zero_hint = 1;

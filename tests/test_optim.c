@@ -322,6 +322,34 @@ END_TEST
 START_TEST(test_sgd_matches_reference) { run_synthetic(&sgd_cases[_i]); }
 END_TEST
 
+/* AdamW first proves a step finite from bounds (max |moment| kept by the
+ * library, |P| and |g| read); a parameter of 1e38, or an eps so small that
+ * step / eps is huge, leaves that proof inconclusive and the exact check
+ * decides.  Either way the update must be the reference's. */
+START_TEST(test_adamw_inconclusive_bound_steps) {
+  imml_model *m = tiny_model(17);
+  float *p, *g;
+  const size_t n = flat(m, &p, &g);
+  imml_optim_config c;
+  case_config(&adamw_cases[1], &c);
+  if (_i == 1)
+    c.eps = 1e-37f; /* step / eps ~ 1e35 */
+  setup_ok(m, &c);
+  if (_i == 0)
+    p[n / 2] = 1e38f;
+  ref_state r;
+  ref_init(&r, p, n);
+  for (int s = 0; s < N_STEPS; s++) {
+    fill_grads(m, 1700 + (uint64_t)s, 1.0f);
+    ref_step(&r, &c, g);
+    step_ok(m);
+    check_against_ref(m, &r, &c, _i ? "eps 1e-37" : "p = 1e38", s + 1);
+  }
+  ref_free(&r);
+  imml_model_free(m);
+}
+END_TEST
+
 /* Gradients from the model's own forward/backward. */
 static void make_batch(uint64_t seed, float *x0, float *x1, int *y, int B) {
   uint64_t s = seed;
@@ -886,6 +914,7 @@ static Suite *optim_suite(void) {
   tcase_add_loop_test(tc, test_sgd_matches_reference, 0,
                       (int)(sizeof sgd_cases / sizeof sgd_cases[0]));
   tcase_add_loop_test(tc, test_backprop_gradients_match_reference, 0, 3);
+  tcase_add_loop_test(tc, test_adamw_inconclusive_bound_steps, 0, 2);
   suite_add_tcase(s, tc);
   tc = tcase_create("api");
   tcase_add_test(tc, test_step_zeroes_gradients);
