@@ -246,6 +246,18 @@ double mdken_contrastive_forward(const imml_model *m, int p,
 void mdken_backward(imml_model *m, float *g, float *const *dh, int off,
                     float con_scale, float ce_scale);
 
+/* par.c: fn(ctx, part, lo, hi) over [0, n) in contiguous parts, the first
+ * on the calling thread; returns the number of parts (1..IMML_PAR_MAX),
+ * which imml_par_parts(n) tells in advance.  Parts are numbered so that
+ * per-part results can be combined in a fixed order. */
+#define IMML_PAR_MAX 8
+typedef void (*imml_range_fn)(void *ctx, int part, size_t lo, size_t hi);
+int imml_par_parts(size_t n);
+int imml_par_for(size_t n, imml_range_fn fn, void *ctx);
+/* k_all_finite and k_all_zero, split the same way. */
+int imml_par_all_finite(size_t n, const float *x);
+int imml_par_all_zero(size_t n, const float *x);
+
 /* fdc.c (METHOD.md section 2) */
 fdc_view fdc_dict_view(const imml_model *m);
 fdc_view fdc_batch_view(const imml_model *m, const float *const *z, int n);

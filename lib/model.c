@@ -449,7 +449,7 @@ imml_status imml_backward(imml_model *m, float *const *dh) {
    * or imml_step), this step accumulates into them directly and a refused
    * step restores them with one memset.  Otherwise it is computed in the
    * staging buffer and added only once it has been checked. */
-  const int direct = m->grads_zero_hint && k_all_zero(np, m->grads);
+  const int direct = m->grads_zero_hint && imml_par_all_zero(np, m->grads);
   float *G = direct ? m->grads : m->stage;
   if (!direct)
     memset(G, 0, np * sizeof(float));
@@ -482,16 +482,22 @@ imml_status imml_backward(imml_model *m, float *const *dh) {
     }
   fdc_backward(m, G);
   mdken_backward(m, G, dh, off, con_scale, ce_scale);
-  for (int i = 0; i < m->n_tensors; i++) {
-    const imml_tensor *t = &m->tensors[i];
-    const size_t cnt = (size_t)t->rows * t->cols;
-    if (!k_all_finite(cnt, G + t->offset)) {
-      st = imml_fail(m, IMML_ERR_NONFINITE,
-                     "gradient of %s is not finite; the step was refused "
-                     "and nothing changed",
-                     t->name);
-      goto refuse;
+  /* One check over the whole block; only a failure looks for the tensor
+   * to name (the tensors tile [0, n_params)). */
+  if (!imml_par_all_finite(np, G)) {
+    const char *name = "a parameter";
+    for (int i = 0; i < m->n_tensors; i++) {
+      const imml_tensor *t = &m->tensors[i];
+      if (!k_all_finite((size_t)t->rows * t->cols, G + t->offset)) {
+        name = t->name;
+        break;
+      }
     }
+    st = imml_fail(m, IMML_ERR_NONFINITE,
+                   "gradient of %s is not finite; the step was refused "
+                   "and nothing changed",
+                   name);
+    goto refuse;
   }
   if (!direct)
     for (size_t i = 0; i < np; i++)

@@ -135,10 +135,6 @@ typedef struct step_coef {
   int nesterov, first;
 } step_coef;
 
-/* One AdamW pass over n elements.  With commit 0 nothing is stored and the
- * return value is NaN if any new parameter or moment would be non-finite;
- * with commit 1 the new values are stored and the gradient zeroed.  The
- * loops are branch-free so the compiler vectorises them. */
 /* Accumulates non-finiteness of x: bit 31 of the result is set once any x
  * is NaN or infinite (see k_all_finite; integer ops vectorise). */
 static inline uint32_t worst_bits(uint32_t worst, float x) {
@@ -147,6 +143,7 @@ static inline uint32_t worst_bits(uint32_t worst, float x) {
   return worst | ((u & 0x7f800000u) + 0x00800000u);
 }
 
+/* Accumulates the largest magnitude as bits (see k_max_abs). */
 static inline uint32_t top_bits(uint32_t top, float x) {
   uint32_t u;
   memcpy(&u, &x, sizeof u);
@@ -160,56 +157,70 @@ static float bits_float(uint32_t u) {
   return f;
 }
 
-IMML_HOT static float adamw_pass(const step_coef *k, size_t n,
-                                 float *restrict P, float *restrict G,
-                                 float *restrict M1, float *restrict M2,
-                                 int commit, float *max1, float *max2) {
+/* Every pass below is branch-free so the compiler vectorises it, and works
+ * on one range of the parameters (see step_range). */
+
+/* AdamW, exact check: computes every new value without storing it;
+ * returns worst_bits over them. */
+IMML_HOT static uint32_t adamw_check(const step_coef *k, size_t n,
+                                     const float *restrict P,
+                                     const float *restrict G,
+                                     const float *restrict M1,
+                                     const float *restrict M2) {
   const float clip = k->clip, decay = k->decay, b1 = k->b1, b2 = k->b2,
               c1 = 1.0f - k->b1, c2 = 1.0f - k->b2, bc2 = k->bc2_sqrt,
               eps = k->eps, step = k->step_size;
   uint32_t worst = 0;
-  if (commit) { /* also records the new max |m1|, max |m2| */
-    uint32_t top1 = 0, top2 = 0;
-    for (size_t i = 0; i < n; i++) {
-      const float g = G[i] * clip;
-      const float m1 = b1 * M1[i] + c1 * g;
-      const float m2 = b2 * M2[i] + c2 * g * g;
-      P[i] = P[i] * decay - step * (m1 / (sqrtf(m2) / bc2 + eps));
-      M1[i] = m1;
-      M2[i] = m2;
-      G[i] = 0.0f;
-      top1 = top_bits(top1, m1);
-      top2 = top_bits(top2, m2);
-    }
-    *max1 = bits_float(top1);
-    *max2 = bits_float(top2);
-  } else {
-    for (size_t i = 0; i < n; i++) {
-      const float g = G[i] * clip;
-      const float m1 = b1 * M1[i] + c1 * g;
-      const float m2 = b2 * M2[i] + c2 * g * g;
-      const float p = P[i] * decay - step * (m1 / (sqrtf(m2) / bc2 + eps));
-      worst = worst_bits(worst_bits(worst_bits(worst, p), m1), m2);
-    }
+  for (size_t i = 0; i < n; i++) {
+    const float g = G[i] * clip;
+    const float m1 = b1 * M1[i] + c1 * g;
+    const float m2 = b2 * M2[i] + c2 * g * g;
+    const float p = P[i] * decay - step * (m1 / (sqrtf(m2) / bc2 + eps));
+    worst = worst_bits(worst_bits(worst_bits(worst, p), m1), m2);
   }
-  return (worst & 0x80000000u) ? NAN : 0.0f;
+  return worst;
 }
 
-/* The cheap check an AdamW step runs first.  With max1 >= |M1_i| and
+/* AdamW, commit: stores the new values, zeroes the gradient and records
+ * max |m1| (top[0]) and max |m2| (top[1]) as bits. */
+IMML_HOT static void adamw_commit(const step_coef *k, size_t n,
+                                  float *restrict P, float *restrict G,
+                                  float *restrict M1, float *restrict M2,
+                                  uint32_t *top) {
+  const float clip = k->clip, decay = k->decay, b1 = k->b1, b2 = k->b2,
+              c1 = 1.0f - k->b1, c2 = 1.0f - k->b2, bc2 = k->bc2_sqrt,
+              eps = k->eps, step = k->step_size;
+  uint32_t top1 = 0, top2 = 0;
+  for (size_t i = 0; i < n; i++) {
+    const float g = G[i] * clip;
+    const float m1 = b1 * M1[i] + c1 * g;
+    const float m2 = b2 * M2[i] + c2 * g * g;
+    P[i] = P[i] * decay - step * (m1 / (sqrtf(m2) / bc2 + eps));
+    M1[i] = m1;
+    M2[i] = m2;
+    G[i] = 0.0f;
+    top1 = top_bits(top1, m1);
+    top2 = top_bits(top2, m2);
+  }
+  top[0] = top1;
+  top[1] = top2;
+}
+
+/* AdamW, the cheap check a step runs first.  With max1 >= |M1_i| and
  * max2 >= M2_i >= 0 for every i,
  *   |m1| = |b1 M1 + c1 g| <= b1 max1 + c1 |g|,
  *   0 <= m2 = b2 M2 + c2 g g <= b2 max2 + c2 g g,
  *   |P decay - step m1 / (sqrt(m2) / bc2 + eps)| <= |P decay| + step |m1| / eps
  * (the denominator is at least eps), and rounding is monotonic, so these
  * float bounds hold for the values the commit will compute.  The pass
- * reads only P and G and has no square root or division.  Returns 1 when
- * every bound is finite and below 1e37 (room for the rounding of each
- * operation): then no new value can overflow.  Otherwise the caller runs
- * the exact check (adamw_pass with commit 0). */
-IMML_HOT static int adamw_bounded(const step_coef *k, size_t n,
-                                  const float *restrict P,
-                                  const float *restrict G, float max1,
-                                  float max2) {
+ * reads only P and G and has no square root or division.  Returns the
+ * largest bound as bits: when it is below 1e37 (room for the rounding of
+ * each operation), no new value can overflow; otherwise the caller runs
+ * the exact check. */
+IMML_HOT static uint32_t adamw_bound(const step_coef *k, size_t n,
+                                     const float *restrict P,
+                                     const float *restrict G, float max1,
+                                     float max2) {
   const float clip = k->clip, decay = fabsf(k->decay), c1 = 1.0f - k->b1,
               c2 = 1.0f - k->b2, reach = k->step_size / k->eps,
               base1 = k->b1 * max1, base2 = k->b2 * max2;
@@ -220,13 +231,15 @@ IMML_HOT static int adamw_bounded(const step_coef *k, size_t n,
     const float m2 = base2 + c2 * g * g;
     top = top_bits(top_bits(top, fabsf(P[i]) * decay + reach * m1), m2);
   }
-  return top <= 0x7f800000u && bits_float(top) < 1e37f;
+  return top;
 }
 
-/* One SGD pass (PyTorch semantics, dampening 0), same contract. */
-IMML_HOT static float sgd_pass(const step_coef *k, size_t n, float *restrict P,
-                               float *restrict G, float *restrict M1,
-                               int commit) {
+/* One SGD pass (PyTorch semantics, dampening 0): with commit 0 returns
+ * worst_bits over the new values, with commit 1 stores them and zeroes the
+ * gradient. */
+IMML_HOT static uint32_t sgd_pass(const step_coef *k, size_t n,
+                                  float *restrict P, float *restrict G,
+                                  float *restrict M1, int commit) {
   const float clip = k->clip, wd = k->wd, mom = k->mom, lr = k->lr;
   uint32_t worst = 0;
   if (mom == 0.0f) {
@@ -239,7 +252,7 @@ IMML_HOT static float sgd_pass(const step_coef *k, size_t n, float *restrict P,
         worst = worst_bits(worst, p);
       }
     }
-    return (worst & 0x80000000u) ? NAN : 0.0f;
+    return worst;
   }
   const float keep = k->first ? 0.0f : mom; /* first step: buf = d */
   const float nest = k->nesterov ? mom : 0.0f;
@@ -258,7 +271,55 @@ IMML_HOT static float sgd_pass(const step_coef *k, size_t n, float *restrict P,
       worst = worst_bits(worst_bits(worst, p), buf);
     }
   }
-  return (worst & 0x80000000u) ? NAN : 0.0f;
+  return worst;
+}
+
+enum { PASS_BOUND, PASS_CHECK, PASS_COMMIT };
+
+/* One pass of a step over all parameters, split by imml_par_for; out[part]
+ * receives the part's bits (two words for an AdamW commit). */
+typedef struct step_job {
+  const step_coef *k;
+  float *P, *G, *M1, *M2;
+  int adamw, pass;
+  float max1, max2;
+  uint32_t out[IMML_PAR_MAX][2];
+} step_job;
+
+static void step_range(void *ctx, int part, size_t lo, size_t hi) {
+  step_job *j = ctx;
+  const size_t n = hi - lo;
+  float *P = j->P + lo, *G = j->G + lo, *M1 = j->M1 + lo,
+        *M2 = j->M2 ? j->M2 + lo : NULL;
+  uint32_t *out = j->out[part];
+  if (!j->adamw)
+    out[0] = sgd_pass(j->k, n, P, G, M1, j->pass == PASS_COMMIT);
+  else if (j->pass == PASS_BOUND)
+    out[0] = adamw_bound(j->k, n, P, G, j->max1, j->max2);
+  else if (j->pass == PASS_CHECK)
+    out[0] = adamw_check(j->k, n, P, G, M1, M2);
+  else
+    adamw_commit(j->k, n, P, G, M1, M2, out);
+}
+
+/* Runs one pass; returns the OR (checks) or the max (bound) of the parts'
+ * first words; a commit leaves both words combined by max in out[0]. */
+static uint32_t run_pass(step_job *j, size_t n, int pass) {
+  j->pass = pass;
+  const int parts = imml_par_for(n, step_range, j);
+  uint32_t r0 = 0, r1 = 0;
+  for (int i = 0; i < parts; i++) {
+    const uint32_t a = j->out[i][0], b = j->out[i][1];
+    if (pass == PASS_CHECK || !j->adamw) {
+      r0 |= a;
+    } else {
+      r0 = a > r0 ? a : r0;
+      r1 = b > r1 ? b : r1;
+    }
+  }
+  j->out[0][0] = r0;
+  j->out[0][1] = r1;
+  return r0;
 }
 
 imml_status imml_step(imml_model *m) {
@@ -303,22 +364,29 @@ imml_status imml_step(imml_model *m) {
   k.step_size = (float)((double)k.lr / (1.0 - pow((double)k.b1, t)));
   k.bc2_sqrt = (float)sqrt(1.0 - pow((double)k.b2, t));
   const int adamw = o->cfg.kind == IMML_OPT_ADAMW;
+  step_job j;
+  memset(&j, 0, sizeof j);
+  j.k = &k;
+  j.P = P;
+  j.G = G;
+  j.M1 = o->m1;
+  j.M2 = adamw ? o->m2 : NULL;
+  j.adamw = adamw;
   /* Pass 1 proves every new value finite without storing it (AdamW: a
    * bound first, the exact values only if the bound is inconclusive); only
    * then does pass 2 commit, so a refused step changes nothing. */
-  float bad = 0.0f;
-  if (!adamw) {
-    bad = sgd_pass(&k, n, P, G, o->m1, 0);
-  } else {
+  int proven = 0;
+  if (adamw) {
     if (isnan(o->max1) || isnan(o->max2)) {
       o->max1 = k_max_abs(n, o->m1); /* a NaN or infinite moment stays */
       o->max2 = k_max_abs(n, o->m2); /* non-finite: the exact check runs */
     }
-    if (!(k.step_size / k.eps < 1e30f && o->max1 < 1e37f && o->max2 < 1e37f &&
-          adamw_bounded(&k, n, P, G, o->max1, o->max2)))
-      bad = adamw_pass(&k, n, P, G, o->m1, o->m2, 0, NULL, NULL);
+    j.max1 = o->max1;
+    j.max2 = o->max2;
+    if (k.step_size / k.eps < 1e30f && o->max1 < 1e37f && o->max2 < 1e37f)
+      proven = bits_float(run_pass(&j, n, PASS_BOUND)) < 1e37f;
   }
-  if (isnan(bad)) {
+  if (!proven && (run_pass(&j, n, PASS_CHECK) & 0x80000000u)) {
     if (!k_all_finite(n, G))
       return imml_fail(m, IMML_ERR_NONFINITE,
                        "gradients are not finite; the step was refused and "
@@ -328,10 +396,11 @@ imml_status imml_step(imml_model *m) {
                      "non-finite (lr %g too large?); nothing changed",
                      (double)k.lr);
   }
-  if (adamw)
-    adamw_pass(&k, n, P, G, o->m1, o->m2, 1, &o->max1, &o->max2);
-  else
-    sgd_pass(&k, n, P, G, o->m1, 1);
+  run_pass(&j, n, PASS_COMMIT);
+  if (adamw) {
+    o->max1 = bits_float(j.out[0][0]);
+    o->max2 = bits_float(j.out[0][1]);
+  }
   m->grads_zero_hint = 1;
   o->t++;
   o->has_buf = o->has_buf || (!adamw && k.mom != 0.0f);

@@ -11,7 +11,10 @@
  *   single-threaded predictions and leaves the model untouched;
  * - several threads loading the same buffer at once get the same model;
  * - a data-parallel step over threads (imml_set_collective with an
- *   allgather over a barrier) keeps every rank's model identical.
+ *   allgather over a barrier) keeps every rank's model identical;
+ * - the passes over every parameter that libimml splits across threads of
+ *   its own (optimiser step, gradient checks; lib/par.c) give, bit for bit,
+ *   what one thread gives, and still refuse a bad step as a whole.
  *
  * Run under ThreadSanitizer in CI (.ci/run). */
 #include "check_main.h"
@@ -731,6 +734,170 @@ START_TEST(test_collective_over_threads) {
 }
 END_TEST
 
+/* ------------------------------------------------------------------ */
+/* Passes split across libimml's own threads                           */
+/* ------------------------------------------------------------------ */
+
+/* lib/par.c (internal; the test links the library's objects) */
+int imml_par_parts(size_t n);
+int imml_par_all_finite(size_t n, const float *x);
+int imml_par_all_zero(size_t n, const float *x);
+
+#define BIG_D 2100 /* 2 x 2100 x 256 weights: over 1 Mi parameters */
+
+static imml_model *big_model(int kind) {
+  static const int dims[2] = {BIG_D, BIG_D};
+  imml_config c;
+  imml_config_init(&c);
+  c.n_modalities = 2;
+  c.dims = dims;
+  c.hidden_dim = 256;
+  c.knowledge_dim = 8;
+  c.n_classes = 3;
+  c.max_batch = 4;
+  c.dict_size = 8;
+  c.predominant = 0;
+  c.seed = 77;
+  imml_model *m = NULL;
+  ck_assert_int_eq(imml_model_create(&c, NULL, &m), IMML_OK);
+  imml_optim_config o;
+  imml_optim_config_init(&o, (imml_optimizer_kind)kind);
+  o.lr = 1e-2f;
+  if (kind == IMML_OPT_SGD)
+    o.momentum = 0.9f;
+  ck_assert_int_eq(imml_optim_setup(m, &o), IMML_OK);
+  return m;
+}
+
+static void big_steps(imml_model *m, int steps) {
+  static float x[2][4 * BIG_D];
+  const float *f[2] = {x[0], x[1]};
+  int y[4];
+  drng r = {5};
+  for (int s = 0; s < steps; s++) {
+    for (int i = 0; i < 4; i++)
+      y[i] = (int)(drng_u64(&r) % 3u);
+    for (int mm = 0; mm < 2; mm++)
+      for (int i = 0; i < 4 * BIG_D; i++)
+        x[mm][i] = drng_unif(&r);
+    ck_assert_int_eq(imml_forward(m, IMML_MODE_TRAIN, 4, f, y, NULL, NULL),
+                     IMML_OK);
+    ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
+    ck_assert_int_eq(imml_step(m), IMML_OK);
+  }
+}
+
+static void *save_all(imml_model *m, size_t *len) {
+  size_t n = 0;
+  ck_assert_int_eq(imml_save_mem(m, NULL, 0, &n), IMML_OK); /* size query */
+  void *buf = malloc(n);
+  ck_assert_ptr_nonnull(buf);
+  ck_assert_int_eq(imml_save_mem(m, buf, n, &n), IMML_OK);
+  *len = n;
+  return buf;
+}
+
+/* The same optimiser steps (same gradients, written through
+ * imml_params_flat) at 1 and at 4 threads: the same checkpoint
+ * (parameters, optimiser moments) byte for byte.  (Only the step is
+ * compared: OpenBLAS's own threads may round a product differently.) */
+START_TEST(test_split_step_matches_one_thread) {
+  const int kind = _i ? IMML_OPT_SGD : IMML_OPT_ADAMW;
+  const int before = imml_blas_threads(0);
+  imml_blas_threads(1);
+  imml_model *m0 = big_model(kind);
+  big_steps(m0, 2); /* moments away from zero */
+  size_t len[2];
+  void *ck[2];
+  ck[0] = save_all(m0, &len[0]);
+  imml_model *m[2] = {m0, NULL};
+  ck_assert_int_eq(imml_load_mem(ck[0], len[0], NULL, &m[1]), IMML_OK);
+  free(ck[0]);
+  size_t n = 0;
+  ck_assert_int_eq(imml_params_flat(m0, NULL, NULL, &n), IMML_OK);
+  ck_assert_uint_gt(n, (size_t)1 << 20);
+  for (int t = 0; t < 2; t++) {
+    imml_blas_threads(t ? 4 : 1);
+    if (t == 0)
+      ck_assert_int_eq(imml_par_parts(n), 1);
+    else if (imml_blas_threads(0) >= 2)
+      ck_assert_int_ge(imml_par_parts(n), 2);
+    else
+      fprintf(stderr, "# this BLAS cannot set its thread count: the split "
+                      "passes ran on one thread\n");
+    float *p, *g;
+    ck_assert_int_eq(imml_params_flat(m[t], &p, &g, &n), IMML_OK);
+    drng r = {99};
+    for (int s = 0; s < 3; s++) {
+      for (size_t i = 0; i < n; i++)
+        g[i] = 1e-2f * drng_unif(&r);
+      ck_assert_int_eq(imml_step(m[t]), IMML_OK);
+    }
+    ck[t] = save_all(m[t], &len[t]);
+    imml_model_free(m[t]);
+  }
+  imml_blas_threads(before > 0 ? before : 1);
+  ck_assert_uint_eq(len[0], len[1]);
+  ck_assert_msg(memcmp(ck[0], ck[1], len[0]) == 0,
+                "checkpoints after 3 steps differ between 1 and 4 threads");
+  free(ck[0]);
+  free(ck[1]);
+}
+END_TEST
+
+/* A non-finite value in the last part still refuses the whole step (or
+ * backward), and leaves every part as it was. */
+START_TEST(test_split_step_refuses_as_a_whole) {
+  const int before = imml_blas_threads(0);
+  imml_blas_threads(4);
+  imml_model *m = big_model(IMML_OPT_ADAMW);
+  big_steps(m, 1);
+  float *p, *g;
+  size_t n = 0;
+  ck_assert_int_eq(imml_params_flat(m, &p, &g, &n), IMML_OK);
+  size_t len0, len1;
+  void *ck0 = save_all(m, &len0);
+  for (size_t i = 0; i < n; i++)
+    g[i] = 1e-3f;
+  g[n - 1] = NAN;
+  ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE);
+  ck_assert_float_eq(g[0], 1e-3f); /* the first part was not committed */
+  g[n - 1] = 3e38f;                /* finite, but g² overflows m2 */
+  ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE);
+  ck_assert_ptr_nonnull(strstr(imml_errmsg(m), "non-finite"));
+  void *ck1 = save_all(m, &len1);
+  ck_assert_uint_eq(len0, len1);
+  ck_assert_msg(memcmp(ck0, ck1, len0) == 0, "a refused step changed the "
+                                             "model");
+  free(ck0);
+  free(ck1);
+  imml_model_free(m);
+  imml_blas_threads(before > 0 ? before : 1);
+}
+END_TEST
+
+/* The split whole-array checks find a bad value in any part. */
+START_TEST(test_split_checks_find_any_part) {
+  const int before = imml_blas_threads(0);
+  imml_blas_threads(4);
+  const size_t n = ((size_t)3 << 20) + 5;
+  float *x = calloc(n, sizeof *x);
+  ck_assert_ptr_nonnull(x);
+  ck_assert(imml_par_all_zero(n, x));
+  ck_assert(imml_par_all_finite(n, x));
+  const size_t at[4] = {0, n / 2, n - 17, n - 1};
+  for (int i = 0; i < 4; i++) {
+    x[at[i]] = -0.0f;
+    ck_assert_msg(!imml_par_all_zero(n, x), "-0.0 at %zu missed", at[i]);
+    x[at[i]] = INFINITY;
+    ck_assert_msg(!imml_par_all_finite(n, x), "inf at %zu missed", at[i]);
+    x[at[i]] = 0.0f;
+  }
+  free(x);
+  imml_blas_threads(before > 0 ? before : 1);
+}
+END_TEST
+
 static Suite *threads_suite(void) {
   Suite *s = suite_create("threads");
   TCase *tc = tcase_create("threads");
@@ -738,6 +905,9 @@ static Suite *threads_suite(void) {
   tcase_add_loop_test(tc, test_concurrent_predict_while_training, 0, 2);
   tcase_add_test(tc, test_concurrent_load);
   tcase_add_test(tc, test_collective_over_threads);
+  tcase_add_loop_test(tc, test_split_step_matches_one_thread, 0, 2);
+  tcase_add_test(tc, test_split_step_refuses_as_a_whole);
+  tcase_add_test(tc, test_split_checks_find_any_part);
   suite_add_tcase(s, tc);
   return s;
 }

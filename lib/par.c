@@ -1,0 +1,98 @@
+/* Splitting the element-wise passes over every parameter (the optimiser
+ * step, the gradient checks) across threads.  libimml keeps no threads of
+ * its own: a pass long enough to pay for it starts short-lived helpers and
+ * joins them before returning, so no thread outlives a call and nothing
+ * needs shutting down.  The thread count follows the BLAS's own setting
+ * (imml_blas_threads), which the host already sizes to its cores. */
+#include "internal.h"
+#include "kernels.h"
+
+#include <pthread.h>
+
+/* A part shorter than this (in elements) is not worth a thread: starting
+ * and joining one costs tens of microseconds, a pass over 512 Ki floats
+ * about a hundred. */
+#define PAR_MIN_PART ((size_t)1 << 19)
+
+typedef struct par_task {
+  imml_range_fn fn;
+  void *ctx;
+  int part;
+  size_t lo, hi;
+} par_task;
+
+static void *par_run(void *arg) {
+  const par_task *t = arg;
+  t->fn(t->ctx, t->part, t->lo, t->hi);
+  return NULL;
+}
+
+int imml_par_parts(size_t n) {
+  int threads = imml_blas_threads(0);
+  if (threads > IMML_PAR_MAX)
+    threads = IMML_PAR_MAX;
+  size_t by_size = n / PAR_MIN_PART;
+  int parts = by_size < (size_t)threads ? (int)by_size : threads;
+  return parts < 1 ? 1 : parts;
+}
+
+int imml_par_for(size_t n, imml_range_fn fn, void *ctx) {
+  const int parts = imml_par_parts(n);
+  if (parts == 1) {
+    fn(ctx, 0, 0, n);
+    return 1;
+  }
+  /* Boundaries on 16-float (64-byte) multiples: no two threads write
+   * the same cache line. */
+  size_t chunk = (n + (size_t)parts - 1) / (size_t)parts;
+  chunk = (chunk + 15) & ~(size_t)15;
+  par_task task[IMML_PAR_MAX];
+  pthread_t tid[IMML_PAR_MAX];
+  int started[IMML_PAR_MAX] = {0};
+  for (int i = 0; i < parts; i++) {
+    const size_t lo = (size_t)i * chunk < n ? (size_t)i * chunk : n;
+    const size_t hi = lo + chunk < n ? lo + chunk : n;
+    task[i] = (par_task){fn, ctx, i, lo, hi};
+  }
+  for (int i = 1; i < parts; i++)
+    started[i] = pthread_create(&tid[i], NULL, par_run, &task[i]) == 0;
+  par_run(&task[0]);
+  for (int i = 1; i < parts; i++) {
+    if (started[i])
+      pthread_join(tid[i], NULL);
+    else /* no thread to be had: the caller does that part too */
+      par_run(&task[i]);
+  }
+  return parts;
+}
+
+/* Whole-array checks over the parameters or gradients, split the same way
+ * (each part's verdict in its own slot, combined after the join). */
+typedef struct check_job {
+  const float *x;
+  int (*test)(size_t, const float *);
+  int ok[IMML_PAR_MAX];
+} check_job;
+
+static void check_range(void *ctx, int part, size_t lo, size_t hi) {
+  check_job *j = ctx;
+  j->ok[part] = j->test(hi - lo, j->x + lo);
+}
+
+static int par_check(size_t n, const float *x,
+                     int (*test)(size_t, const float *)) {
+  check_job j = {x, test, {0}};
+  const int parts = imml_par_for(n, check_range, &j);
+  int ok = 1;
+  for (int i = 0; i < parts; i++)
+    ok &= j.ok[i];
+  return ok;
+}
+
+int imml_par_all_finite(size_t n, const float *x) {
+  return par_check(n, x, k_all_finite);
+}
+
+int imml_par_all_zero(size_t n, const float *x) {
+  return par_check(n, x, k_all_zero);
+}
