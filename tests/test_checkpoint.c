@@ -7,6 +7,7 @@
  * of write_model() (little-endian u32/u64/f32 fields, see walk_layout())
  * and CRC-32 IEEE 802.3 computed bit by bit (crc32_ref()). */
 #include "check_main.h"
+#include "common.h"
 #include "internal.h"
 
 #include <dirent.h>
@@ -30,17 +31,6 @@
 
 /* ---- deterministic data -------------------------------------------- */
 
-static uint64_t splitmix(uint64_t *s) {
-  uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-static float unif(uint64_t *s) {
-  return (float)((double)(splitmix(s) >> 11) * 0x1p-52 - 1.0);
-}
-
 /* One batch; f[] points into the struct, so it is filled in place. */
 typedef struct batch {
   float x0[MAXB * DIM0];
@@ -53,12 +43,12 @@ typedef struct batch {
 static void make_batch(batch *b, uint64_t seed, int B) {
   uint64_t s = seed * 7919u + 1u;
   for (int i = 0; i < B; i++) {
-    b->y[i] = (int)(splitmix(&s) % NCLS);
+    b->y[i] = (int)(splitmix64(&s) % NCLS);
     for (int j = 0; j < DIM0; j++)
       b->x0[i * DIM0 + j] =
-          unif(&s) + (j == 0 ? (b->y[i] ? 0.8f : -0.8f) : 0.0f);
+          splitmix_unif(&s) + (j == 0 ? (b->y[i] ? 0.8f : -0.8f) : 0.0f);
     for (int j = 0; j < DIM1; j++)
-      b->x1[i * DIM1 + j] = unif(&s);
+      b->x1[i * DIM1 + j] = splitmix_unif(&s);
   }
   b->f[0] = b->x0;
   b->f[1] = b->x1;
@@ -242,8 +232,6 @@ static int same_bits(const void *a, const void *b, size_t n) {
   return n == 0 || memcmp(a, b, n) == 0;
 }
 
-static int same_f(float a, float b) { return memcmp(&a, &b, sizeof a) == 0; }
-
 /* Everything a checkpoint holds, compared bit for bit, and the EVAL logits. */
 static void assert_models_equal(imml_model *a, imml_model *b,
                                 const char *label) {
@@ -305,14 +293,8 @@ static void assert_models_equal(imml_model *a, imml_model *b,
   ck_assert_msg(oa->active == ob->active, "%s: optimiser presence differs",
                 label);
   if (oa->active) {
-    const imml_optim_config *x = &oa->cfg, *y = &ob->cfg;
-    ck_assert_msg(
-        x->kind == y->kind && same_f(x->lr, y->lr) &&
-            same_f(x->weight_decay, y->weight_decay) &&
-            same_f(x->momentum, y->momentum) && x->nesterov == y->nesterov &&
-            same_f(x->beta1, y->beta1) && same_f(x->beta2, y->beta2) &&
-            same_f(x->eps, y->eps) && same_f(x->clip_norm, y->clip_norm),
-        "%s: optimiser configuration differs", label);
+    ck_assert_msg(same_optim_config(&oa->cfg, &ob->cfg),
+                  "%s: optimiser configuration differs", label);
     ck_assert_msg(oa->t == ob->t && oa->has_buf == ob->has_buf,
                   "%s: optimiser step %lld/%lld has_buf %d/%d", label,
                   (long long)oa->t, (long long)ob->t, oa->has_buf, ob->has_buf);

@@ -26,6 +26,7 @@
  * and EMAs, the predominant modality) must be identical, and every rank
  * must hold the same bits as every other. */
 #include "check_main.h"
+#include "common.h"
 
 #include "imml.h"
 #include "internal.h"
@@ -47,29 +48,6 @@
 /* ------------------------------------------------------------------ */
 /* Helpers                                                             */
 /* ------------------------------------------------------------------ */
-
-/* Test-data generator (splitmix64 stream), independent of the library. */
-typedef struct drng {
-  uint64_t s;
-} drng;
-
-static uint64_t drng_u64(drng *r) {
-  uint64_t z = (r->s += 0x9e3779b97f4a7c15ULL);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-/* Uniform in [-1, 1). */
-static float drng_unif(drng *r) {
-  return (float)((double)(drng_u64(r) >> 40) * 0x1.0p-24 * 2.0 - 1.0);
-}
-
-static void *xcalloc(size_t n, size_t size) {
-  void *p = calloc(n ? n : 1, size ? size : 1);
-  ck_assert_ptr_nonnull(p);
-  return p;
-}
 
 static void *xmemdup(const void *src, size_t bytes) {
   void *p = xcalloc(1, bytes);
@@ -794,60 +772,6 @@ static void small_cfg(imml_config *c, int predominant) {
   c->seed = 5;
 }
 
-/* Everything a failed call must leave as it was. */
-typedef struct snap {
-  float *params, *grads, *dict, *m1, *m2;
-  int fill, pos, p, fixed, steps;
-  int64_t t;
-  float ema[IMML_MAX_MODALITIES];
-} snap;
-
-static void snap_take(snap *s, const imml_model *m) {
-  const size_t np = m->n_params;
-  const size_t dn = (size_t)m->cfg.dict_size * (size_t)m->cfg.n_modalities *
-                    (size_t)m->cfg.knowledge_dim;
-  s->params = xmemdup(m->params, np * sizeof(float));
-  s->grads = xmemdup(m->grads, np * sizeof(float));
-  s->dict = xmemdup(m->dict, dn * sizeof(float));
-  s->m1 = m->opt.m1 ? xmemdup(m->opt.m1, np * sizeof(float)) : NULL;
-  s->m2 = m->opt.m2 ? xmemdup(m->opt.m2, np * sizeof(float)) : NULL;
-  s->fill = m->dict_fill;
-  s->pos = m->dict_pos;
-  s->p = m->p;
-  s->fixed = m->p_fixed;
-  s->steps = m->steps;
-  s->t = m->opt.t;
-  memcpy(s->ema, m->ema, sizeof s->ema);
-}
-
-static void snap_check(const snap *s, const imml_model *m) {
-  const size_t np = m->n_params;
-  const size_t dn = (size_t)m->cfg.dict_size * (size_t)m->cfg.n_modalities *
-                    (size_t)m->cfg.knowledge_dim;
-  ck_assert(memcmp(s->params, m->params, np * sizeof(float)) == 0);
-  ck_assert(memcmp(s->grads, m->grads, np * sizeof(float)) == 0);
-  ck_assert(memcmp(s->dict, m->dict, dn * sizeof(float)) == 0);
-  if (s->m1)
-    ck_assert(memcmp(s->m1, m->opt.m1, np * sizeof(float)) == 0);
-  if (s->m2)
-    ck_assert(memcmp(s->m2, m->opt.m2, np * sizeof(float)) == 0);
-  ck_assert_int_eq(s->fill, m->dict_fill);
-  ck_assert_int_eq(s->pos, m->dict_pos);
-  ck_assert_int_eq(s->p, m->p);
-  ck_assert_int_eq(s->fixed, m->p_fixed);
-  ck_assert_int_eq(s->steps, m->steps);
-  ck_assert(s->t == m->opt.t);
-  ck_assert(memcmp(s->ema, m->ema, sizeof s->ema) == 0);
-}
-
-static void snap_free(snap *s) {
-  free(s->params);
-  free(s->grads);
-  free(s->dict);
-  free(s->m1);
-  free(s->m2);
-}
-
 static void attach_fake(imml_model *m, fake *f) {
   imml_collective col;
   imml_collective_init(&col);
@@ -887,7 +811,7 @@ START_TEST(test_allgather_failure_changes_nothing) {
   ck_assert_int_eq(imml_dict_fill(m),
                    pre * 2 * B < c.dict_size ? pre * 2 * B : c.dict_size);
   snap s;
-  snap_take(&s, m);
+  snap_take(m, &s);
   f.fail = damage == DMG_NONE ? 5 : 0;
   f.damage = damage;
   const imml_status st = imml_forward(
@@ -903,9 +827,9 @@ START_TEST(test_allgather_failure_changes_nothing) {
   ck_assert(imml_errmsg(m)[0] != '\0');
   if (damage == DMG_NONE)
     ck_assert_ptr_nonnull(strstr(imml_errmsg(m), "allgather"));
-  snap_check(&s, m);
+  expect_unchanged(m, &s, "failed collective forward");
   ck_assert_int_eq(imml_backward(m, NULL), IMML_ERR_STATE);
-  snap_check(&s, m);
+  expect_unchanged(m, &s, "backward after the failed forward");
   /* The next good step works. */
   f.fail = 0;
   f.damage = DMG_NONE;

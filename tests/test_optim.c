@@ -25,6 +25,7 @@
  * rule's ingredient change the result by more than 1e-4 relative, so a wrong
  * rule cannot hide inside TOL. */
 #include "check_main.h"
+#include "common.h"
 #include "internal.h"
 
 #include <math.h>
@@ -38,18 +39,6 @@
 #define MOVED 1e-3
 
 /* ---- deterministic data -------------------------------------------- */
-
-static uint64_t splitmix(uint64_t *s) {
-  uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-/* Uniform in [-1, 1). */
-static float unif(uint64_t *s) {
-  return (float)((double)(splitmix(s) >> 11) * 0x1p-52 - 1.0);
-}
 
 /* M = 2, dims {3, 2}, H = 4, k = 2, C = 3, B <= 4, J = 3; predominant
  * fixed so a training forward runs the whole model from the first step. */
@@ -86,7 +75,7 @@ static void fill_grads(imml_model *m, uint64_t seed, float scale) {
   const size_t n = flat(m, &p, &g);
   uint64_t s = seed;
   for (size_t i = 0; i < n; i++)
-    g[i] = scale * unif(&s);
+    g[i] = scale * splitmix_unif(&s);
 }
 
 static void setup_ok(imml_model *m, const imml_optim_config *c) {
@@ -354,11 +343,11 @@ END_TEST
 static void make_batch(uint64_t seed, float *x0, float *x1, int *y, int B) {
   uint64_t s = seed;
   for (int i = 0; i < B; i++) {
-    y[i] = (int)(splitmix(&s) % 3);
+    y[i] = (int)(splitmix64(&s) % 3);
     for (int j = 0; j < 3; j++)
-      x0[i * 3 + j] = unif(&s) + (j == 0 ? 0.7f * (float)y[i] : 0.0f);
+      x0[i * 3 + j] = splitmix_unif(&s) + (j == 0 ? 0.7f * (float)y[i] : 0.0f);
     for (int j = 0; j < 2; j++)
-      x1[i * 2 + j] = unif(&s);
+      x1[i * 2 + j] = splitmix_unif(&s);
   }
 }
 
@@ -526,60 +515,6 @@ START_TEST(test_config_defaults) {
 }
 END_TEST
 
-/* The full optimiser state, for "nothing changed" checks. */
-typedef struct snap {
-  size_t n;
-  float *p, *g, *m1, *m2;
-  imml_optim opt;
-} snap;
-
-static void snap_take(snap *s, imml_model *m) {
-  float *p, *g;
-  s->n = flat(m, &p, &g);
-  s->p = copy_f(p, s->n);
-  s->g = copy_f(g, s->n);
-  s->opt = m->opt;
-  s->m1 = m->opt.active ? copy_f(m->opt.m1, s->n) : NULL;
-  s->m2 = m->opt.active ? copy_f(m->opt.m2, s->n) : NULL;
-}
-
-static void snap_check(const snap *s, imml_model *m, const char *label) {
-  float *p, *g;
-  const size_t n = flat(m, &p, &g);
-  ck_assert_uint_eq(n, s->n);
-  ck_assert_msg(memcmp(p, s->p, n * sizeof *p) == 0, "%s: parameters changed",
-                label);
-  ck_assert_msg(memcmp(g, s->g, n * sizeof *g) == 0, "%s: gradients changed",
-                label);
-  const imml_optim *a = &s->opt, *b = &m->opt;
-  ck_assert_msg(a->active == b->active && a->t == b->t &&
-                    a->has_buf == b->has_buf && a->block == b->block &&
-                    a->m1 == b->m1 && a->m2 == b->m2,
-                "%s: optimiser bookkeeping changed", label);
-  const imml_optim_config *x = &a->cfg, *y = &b->cfg;
-  ck_assert_msg(
-      x->kind == y->kind && !memcmp(&x->lr, &y->lr, 4) &&
-          !memcmp(&x->weight_decay, &y->weight_decay, 4) &&
-          !memcmp(&x->momentum, &y->momentum, 4) &&
-          x->nesterov == y->nesterov && !memcmp(&x->beta1, &y->beta1, 4) &&
-          !memcmp(&x->beta2, &y->beta2, 4) && !memcmp(&x->eps, &y->eps, 4) &&
-          !memcmp(&x->clip_norm, &y->clip_norm, 4),
-      "%s: optimiser configuration changed", label);
-  if (s->m1) {
-    ck_assert_msg(memcmp(b->m1, s->m1, n * sizeof(float)) == 0,
-                  "%s: first moment changed", label);
-    ck_assert_msg(memcmp(b->m2, s->m2, n * sizeof(float)) == 0,
-                  "%s: second moment changed", label);
-  }
-}
-
-static void snap_free(snap *s) {
-  free(s->p);
-  free(s->g);
-  free(s->m1);
-  free(s->m2);
-}
-
 /* Each case mutates a valid config into an invalid one and names the field
  * the message must name (as "<field> ="). */
 static const char *bad_config(int i, imml_optim_config *c) {
@@ -676,7 +611,7 @@ START_TEST(test_invalid_config_rejected) {
   }
   fill_grads(m, 50, 1.0f); /* pending gradients must survive too */
   snap before;
-  snap_take(&before, m);
+  snap_take(m, &before);
   imml_optim_config c;
   const char *field = bad_config(_i, &c);
   ck_assert_ptr_nonnull(field);
@@ -686,7 +621,7 @@ START_TEST(test_invalid_config_rejected) {
   ck_assert_msg(strstr(imml_errmsg(m), want) != NULL,
                 "case %d: message does not name '%s': '%s'", _i, field,
                 imml_errmsg(m));
-  snap_check(&before, m, "refused setup");
+  expect_unchanged(m, &before, "refused setup");
   snap_free(&before);
 
   /* The same config on a model without an optimiser leaves it without. */
@@ -805,12 +740,12 @@ START_TEST(test_nonfinite_gradient_refused) {
   fill_grads(m, 90, 1.0f);
   g[n / 2] = bad_values[value_case];
   snap before;
-  snap_take(&before, m);
+  snap_take(m, &before);
   ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE);
   ck_assert_str_ne(imml_errmsg(m), "");
-  snap_check(&before, m, "non-finite gradient");
+  expect_unchanged(m, &before, "non-finite gradient");
   ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE); /* still refused */
-  snap_check(&before, m, "non-finite gradient, again");
+  expect_unchanged(m, &before, "non-finite gradient, again");
   /* Repaired, the step goes through and continues the same trajectory. */
   g[n / 2] = 0.25f;
   ref_step(&r, &c, g);
@@ -875,10 +810,10 @@ START_TEST(test_overflowing_update_refused) {
     break;
   }
   snap before;
-  snap_take(&before, m);
+  snap_take(m, &before);
   ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE);
   ck_assert_str_ne(imml_errmsg(m), "");
-  snap_check(&before, m, "overflowing update");
+  expect_unchanged(m, &before, "overflowing update");
   snap_free(&before);
   imml_model_free(m);
 }
@@ -898,9 +833,9 @@ START_TEST(test_huge_lr_refused) {
   setup_ok(m, &c);
   snap before;
   fill_grads(m, 3, 1.0f);
-  snap_take(&before, m);
+  snap_take(m, &before);
   ck_assert_int_eq(imml_optim_set_lr(m, 1e38f), IMML_ERR_INVALID_ARG);
-  snap_check(&before, m, "refused set_lr");
+  expect_unchanged(m, &before, "refused set_lr");
   snap_free(&before);
   imml_model_free(m);
 }

@@ -18,6 +18,7 @@
  *
  * Run under ThreadSanitizer in CI (.ci/run). */
 #include "check_main.h"
+#include "common.h"
 
 #include "imml.h"
 
@@ -31,21 +32,6 @@
 /* ------------------------------------------------------------------ */
 /* Helpers                                                             */
 /* ------------------------------------------------------------------ */
-
-typedef struct drng {
-  uint64_t s;
-} drng;
-
-static uint64_t drng_u64(drng *r) {
-  uint64_t z = (r->s += 0x9e3779b97f4a7c15ULL);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-static float drng_unif(drng *r) {
-  return (float)((double)(drng_u64(r) >> 40) * 0x1.0p-24 * 2.0 - 1.0);
-}
 
 #define MAXM 3
 #define MAXD 9

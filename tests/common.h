@@ -1,0 +1,192 @@
+/* Helpers shared by the Check suites.  Each test_*.c is an executable of its
+ * own and uses only some of them, so they are all static inline:
+ *
+ * - the test-data generator (splitmix64), independent of the library's own
+ *   generator (test_properties.c keeps its own reference xoshiro on purpose);
+ * - xcalloc, a calloc that fails the test instead of returning NULL;
+ * - same_f and same_optim_config, bit-for-bit comparisons;
+ * - snap: a model's whole mutable state, for "a failed call (or an
+ *   evaluation) changes nothing" and "two models trained alike are alike". */
+#ifndef IMML_TESTS_COMMON_H
+#define IMML_TESTS_COMMON_H
+
+#include "imml.h"
+#include "internal.h"
+
+#include <check.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------ */
+/* Deterministic test data                                             */
+/* ------------------------------------------------------------------ */
+
+/* One step of splitmix64. */
+static inline uint64_t splitmix64(uint64_t *s) {
+  uint64_t z = (*s += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+/* Uniform in [-1, 1), from the top 53 bits of one step. */
+static inline float splitmix_unif(uint64_t *s) {
+  return (float)((double)(splitmix64(s) >> 11) * 0x1p-52 - 1.0);
+}
+
+/* A splitmix64 stream: drng r = {seed}. */
+typedef struct drng {
+  uint64_t s;
+} drng;
+
+static inline uint64_t drng_u64(drng *r) { return splitmix64(&r->s); }
+
+/* Uniform in [-1, 1), from the top 24 bits of one step. */
+static inline float drng_unif(drng *r) {
+  return (float)((double)(drng_u64(r) >> 40) * 0x1.0p-24 * 2.0 - 1.0);
+}
+
+/* ------------------------------------------------------------------ */
+/* Allocation and comparison                                           */
+/* ------------------------------------------------------------------ */
+
+/* Zeroed memory for n elements of size bytes (at least one byte). */
+static inline void *xcalloc(size_t n, size_t size) {
+  void *p = calloc(n ? n : 1, size ? size : 1);
+  ck_assert_ptr_nonnull(p);
+  return p;
+}
+
+/* The same bits (so -0 differs from +0, and a NaN equals itself). */
+static inline int same_f(float a, float b) {
+  return memcmp(&a, &b, sizeof a) == 0;
+}
+
+static inline int same_optim_config(const imml_optim_config *x,
+                                    const imml_optim_config *y) {
+  return x->kind == y->kind && same_f(x->lr, y->lr) &&
+         same_f(x->weight_decay, y->weight_decay) &&
+         same_f(x->momentum, y->momentum) && x->nesterov == y->nesterov &&
+         same_f(x->beta1, y->beta1) && same_f(x->beta2, y->beta2) &&
+         same_f(x->eps, y->eps) && same_f(x->clip_norm, y->clip_norm);
+}
+
+/* ------------------------------------------------------------------ */
+/* Model snapshots                                                     */
+/* ------------------------------------------------------------------ */
+
+/* Everything a failed call (or an evaluation) must leave bit-identical:
+ * parameters, gradients, the whole dictionary, its fill and position, the
+ * predominant and warm-up state, whether a training step is pending, and
+ * the optimiser: presence, configuration, step count, momentum flag and
+ * moments.  Also where the optimiser's buffers are, which only a
+ * comparison with the same model (expect_unchanged) looks at. */
+typedef struct snap {
+  size_t n, ndict;
+  float *params, *grads, *dict, *m1, *m2;
+  int fill, pos, p, fixed, steps, pending, opt_active, has_buf;
+  int64_t opt_t;
+  imml_optim_config ocfg;
+  float ema[IMML_MAX_MODALITIES];
+  const void *opt_block;
+  const float *opt_m1, *opt_m2;
+} snap;
+
+/* The snapshot's own (successful) API calls clear imml_errmsg(m). */
+static inline void snap_take(imml_model *m, snap *s) {
+  float *d = NULL, *g = NULL;
+  memset(s, 0, sizeof *s);
+  ck_assert_int_eq(imml_params_flat(m, &d, &g, &s->n), IMML_OK);
+  s->params = xcalloc(s->n, sizeof(float));
+  s->grads = xcalloc(s->n, sizeof(float));
+  memcpy(s->params, d, s->n * sizeof(float));
+  memcpy(s->grads, g, s->n * sizeof(float));
+  s->ndict = (size_t)m->cfg.dict_size * (size_t)m->cfg.n_modalities *
+             (size_t)m->cfg.knowledge_dim;
+  s->dict = xcalloc(s->ndict, sizeof(float));
+  memcpy(s->dict, m->dict, s->ndict * sizeof(float));
+  s->fill = imml_dict_fill(m);
+  s->pos = m->dict_pos;
+  s->pending = m->pending;
+  ck_assert_int_eq(imml_predominant(m, &s->p, &s->fixed), IMML_OK);
+  ck_assert_int_eq(imml_warmup_state(m, &s->steps, s->ema), IMML_OK);
+  s->opt_active = m->opt.active;
+  s->opt_t = m->opt.t;
+  s->has_buf = m->opt.has_buf;
+  s->ocfg = m->opt.cfg;
+  s->opt_block = m->opt.block;
+  s->opt_m1 = m->opt.m1;
+  s->opt_m2 = m->opt.m2;
+  if (m->opt.active) {
+    s->m1 = xcalloc(s->n, sizeof(float));
+    s->m2 = xcalloc(s->n, sizeof(float));
+    memcpy(s->m1, m->opt.m1, s->n * sizeof(float));
+    memcpy(s->m2, m->opt.m2, s->n * sizeof(float));
+  }
+}
+
+static inline void snap_free(snap *s) {
+  free(s->params);
+  free(s->grads);
+  free(s->dict);
+  free(s->m1);
+  free(s->m2);
+  memset(s, 0, sizeof *s);
+}
+
+/* a and b hold the same state (of one model at two times, or of two). */
+static inline void snap_check(const snap *a, const snap *b, const char *what) {
+  ck_assert_msg(a->n == b->n, "%s: parameter count changed", what);
+  ck_assert_msg(memcmp(a->params, b->params, a->n * sizeof(float)) == 0,
+                "%s: parameters changed", what);
+  ck_assert_msg(memcmp(a->grads, b->grads, a->n * sizeof(float)) == 0,
+                "%s: gradients changed", what);
+  ck_assert_msg(a->ndict == b->ndict &&
+                    memcmp(a->dict, b->dict, a->ndict * sizeof(float)) == 0,
+                "%s: dictionary contents changed", what);
+  ck_assert_msg(a->fill == b->fill, "%s: dictionary fill %d -> %d", what,
+                a->fill, b->fill);
+  ck_assert_msg(a->pos == b->pos, "%s: dictionary position %d -> %d", what,
+                a->pos, b->pos);
+  ck_assert_msg(a->p == b->p && a->fixed == b->fixed,
+                "%s: predominant (%d,%d) -> (%d,%d)", what, a->p, a->fixed,
+                b->p, b->fixed);
+  ck_assert_msg(a->steps == b->steps, "%s: warm-up steps %d -> %d", what,
+                a->steps, b->steps);
+  ck_assert_msg(memcmp(a->ema, b->ema, sizeof a->ema) == 0,
+                "%s: warm-up EMAs changed", what);
+  ck_assert_msg(a->pending == b->pending, "%s: pending step %d -> %d", what,
+                a->pending, b->pending);
+  ck_assert_msg(a->opt_active == b->opt_active,
+                "%s: optimiser presence %d -> %d", what, a->opt_active,
+                b->opt_active);
+  ck_assert_msg(same_optim_config(&a->ocfg, &b->ocfg),
+                "%s: optimiser configuration changed", what);
+  ck_assert_msg(a->opt_t == b->opt_t && a->has_buf == b->has_buf,
+                "%s: optimiser step %lld -> %lld, has_buf %d -> %d", what,
+                (long long)a->opt_t, (long long)b->opt_t, a->has_buf,
+                b->has_buf);
+  if (a->opt_active) {
+    ck_assert_msg(memcmp(a->m1, b->m1, a->n * sizeof(float)) == 0,
+                  "%s: first moment changed", what);
+    ck_assert_msg(memcmp(a->m2, b->m2, a->n * sizeof(float)) == 0,
+                  "%s: second moment changed", what);
+  }
+}
+
+/* Takes a snapshot of m and compares it with *before, taken of m too. */
+static inline void expect_unchanged(imml_model *m, const snap *before,
+                                    const char *what) {
+  snap now;
+  snap_take(m, &now);
+  snap_check(before, &now, what);
+  ck_assert_msg(now.opt_block == before->opt_block &&
+                    now.opt_m1 == before->opt_m1 &&
+                    now.opt_m2 == before->opt_m2,
+                "%s: optimiser buffers moved", what);
+  snap_free(&now);
+}
+
+#endif
