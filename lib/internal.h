@@ -42,18 +42,20 @@ typedef struct imml_acts {
   int warm; /* 1: forward ran in warm-up (slots = z, no L_con) */
   int p;    /* predominant modality used (-1 in warm-up) */
   int has_labels;
-  int gathered;                     /* training forward of a collective step */
-  int query_side;                   /* attention scores via qk, not kk */
-  fdc_view view;                    /* the strata attended over */
-  float *h[IMML_MAX_MODALITIES];    /* (B, d_m) copies, training only */
-  float *u[IMML_MAX_MODALITIES];    /* (B, H) relu(h W1 + b1) */
-  float *z[IMML_MAX_MODALITIES];    /* (B, k) knowledge */
-  float *o[IMML_MAX_MODALITIES];    /* (B, C) unimodal logits */
-  float *po[IMML_MAX_MODALITIES];   /* (B, C) softmax(o) */
-  float *nz[IMML_MAX_MODALITIES];   /* (B, k) row-normalised z */
-  float *r[IMML_MAX_MODALITIES];    /* (B) normalisation denominators */
-  float *s[IMML_MAX_MODALITIES];    /* (B, B) n_p n_aᵀ / tau, auxiliaries */
-  float *st[IMML_MAX_MODALITIES];   /* (B, B) its transpose */
+  int gathered;                   /* training forward of a collective step */
+  int query_side;                 /* attention scores via qk, not kk */
+  fdc_view view;                  /* the strata attended over */
+  float *h[IMML_MAX_MODALITIES];  /* (B, d_m) copies, training only */
+  float *u[IMML_MAX_MODALITIES];  /* (B, H) relu(h W1 + b1) */
+  float *z[IMML_MAX_MODALITIES];  /* (B, k) knowledge */
+  float *o[IMML_MAX_MODALITIES];  /* (B, C) unimodal logits */
+  float *po[IMML_MAX_MODALITIES]; /* (B, C) softmax(o) */
+  float *nz[IMML_MAX_MODALITIES]; /* (B, k) row-normalised z */
+  float *r[IMML_MAX_MODALITIES];  /* (B) normalisation denominators */
+  /* (B, B) S = n_p n_aᵀ / tau of each auxiliary and its transpose; once
+   * L_con is computed, each holds its rows' softmax (for the backward) */
+  float *s[IMML_MAX_MODALITIES];
+  float *st[IMML_MAX_MODALITIES];
   float *slot[IMML_MAX_MODALITIES]; /* (B, k) F&T inputs */
   float *q;                         /* (B, k) */
   float *kk;                        /* (Jmax, k) keys c = D Wk */
@@ -98,8 +100,8 @@ typedef struct imml_coll {
   float *z[IMML_MAX_MODALITIES];    /* (G, k) gathered knowledge */
   float *nz[IMML_MAX_MODALITIES];   /* (G, k) */
   float *r[IMML_MAX_MODALITIES];    /* (G) */
-  float *s[IMML_MAX_MODALITIES];    /* (G, G) auxiliaries */
-  float *st[IMML_MAX_MODALITIES];   /* (G, G) */
+  float *s[IMML_MAX_MODALITIES];    /* (G, G) as imml_acts.s */
+  float *st[IMML_MAX_MODALITIES];   /* (G, G) as imml_acts.st */
   float *ds, *dst;                  /* (G, G) */
   int *labels;                      /* (G) */
   int correct[IMML_MAX_MODALITIES]; /* summed over ranks */

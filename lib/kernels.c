@@ -151,6 +151,14 @@ static void row_lse(int cols, const float *x, size_t stride, float *mx,
   *lse = (float)log(row_exp_sum(cols, x, stride, m, NULL));
 }
 
+/* y_j = exp(x_j - shift) for a row read with a stride (the softmax of the
+ * row when shift is its max plus its log-sum-exp). */
+IMML_HOT static void store_softmax_row(int cols, const float *x, size_t stride,
+                                       float shift, float *y) {
+  for (int j = 0; j < cols; j++)
+    y[j] = exp_approx(x[(size_t)j * stride] - shift);
+}
+
 IMML_HOT static void softmax_rows_impl(int rows, int cols, const float *x,
                                        int ldx, float *y, int ldy) {
   for (int i = 0; i < rows; i++) {
@@ -280,7 +288,7 @@ void k_l2norm_backward(int rows, int cols, const float *nz, const float *r,
 }
 
 double k_supcon_forward(int batch, const float *s, int rs, int cs,
-                        const int *labels) {
+                        const int *labels, float *probs) {
   double total = 0.0;
   for (int i = 0; i < batch; i++) {
     const float *si = s + (size_t)i * rs;
@@ -294,34 +302,35 @@ double k_supcon_forward(int batch, const float *s, int rs, int cs,
         npos++;
       }
     total -= acc / npos;
+    /* Row i is consumed: with probs == s it may now be overwritten. */
+    if (probs)
+      store_softmax_row(batch, si, (size_t)cs, m + lse,
+                        probs + (size_t)i * batch);
   }
   return total / batch;
 }
 
-IMML_HOT static void supcon_backward_impl(int batch, const float *s, int rs,
-                                          int cs, const int *labels,
-                                          float scale, float *ds) {
+IMML_HOT static void supcon_backward_impl(int batch, const float *probs,
+                                          const int *labels, float scale,
+                                          float *ds, int rs, int cs) {
   const float g = scale / (float)batch;
   for (int i = 0; i < batch; i++) {
-    const float *si = s + (size_t)i * rs;
+    const float *pi = probs + (size_t)i * batch;
     float *dsi = ds + (size_t)i * rs;
-    float m, lse;
-    row_lse(batch, si, (size_t)cs, &m, &lse);
     int npos = 0;
     for (int j = 0; j < batch; j++)
       npos += labels[j] == labels[i];
     const float ppos = 1.0f / (float)npos;
     for (int j = 0; j < batch; j++) {
-      const float p = exp_approx(si[(size_t)j * cs] - m - lse);
       const float t = labels[j] == labels[i] ? ppos : 0.0f;
-      dsi[(size_t)j * cs] += g * (p - t);
+      dsi[(size_t)j * cs] += g * (pi[j] - t);
     }
   }
 }
 
-void k_supcon_backward(int batch, const float *s, int rs, int cs,
-                       const int *labels, float scale, float *ds) {
-  supcon_backward_impl(batch, s, rs, cs, labels, scale, ds);
+void k_supcon_backward(int batch, const float *probs, const int *labels,
+                       float scale, float *ds, int rs, int cs) {
+  supcon_backward_impl(batch, probs, labels, scale, ds, rs, cs);
 }
 
 void k_transpose(int rows, int cols, const float *x, int ldx, float *y, int ldy,

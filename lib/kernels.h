@@ -88,12 +88,15 @@ void k_l2norm_backward(int rows, int cols, const float *nz, const float *r,
 /* Supervised contrastive term of METHOD.md section 1 on the rows of a
  * (B, B) matrix read as S[i*rs + j*cs] (rs = B, cs = 1: rows of S;
  * rs = 1, cs = B: rows of Sᵀ).  Positives: P(i) = {j : y_j = y_i}.
- * Returns l = -(1/B) sum_i (1/|P(i)|) sum_{j in P(i)} log softmax(row i)[j]. */
+ * Returns l = -(1/B) sum_i (1/|P(i)|) sum_{j in P(i)} log softmax(row i)[j].
+ * probs (may be NULL) receives softmax(row i) as row i of a contiguous
+ * (B, B) matrix; it may be s itself when rs = B and cs = 1. */
 double k_supcon_forward(int batch, const float *s, int rs, int cs,
-                        const int *labels);
-/* dS[i*rs + j*cs] += scale (softmax(row i)_j - P_ij / |P(i)|) / B. */
-void k_supcon_backward(int batch, const float *s, int rs, int cs,
-                       const int *labels, float scale, float *ds);
+                        const int *labels, float *probs);
+/* dS[i*rs + j*cs] += scale (probs_ij - P_ij / |P(i)|) / B, with probs the
+ * contiguous (B, B) softmax rows k_supcon_forward stored. */
+void k_supcon_backward(int batch, const float *probs, const int *labels,
+                       float scale, float *ds, int rs, int cs);
 
 /* y (cols, rows) = xᵀ for x (rows, cols) with row strides ldx, ldy;
  * y[j*ldy + i] op= x[i*ldx + j] with op '=' (accumulate 0) or '+='. */

@@ -48,8 +48,12 @@ double mdken_contrastive_forward(const imml_model *m, int p,
     /* l(Sᵀ) reads the rows of an explicit transpose: contiguous rows are
      * several times faster than a column walk once N is in the hundreds. */
     k_transpose(N, N, cs->s[aa], N, cs->st[aa], N, 0);
-    const double l_rows = k_supcon_forward(N, cs->s[aa], N, 1, cs->labels);
-    const double l_cols = k_supcon_forward(N, cs->st[aa], N, 1, cs->labels);
+    /* Each pass leaves its softmax rows in place of S (Sᵀ) for the
+     * backward, which then needs no exponential. */
+    const double l_rows =
+        k_supcon_forward(N, cs->s[aa], N, 1, cs->labels, cs->s[aa]);
+    const double l_cols =
+        k_supcon_forward(N, cs->st[aa], N, 1, cs->labels, cs->st[aa]);
     con += 0.5 * (l_rows + l_cols);
   }
   return con / (M - 1);
@@ -88,8 +92,8 @@ static void contrastive_backward(imml_model *m, int off, float scale) {
     memset(cs.ds, 0, (size_t)N * N * sizeof(float));
     memset(cs.dst, 0, (size_t)N * N * sizeof(float));
     /* dS = (s/2) (A + Eᵀ): A from the rows of S, E from the rows of Sᵀ */
-    k_supcon_backward(N, cs.s[aa], N, 1, cs.labels, 0.5f * s, cs.ds);
-    k_supcon_backward(N, cs.st[aa], N, 1, cs.labels, 0.5f * s, cs.dst);
+    k_supcon_backward(N, cs.s[aa], cs.labels, 0.5f * s, cs.ds, N, 1);
+    k_supcon_backward(N, cs.st[aa], cs.labels, 0.5f * s, cs.dst, N, 1);
     k_transpose(N, N, cs.dst, N, cs.ds, N, 1);
     /* dn_p (B, k) += dS[own rows] (B, N) n_a (N, k) / tau */
     k_gemm(0, 0, B, k, N, inv_tau, cs.ds + (size_t)off * N, N, cs.nz[aa], k,

@@ -1231,6 +1231,20 @@ static void make_labels(prng *g, int scheme, int bsz, int *y) {
   }
 }
 
+static int count_label(int bsz, const int *y, int label) {
+  int n = 0;
+  for (int j = 0; j < bsz; j++)
+    n += y[j] == label;
+  return n;
+}
+
+/* The float matrix x (B, B) as doubles in out (returns out). */
+static double *st_d(int bsz, const float *x, double *out) {
+  for (size_t i = 0; i < (size_t)bsz * bsz; i++)
+    out[i] = x[i];
+  return out;
+}
+
 /* l(T) in double for a contiguous (B, B) matrix T whose rows are anchors;
  * grad (if not NULL) receives dl/dT = (softmax(T_i) - P_i / |P(i)|) / B. */
 static double ref_supcon(int bsz, const double *t, const int *y, double *grad) {
@@ -1272,7 +1286,8 @@ START_TEST(test_supcon_ref) {
   prng g = {1700 + (uint64_t)_i};
   const size_t bb = (size_t)bsz * bsz;
   int *y = ialloc((size_t)bsz);
-  double *t = dalloc(bb), *gt = dalloc(bb), *gref = dalloc(bb);
+  double *t = dalloc(bb), *gt = dalloc(bb), *gref = dalloc(bb),
+         *gref_p = dalloc(bb);
   for (int scheme = 0; scheme < N_LAB; scheme++)
     for (int orient = 0; orient < 2; orient++)
       for (int pad = 0; pad <= 3; pad += 3) {
@@ -1284,7 +1299,8 @@ START_TEST(test_supcon_ref) {
         fill_mat(&g, s, bsz, bsz, ld, -10, 10, NAN);
         anchors_matrix(bsz, s, ld, orient, t);
         const double lref = ref_supcon(bsz, t, y, gt);
-        const double l = k_supcon_forward(bsz, s, rs, cs, y);
+        float *pr = falloc(bb);
+        const double l = k_supcon_forward(bsz, s, rs, cs, y, pr);
         check_err(rel_err_scalar(l, lref), REF_TOL,
                   "supcon_forward B=%d labels=%s orient=%d ld=%d", bsz,
                   LAB_NAME[scheme], orient, ld);
@@ -1300,7 +1316,18 @@ START_TEST(test_supcon_ref) {
             gref[orient ? (size_t)j * bsz + i : (size_t)i * bsz + j] =
                 ds[st] + scale * gt[(size_t)i * bsz + j];
           }
-        k_supcon_backward(bsz, s, rs, cs, y, scale, ds);
+        /* the stored probabilities are the anchors' softmax rows */
+        for (int i = 0; i < bsz; i++)
+          for (int j = 0; j < bsz; j++)
+            gref_p[(size_t)i * bsz + j] =
+                gt[(size_t)i * bsz + j] * bsz +
+                (y[j] == y[i] ? 1.0 / count_label(bsz, y, y[i]) : 0.0);
+        check_err(rel_err_vec((int)bb, pr, gref_p), REF_TOL,
+                  "supcon_forward probabilities B=%d labels=%s orient=%d "
+                  "ld=%d",
+                  bsz, LAB_NAME[scheme], orient, ld);
+        k_supcon_backward(bsz, pr, y, scale, ds, rs, cs);
+        free(pr);
         check_err(rel_err_mat(bsz, bsz, ds, ld, gref), REF_TOL,
                   "supcon_backward B=%d labels=%s orient=%d ld=%d", bsz,
                   LAB_NAME[scheme], orient, ld);
@@ -1313,6 +1340,7 @@ START_TEST(test_supcon_ref) {
   free(t);
   free(gt);
   free(gref);
+  free(gref_p);
 }
 END_TEST
 
@@ -1322,9 +1350,9 @@ START_TEST(test_supcon_orientation) {
   const int bsz = supcon_batch(_i);
   prng g = {1800 + (uint64_t)_i};
   const size_t bb = (size_t)bsz * bsz;
-  float *s = falloc(bb), *st = falloc(bb);
+  float *s = falloc(bb), *st = falloc(bb), *p1 = falloc(bb);
   float *d1 = falloc(bb), *d2 = falloc(bb);
-  double *d2t = dalloc(bb);
+  double *d2t = dalloc(bb), *p2d = dalloc(bb);
   int *y = ialloc((size_t)bsz);
   for (int scheme = 0; scheme < N_LAB; scheme++) {
     make_labels(&g, scheme, bsz, y);
@@ -1332,15 +1360,19 @@ START_TEST(test_supcon_orientation) {
     for (int i = 0; i < bsz; i++)
       for (int j = 0; j < bsz; j++)
         st[(size_t)i * bsz + j] = s[(size_t)j * bsz + i];
-    const double l1 = k_supcon_forward(bsz, s, 1, bsz, y);
-    const double l2 = k_supcon_forward(bsz, st, bsz, 1, y);
+    const double l1 = k_supcon_forward(bsz, s, 1, bsz, y, p1);
+    /* in place, as the model stores them */
+    const double l2 = k_supcon_forward(bsz, st, bsz, 1, y, st);
     check_err(rel_err_scalar(l1, l2), REF_TOL,
               "supcon forward S(1,B) vs S^T(B,1) B=%d labels=%s", bsz,
               LAB_NAME[scheme]);
     set_all(d1, bb, 0.0f);
     set_all(d2, bb, 0.0f);
-    k_supcon_backward(bsz, s, 1, bsz, y, 1.0f, d1);
-    k_supcon_backward(bsz, st, bsz, 1, y, 1.0f, d2);
+    check_err(rel_err_vec((int)bb, p1, st_d(bsz, st, p2d)), REF_TOL,
+              "supcon probabilities S(1,B) vs in place on S^T B=%d labels=%s",
+              bsz, LAB_NAME[scheme]);
+    k_supcon_backward(bsz, p1, y, 1.0f, d1, 1, bsz);
+    k_supcon_backward(bsz, st, y, 1.0f, d2, bsz, 1);
     for (int i = 0; i < bsz; i++)
       for (int j = 0; j < bsz; j++)
         d2t[(size_t)i * bsz + j] = d2[(size_t)j * bsz + i];
@@ -1350,9 +1382,11 @@ START_TEST(test_supcon_orientation) {
   }
   free(s);
   free(st);
+  free(p1);
   free(d1);
   free(d2);
   free(d2t);
+  free(p2d);
   free(y);
 }
 END_TEST
@@ -1368,9 +1402,9 @@ static double supcon_loss(void *p) {
   struct supcon_ctx *c = p;
   double l = 0.0;
   if (c->w_rows != 0.0f)
-    l += c->w_rows * k_supcon_forward(c->bsz, c->s, c->bsz, 1, c->y);
+    l += c->w_rows * k_supcon_forward(c->bsz, c->s, c->bsz, 1, c->y, NULL);
   if (c->w_cols != 0.0f)
-    l += c->w_cols * k_supcon_forward(c->bsz, c->s, 1, c->bsz, c->y);
+    l += c->w_cols * k_supcon_forward(c->bsz, c->s, 1, c->bsz, c->y, NULL);
   return l;
 }
 
@@ -1381,7 +1415,7 @@ START_TEST(test_supcon_fd) {
   const int bsz = supcon_batch(_i);
   prng g = {1900 + (uint64_t)_i};
   const size_t bb = (size_t)bsz * bsz;
-  float *s = falloc(bb), *ds = falloc(bb);
+  float *s = falloc(bb), *ds = falloc(bb), *pr = falloc(bb), *pc = falloc(bb);
   double *gs = dalloc(bb), *acc = dalloc(bb);
   int *y = ialloc((size_t)bsz);
   const float scale = 0.7f;
@@ -1395,11 +1429,13 @@ START_TEST(test_supcon_fd) {
       const float wc = mode == 1 ? scale : mode == 2 ? scale / 2 : 0.0f;
       struct supcon_ctx ctx = {bsz, s, y, wr, wc};
       fd_grad(supcon_loss, &ctx, s, bsz, bsz, bsz, H_SMOOTH, gs);
+      k_supcon_forward(bsz, s, bsz, 1, y, pr);
+      k_supcon_forward(bsz, s, 1, bsz, y, pc);
       set_all(ds, bb, 0.0f);
       if (wr != 0.0f)
-        k_supcon_backward(bsz, s, bsz, 1, y, wr, ds);
+        k_supcon_backward(bsz, pr, y, wr, ds, bsz, 1);
       if (wc != 0.0f)
-        k_supcon_backward(bsz, s, 1, bsz, y, wc, ds);
+        k_supcon_backward(bsz, pc, y, wc, ds, 1, bsz);
       check_err(rel_err_vec((int)bb, ds, gs), FD_TOL,
                 "supcon FD %s B=%d labels=%s", what[mode], bsz,
                 LAB_NAME[scheme]);
@@ -1409,15 +1445,17 @@ START_TEST(test_supcon_fd) {
         acc[k] = ds[k] + gs[k];
       }
       if (wr != 0.0f)
-        k_supcon_backward(bsz, s, bsz, 1, y, wr, ds);
+        k_supcon_backward(bsz, pr, y, wr, ds, bsz, 1);
       if (wc != 0.0f)
-        k_supcon_backward(bsz, s, 1, bsz, y, wc, ds);
+        k_supcon_backward(bsz, pc, y, wc, ds, 1, bsz);
       check_err(rel_err_vec((int)bb, ds, acc), FD_TOL,
                 "supcon accumulate %s B=%d labels=%s", what[mode], bsz,
                 LAB_NAME[scheme]);
     }
   free(s);
   free(ds);
+  free(pr);
+  free(pc);
   free(gs);
   free(acc);
   free(y);
