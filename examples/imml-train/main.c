@@ -1,15 +1,13 @@
 /* imml-train: trains, evaluates and compares IMML models on CSV data, one
  * file per modality, through libimml's public API (imml.h) only. */
+#include "args.h"
 #include "compare.h"
 #include "data.h"
 #include "train.h"
 
 #include <imml.h>
 
-#include "args.h"
 #include <errno.h>
-#include <limits.h>
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,7 +27,7 @@ static const arg_ctx args_ctx = {"imml-train", 0};
 #define STR_(x) #x
 #define STR(x) STR_(x)
 
-enum { EXIT_USAGE = 2, EXIT_BELOW_MIN = 3 };
+enum { EXIT_BELOW_MIN = 3 };
 
 static const char *const usage_text[] = {
     "Usage:\n"
@@ -150,105 +148,42 @@ static const char *const usage_text[] = {
                                      "--min-test-acc.\n",
     NULL};
 
+/* The options of imml-train alone; the shared ones are in args.h. */
 enum opt_id {
-  O_HIDDEN,
-  O_KNOWLEDGE,
-  O_DICT,
-  O_BETA,
-  O_GAMMA1,
-  O_GAMMA2,
-  O_TAU,
-  O_WARMUP,
-  O_SLOT,
-  O_PRED,
-  O_SEED,
-  O_OPTIM,
-  O_LR,
-  O_WD,
-  O_MOMENTUM,
-  O_EPOCHS,
-  O_BATCH,
-  O_THREADS,
-  O_FRAC,
-  O_TRAIN,
+  O_TRAIN = TRAIN_OPT_COUNT,
   O_TEST,
-  O_METRICS,
-  O_SAVE,
   O_SPLIT,
-  O_MINACC,
-  O_QUIET,
-  O_NOSTD,
   O_PREDICT,
   O_STATS,
   O_OUT,
   O_COMPARE,
   O_DEMO,
   O_DATADIR,
-  O_HELP,
-  O_VERSION,
   O_COUNT
 };
 
-static const struct {
-  const char *name;
-  int has_arg;
-} opt_table[O_COUNT] = {
-    [O_HIDDEN] = {"hidden", 1},
-    [O_KNOWLEDGE] = {"knowledge", 1},
-    [O_DICT] = {"dict-size", 1},
-    [O_BETA] = {"beta", 1},
-    [O_GAMMA1] = {"gamma1", 1},
-    [O_GAMMA2] = {"gamma2", 1},
-    [O_TAU] = {"tau", 1},
-    [O_WARMUP] = {"warmup", 1},
-    [O_SLOT] = {"slot-mode", 1},
-    [O_PRED] = {"predominant", 1},
-    [O_SEED] = {"seed", 1},
-    [O_OPTIM] = {"optimizer", 1},
-    [O_LR] = {"lr", 1},
-    [O_WD] = {"weight-decay", 1},
-    [O_MOMENTUM] = {"momentum", 1},
-    [O_EPOCHS] = {"epochs", 1},
-    [O_BATCH] = {"batch", 1},
-    [O_THREADS] = {"threads", 1},
-    [O_FRAC] = {"test-fraction", 1},
-    [O_TRAIN] = {"train", 1},
-    [O_TEST] = {"test", 1},
-    [O_METRICS] = {"metrics", 1},
-    [O_SAVE] = {"save", 1},
-    [O_SPLIT] = {"write-split", 1},
-    [O_MINACC] = {"min-test-acc", 1},
-    [O_QUIET] = {"quiet", 0},
-    [O_PREDICT] = {"predict", 1},
-    [O_STATS] = {"stats", 1},
-    [O_OUT] = {"out", 1},
-    [O_COMPARE] = {"compare", 1},
-    [O_NOSTD] = {"no-standardize", 0},
-    [O_DEMO] = {"demo", 0},
+static const arg_opt opt_table[O_COUNT] = {
+    [O_TRAIN] = {"train", 1},       [O_TEST] = {"test", 1},
+    [O_SPLIT] = {"write-split", 1}, [O_PREDICT] = {"predict", 1},
+    [O_STATS] = {"stats", 1},       [O_OUT] = {"out", 1},
+    [O_COMPARE] = {"compare", 1},   [O_DEMO] = {"demo", 0},
     [O_DATADIR] = {"data-dir", 1},
-    [O_HELP] = {"help", 0},
-    [O_VERSION] = {"version", 0},
 };
+
+static const arg_spec args_spec = {&args_ctx, opt_table, O_COUNT, usage_text,
+                                   0};
 
 typedef struct cli {
   train_opts o;
   int given[O_COUNT];
-  double test_fraction, min_test_acc;
-  int threads, compare;
-  const char *metrics, *save, *split_dir, *predict, *stats, *out, *data_dir;
+  int compare;
+  const char *split_dir, *predict, *stats, *out, *data_dir;
   char *train_list, *test_list; /* owned copies, split in place */
   char *files[IMML_MAX_MODALITIES + 1];
   int n_files;
   char *test_files[IMML_MAX_MODALITIES + 1];
   int n_test_files;
 } cli;
-
-static int usage_error(const char *fmt, const char *a, const char *b) {
-  fputs("imml-train: error: ", stderr);
-  fprintf(stderr, fmt, a, b);
-  fputs("\nTry 'imml-train --help'.\n", stderr);
-  return EXIT_USAGE;
-}
 
 /* Splits a comma-separated list in place. */
 static int split_list(const char *name, char *list, char **out, int *n) {
@@ -275,91 +210,11 @@ static int split_list(const char *name, char *list, char **out, int *n) {
   return 0;
 }
 
+/* Sets one of imml-train's own options.  @return 0 or -1. */
 static int set_option(cli *c, int id, const char *v) {
-  train_opts *o = &c->o;
   const char *name = opt_table[id].name;
   long l;
   switch (id) {
-  case O_HIDDEN:
-    return arg_int(&args_ctx, name, v, 1, 1 << 20, &o->hidden);
-  case O_KNOWLEDGE:
-    return arg_int(&args_ctx, name, v, 1, 1 << 20, &o->knowledge);
-  case O_DICT:
-    return arg_int(&args_ctx, name, v, 1, 1 << 24, &o->dict_size);
-  case O_BETA:
-    return arg_float(&args_ctx, name, v, 0, 0, 1, 0, &o->beta);
-  case O_GAMMA1:
-    return arg_float(&args_ctx, name, v, 0, 0, 1e6, 0, &o->gamma1);
-  case O_GAMMA2:
-    return arg_float(&args_ctx, name, v, 0, 0, 1e6, 0, &o->gamma2);
-  case O_TAU:
-    return arg_float(&args_ctx, name, v, 0, 1, 1e6, 0, &o->tau);
-  case O_WARMUP:
-    return arg_int(&args_ctx, name, v, 0, INT_MAX, &o->warmup);
-  case O_SLOT:
-    if (strcmp(v, "conditional") == 0)
-      o->slot_mode = IMML_SLOT_CONDITIONAL;
-    else if (strcmp(v, "strict") == 0)
-      o->slot_mode = IMML_SLOT_STRICT;
-    else {
-      fprintf(
-          stderr,
-          "imml-train: error: --slot-mode: expected conditional or strict, got "
-          "'%s'\n",
-          v);
-      return -1;
-    }
-    return 0;
-  case O_PRED:
-    if (strcmp(v, "auto") == 0) {
-      o->predominant = -1;
-      return 0;
-    }
-    return arg_int(&args_ctx, name, v, 0, IMML_MAX_MODALITIES - 1,
-                   &o->predominant);
-  case O_SEED: {
-    char *end;
-    errno = 0;
-    const unsigned long long s = strtoull(v, &end, 10);
-    if (errno || end == v || *end != '\0' || v[0] == '-') {
-      fprintf(
-          stderr,
-          "imml-train: error: --seed: expected an unsigned integer, got '%s'\n",
-          v);
-      return -1;
-    }
-    o->seed = (uint64_t)s;
-    return 0;
-  }
-  case O_OPTIM:
-    if (strcmp(v, "adamw") == 0 || strcmp(v, "adam") == 0)
-      o->optimizer = IMML_OPT_ADAMW;
-    else if (strcmp(v, "sgd") == 0)
-      o->optimizer = IMML_OPT_SGD;
-    else {
-      fprintf(
-          stderr,
-          "imml-train: error: --optimizer: expected adamw or sgd, got '%s'\n",
-          v);
-      return -1;
-    }
-    return 0;
-  case O_LR:
-    return arg_float(&args_ctx, name, v, 0, 1, 1e6, 0, &o->lr);
-  case O_WD:
-    return arg_float(&args_ctx, name, v, 0, 0, 1e6, 0, &o->weight_decay);
-  case O_MOMENTUM:
-    return arg_float(&args_ctx, name, v, 0, 0, 1, 1, &o->momentum);
-  case O_EPOCHS:
-    return arg_int(&args_ctx, name, v, 1, 1000000, &o->epochs);
-  case O_BATCH:
-    return arg_int(&args_ctx, name, v, 1, 1 << 20, &o->batch);
-  case O_THREADS:
-    return arg_int(&args_ctx, name, v, 1, 4096, &c->threads);
-  case O_FRAC:
-    return arg_num(&args_ctx, name, v, 0, 0, 1, 1, &c->test_fraction);
-  case O_MINACC:
-    return arg_num(&args_ctx, name, v, 0, 0, 1, 0, &c->min_test_acc);
   case O_COMPARE:
     if (arg_long(&args_ctx, name, v, 1, 10000, &l) != 0)
       return -1;
@@ -383,12 +238,6 @@ static int set_option(cli *c, int id, const char *v) {
     c->test_list = copy;
     return split_list(name, copy, c->test_files, &c->n_test_files);
   }
-  case O_METRICS:
-    c->metrics = v;
-    return 0;
-  case O_SAVE:
-    c->save = v;
-    return 0;
   case O_SPLIT:
     c->split_dir = v;
     return 0;
@@ -404,12 +253,6 @@ static int set_option(cli *c, int id, const char *v) {
   case O_DATADIR:
     c->data_dir = v;
     return 0;
-  case O_QUIET:
-    o->quiet = 1;
-    return 0;
-  case O_NOSTD:
-    o->no_standardize = 1;
-    return 0;
   default:
     return 0;
   }
@@ -417,66 +260,31 @@ static int set_option(cli *c, int id, const char *v) {
 
 /* Parses argv into *c.  @return -1 to continue, or an exit status. */
 static int parse_args(cli *c, int argc, char **argv) {
-  int positional = 0, only_files = 0;
-  for (int i = 1; i < argc; i++) {
-    const char *a = argv[i];
-    if (only_files || a[0] != '-' || a[1] != '-' || a[2] == '\0') {
-      if (a[0] == '-' && a[1] == '-' && a[2] == '\0' && !only_files) {
-        only_files = 1;
-        continue;
-      }
-      if (a[0] == '-' && a[1] != '\0' && !only_files)
-        return usage_error("unknown option '%s'%s", a, "");
+  arg_iter it = {1, 0, 0, NULL};
+  int positional = 0, r;
+  while ((r = arg_next(&args_spec, &it, argc, argv, &c->o, c->given)) !=
+         ARG_END) {
+    if (r >= 0)
+      return r;
+    if (r == ARG_OPERAND) {
       if (c->given[O_TRAIN])
-        return usage_error("'%s': give the training files either as "
-                           "arguments or with --train%s",
-                           a, "");
+        return arg_usage(&args_ctx,
+                         "'%s': give the training files either as "
+                         "arguments or with --train",
+                         it.arg);
       if (c->n_files == IMML_MAX_MODALITIES)
-        return usage_error("more than %s modality files%s", "64", "");
-      c->files[c->n_files++] = argv[i];
+        return arg_usage(&args_ctx, "more than %d modality files",
+                         IMML_MAX_MODALITIES);
+      c->files[c->n_files++] = it.arg;
       positional = 1;
       continue;
     }
-    const char *name = a + 2;
-    const char *eq = strchr(name, '=');
-    const size_t nlen = eq ? (size_t)(eq - name) : strlen(name);
-    int id = -1;
-    for (int k = 0; k < O_COUNT; k++)
-      if (strlen(opt_table[k].name) == nlen &&
-          strncmp(opt_table[k].name, name, nlen) == 0)
-        id = k;
-    if (id < 0)
-      return usage_error("unknown option '%s'%s", a, "");
-    const char *val = NULL;
-    if (opt_table[id].has_arg) {
-      if (eq)
-        val = eq + 1;
-      else if (i + 1 < argc)
-        val = argv[++i];
-      else
-        return usage_error("option '%s' needs a value%s", a, "");
-    } else if (eq) {
-      return usage_error("option '--%s' takes no value%s", opt_table[id].name,
-                         "");
-    }
-    if (id == O_HELP) {
-      for (int k = 0; usage_text[k]; k++)
-        fputs(usage_text[k], stdout);
-      return 0;
-    }
-    if (id == O_VERSION) {
-      printf("imml-train (libimml %s)\n", imml_version_string());
-      return 0;
-    }
-    if (id == O_TRAIN && positional)
-      return usage_error("--train: give the training files either as "
-                         "arguments or with --train%s%s",
-                         "", "");
-    if (set_option(c, id, val) != 0) {
-      fputs("Try 'imml-train --help'.\n", stderr);
-      return EXIT_USAGE;
-    }
-    c->given[id] = 1;
+    if (it.id == O_TRAIN && positional)
+      return arg_usage(&args_ctx, "--train: give the training files either as "
+                                  "arguments or with --train");
+    if (set_option(c, it.id, it.arg) != 0)
+      return arg_bad_value(&args_ctx);
+    c->given[it.id] = 1;
   }
   return -1;
 }
@@ -485,28 +293,26 @@ static int parse_args(cli *c, int argc, char **argv) {
 static int check_args(cli *c) {
   const int *g = c->given;
   if (c->o.momentum > 0.0f && c->o.optimizer != IMML_OPT_SGD)
-    return usage_error("--momentum applies to --optimizer sgd only%s%s", "",
-                       "");
+    return arg_usage(&args_ctx, "--momentum applies to --optimizer sgd only");
   if (c->predict) {
     static const int train_only[] = {O_COMPARE, O_DEMO,  O_TEST,   O_METRICS,
                                      O_SAVE,    O_SPLIT, O_MINACC, O_FRAC};
     for (size_t k = 0; k < sizeof train_only / sizeof *train_only; k++)
       if (g[train_only[k]])
-        return usage_error("--%s cannot be used with --predict%s",
-                           opt_table[train_only[k]].name, "");
+        return arg_usage(&args_ctx, "--%s cannot be used with --predict",
+                         arg_opt_name(opt_table, train_only[k]));
     if (c->n_files < 1)
-      return usage_error("--predict needs the modality CSV files%s%s", "", "");
+      return arg_usage(&args_ctx, "--predict needs the modality CSV files");
     return -1;
   }
   if (g[O_STATS] || g[O_OUT])
-    return usage_error("--stats and --out are options of --predict%s%s", "",
-                       "");
+    return arg_usage(&args_ctx, "--stats and --out are options of --predict");
   if (g[O_DEMO]) {
     if (c->n_files > 0)
-      return usage_error("--demo takes no data files (see --data-dir)%s%s", "",
-                         "");
+      return arg_usage(&args_ctx,
+                       "--demo takes no data files (see --data-dir)");
     if (g[O_TEST])
-      return usage_error("--demo makes its own splits: no --test%s%s", "", "");
+      return arg_usage(&args_ctx, "--demo makes its own splits: no --test");
     static char fac[4096], mor[4096];
     const char *dir = c->data_dir ? c->data_dir : IMML_DATA_DIR;
     snprintf(fac, sizeof fac, "%s/mfeat-fac.csv", dir);
@@ -519,46 +325,41 @@ static int check_args(cli *c) {
     if (!g[O_EPOCHS])
       c->o.epochs = DEMO_EPOCHS;
   } else if (g[O_DATADIR]) {
-    return usage_error("--data-dir is an option of --demo%s%s", "", "");
+    return arg_usage(&args_ctx, "--data-dir is an option of --demo");
   }
   if (c->n_files < 2)
-    return usage_error("need at least two modality CSV files (one per "
-                       "modality), got %s%s",
-                       c->n_files == 0 ? "none" : "one", "");
+    return arg_usage(&args_ctx,
+                     "need at least two modality CSV files (one per "
+                     "modality), got %s",
+                     c->n_files == 0 ? "none" : "one");
   if (c->compare || g[O_DEMO]) {
     static const int no_compare[] = {O_TEST, O_SAVE, O_METRICS, O_SPLIT,
                                      O_MINACC};
     for (size_t k = 0; k < sizeof no_compare / sizeof *no_compare; k++)
       if (g[no_compare[k]])
-        return usage_error("--%s cannot be used with --compare%s",
-                           opt_table[no_compare[k]].name, "");
-    if (c->test_fraction <= 0.0)
-      return usage_error("--compare needs --test-fraction > 0%s%s", "", "");
+        return arg_usage(&args_ctx, "--%s cannot be used with --compare",
+                         arg_opt_name(opt_table, no_compare[k]));
+    if (c->o.test_fraction <= 0.0)
+      return arg_usage(&args_ctx, "--compare needs --test-fraction > 0");
   }
   if (g[O_TEST]) {
     if (g[O_FRAC] || g[O_SPLIT])
-      return usage_error("--test gives the test rows: no --test-fraction or "
-                         "--write-split%s%s",
-                         "", "");
-    if (c->n_test_files != c->n_files) {
-      char a[16], b[16];
-      snprintf(a, sizeof a, "%d", c->n_test_files);
-      snprintf(b, sizeof b, "%d", c->n_files);
-      return usage_error("--test has %s files but there are %s training "
-                         "files: give one test file per modality",
-                         a, b);
-    }
-  } else if (g[O_MINACC] && c->test_fraction <= 0.0) {
-    return usage_error("--min-test-acc needs test rows (--test-fraction > 0 "
-                       "or --test)%s%s",
-                       "", "");
+      return arg_usage(&args_ctx,
+                       "--test gives the test rows: no --test-fraction or "
+                       "--write-split");
+    if (c->n_test_files != c->n_files)
+      return arg_usage(&args_ctx,
+                       "--test has %d files but there are %d training "
+                       "files: give one test file per modality",
+                       c->n_test_files, c->n_files);
+  } else if (g[O_MINACC] && c->o.test_fraction <= 0.0) {
+    return arg_usage(&args_ctx,
+                     "--min-test-acc needs test rows (--test-fraction > 0 "
+                     "or --test)");
   }
-  if (c->o.predominant >= c->n_files) {
-    char a[16], b[16];
-    snprintf(a, sizeof a, "%d", c->o.predominant);
-    snprintf(b, sizeof b, "%d", c->n_files - 1);
-    return usage_error("--predominant %s: modality indices are 0..%s", a, b);
-  }
+  if (c->o.predominant >= c->n_files)
+    return arg_usage(&args_ctx, "--predominant %d: modality indices are 0..%d",
+                     c->o.predominant, c->n_files - 1);
   return -1;
 }
 
@@ -642,7 +443,7 @@ static int do_train(cli *c) {
       errorf("%s", err);
       goto out;
     }
-    if (split_stratified(rd.y, rd.n, rd.c, c->test_fraction, o->seed, &tr_idx,
+    if (split_stratified(rd.y, rd.n, rd.c, c->o.test_fraction, o->seed, &tr_idx,
                          &ntr, &te_idx, &nte, err, sizeof err) != 0) {
       errorf("%s", err);
       goto out;
@@ -655,10 +456,10 @@ static int do_train(cli *c) {
         write_split_files(c, &rd, tr_idx, ntr, te_idx, nte) != 0)
       goto out;
   }
-  if (c->metrics) {
-    metrics = fopen(c->metrics, "w");
+  if (c->o.metrics) {
+    metrics = fopen(c->o.metrics, "w");
     if (!metrics) {
-      errorf("%s: cannot create: %s", c->metrics, strerror(errno));
+      errorf("%s: cannot create: %s", c->o.metrics, strerror(errno));
       goto out;
     }
     fprintf(metrics, "epoch,loss,ce,con,dis,train_acc,test_acc,seconds\n");
@@ -677,7 +478,7 @@ static int do_train(cli *c) {
     const int bad = ferror(metrics);
     if (fclose(metrics) != 0 || bad) {
       metrics = NULL;
-      errorf("%s: write error", c->metrics);
+      errorf("%s: write error", c->o.metrics);
       goto out;
     }
     metrics = NULL;
@@ -697,24 +498,24 @@ static int do_train(cli *c) {
   printf("predominant modality %s\n", pname);
   printf("training time %.1fs\n", rep.seconds);
   fflush(stdout);
-  if (c->save) {
-    imml_status st = imml_save(model, c->save);
+  if (c->o.save) {
+    imml_status st = imml_save(model, c->o.save);
     if (st != IMML_OK) {
       lib_error("imml_save", st, model);
       goto out;
     }
     char spath[4096];
-    snprintf(spath, sizeof spath, "%s.stats", c->save);
+    snprintf(spath, sizeof spath, "%s.stats", c->o.save);
     if (stdz_save(&sz, spath, err, sizeof err) != 0) {
       errorf("%s", err);
       goto out;
     }
-    notef(o->quiet, "imml-train: saved %s and %s\n", c->save, spath);
+    notef(o->quiet, "imml-train: saved %s and %s\n", c->o.save, spath);
   }
   rc = 0;
-  if (c->given[O_MINACC] && !(rep.test_acc >= c->min_test_acc)) {
+  if (c->given[O_MINACC] && !(rep.test_acc >= c->o.min_test_acc)) {
     errorf("test accuracy %.6f is below --min-test-acc %.6f", rep.test_acc,
-           c->min_test_acc);
+           c->o.min_test_acc);
     rc = EXIT_BELOW_MIN;
   }
   goto out;
@@ -864,7 +665,7 @@ static int do_compare(cli *c) {
           "imml-train --demo: fac (predominant) + mor (auxiliary), same as\n"
           "  imml-train --compare %d --epochs %d %s %s\n",
           c->compare, c->o.epochs, c->files[0], c->files[1]);
-  rc = run_compare(&c->o, &rd, c->compare, c->test_fraction);
+  rc = run_compare(&c->o, &rd, c->compare, c->o.test_fraction);
 out:
   raw_free(&rd);
   return rc;
@@ -874,7 +675,6 @@ int main(int argc, char **argv) {
   cli c;
   memset(&c, 0, sizeof c);
   train_opts_init(&c.o);
-  c.test_fraction = 0.5;
   if (imml_version_number() != IMML_VERSION_NUMBER) {
     fprintf(stderr, "imml-train: built for libimml %s but linked with %s\n",
             IMML_VERSION_STRING, imml_version_string());
@@ -884,8 +684,8 @@ int main(int argc, char **argv) {
   if (rc < 0)
     rc = check_args(&c);
   if (rc < 0) {
-    if (c.threads > 0)
-      imml_blas_threads(c.threads);
+    if (c.o.threads > 0)
+      imml_blas_threads(c.o.threads);
     if (c.predict)
       rc = do_predict(&c);
     else if (c.compare > 0)

@@ -133,27 +133,6 @@ static void progress_text(char *buf, size_t n, const char *title, int epoch,
 /* Options                                                             */
 /* ------------------------------------------------------------------ */
 
-void train_opts_init(train_opts *o) {
-  memset(o, 0, sizeof *o);
-  o->hidden = 256;
-  o->knowledge = 128;
-  o->dict_size = 256;
-  o->beta = 0.5f;
-  o->gamma1 = 0.1f;
-  o->gamma2 = 1.0f;
-  o->tau = 0.1f;
-  o->warmup = 100;
-  o->slot_mode = IMML_SLOT_CONDITIONAL;
-  o->predominant = -1;
-  o->seed = 0;
-  o->optimizer = IMML_OPT_ADAMW;
-  o->lr = 1e-3f;
-  o->weight_decay = 0.0f;
-  o->momentum = 0.0f;
-  o->epochs = 60;
-  o->batch = 64;
-}
-
 /* Evaluation runs in batches of max_batch: at least 256 rows when the
  * training batch is smaller, so BLAS gets larger matrices. */
 void make_config(const train_opts *o, int m, const int *dims, int c,

@@ -3,6 +3,7 @@
 #ifndef IMML_TRAIN_TRAIN_H
 #define IMML_TRAIN_TRAIN_H
 
+#include "args.h"
 #include "data.h"
 
 #include <imml.h>
@@ -10,25 +11,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
-typedef struct train_opts {
-  /* model: every METHOD.md hyper-parameter */
-  int hidden, knowledge, dict_size;
-  float beta, gamma1, gamma2, tau;
-  int warmup;
-  int slot_mode;   /* imml_slot_mode */
-  int predominant; /* -1: auto */
-  uint64_t seed;   /* split, shuffles and parameter initialisation */
-  /* optimiser */
-  int optimizer; /* imml_optimizer_kind */
-  float lr, weight_decay, momentum;
-  /* loop */
-  int epochs, batch;
-  int no_standardize; /* 1: features are used as read */
-  int quiet;
-} train_opts;
-
-/*! train_opts_init() : the defaults documented in --help. */
-void train_opts_init(train_opts *o);
+/* train_opts and train_opts_init(): args.h. */
 
 /*! make_config() : the library configuration for M modalities of widths
  *  dims and C classes, from the options. */

@@ -14,7 +14,8 @@
  * and BLAS thread count.  --bench trains on synthetic data of a given shape
  * and reports the time per step and its parts.
  *
- * Uses the public header imml.h, MPI, and imml-train's CSV/data code. */
+ * Uses the public header imml.h, MPI, and imml-train's option (args.c),
+ * CSV and data code. */
 #include "data.h"
 #include "rng.h"
 
@@ -35,7 +36,7 @@
 /* Messages about option values come from rank 0 only (main sets quiet). */
 static arg_ctx args_ctx = {"mpi-train", 0};
 
-enum { EXIT_USAGE = 2, EXIT_BELOW_MIN = 3 };
+enum { EXIT_BELOW_MIN = 3 };
 
 static int g_rank, g_size;
 
@@ -96,17 +97,8 @@ static void *xmalloc(size_t n) {
 /* ------------------------------------------------------------------ */
 
 typedef struct opts {
-  /* model (METHOD.md) */
-  int hidden, knowledge, dict_size, warmup, slot_mode, predominant;
-  float beta, gamma1, gamma2, tau;
-  uint64_t seed;
-  /* optimiser */
-  int optimizer;
-  float lr, weight_decay, momentum;
-  /* loop */
-  int epochs, batch, threads, quiet, no_standardize;
-  double test_fraction, min_test_acc;
-  const char *save, *metrics, *dump_params;
+  train_opts t; /* the options shared with imml-train (args.h) */
+  const char *dump_params;
   /* benchmark */
   int bench, bench_steps, bench_warmup, bench_classes;
   int bench_m, bench_dims[IMML_MAX_MODALITIES];
@@ -114,81 +106,24 @@ typedef struct opts {
   int n_files;
 } opts;
 
+/* The options of mpi-train alone; the shared ones are in args.h. */
 enum opt_id {
-  O_HIDDEN,
-  O_KNOWLEDGE,
-  O_DICT,
-  O_BETA,
-  O_GAMMA1,
-  O_GAMMA2,
-  O_TAU,
-  O_WARMUP,
-  O_SLOT,
-  O_PRED,
-  O_SEED,
-  O_OPTIM,
-  O_LR,
-  O_WD,
-  O_MOMENTUM,
-  O_EPOCHS,
-  O_BATCH,
-  O_THREADS,
-  O_FRAC,
-  O_METRICS,
-  O_SAVE,
-  O_DUMP,
-  O_MINACC,
-  O_QUIET,
-  O_NOSTD,
+  O_DUMP = TRAIN_OPT_COUNT,
   O_BENCH,
   O_BSTEPS,
   O_BWARM,
   O_BDIMS,
   O_BCLASSES,
-  O_HELP,
-  O_VERSION,
   O_COUNT
 };
 
-static const struct {
-  const char *name;
-  int has_arg;
-} opt_table[O_COUNT] = {
-    [O_HIDDEN] = {"hidden", 1},
-    [O_KNOWLEDGE] = {"knowledge", 1},
-    [O_DICT] = {"dict-size", 1},
-    [O_BETA] = {"beta", 1},
-    [O_GAMMA1] = {"gamma1", 1},
-    [O_GAMMA2] = {"gamma2", 1},
-    [O_TAU] = {"tau", 1},
-    [O_WARMUP] = {"warmup", 1},
-    [O_SLOT] = {"slot-mode", 1},
-    [O_PRED] = {"predominant", 1},
-    [O_SEED] = {"seed", 1},
-    [O_OPTIM] = {"optimizer", 1},
-    [O_LR] = {"lr", 1},
-    [O_WD] = {"weight-decay", 1},
-    [O_MOMENTUM] = {"momentum", 1},
-    [O_EPOCHS] = {"epochs", 1},
-    [O_BATCH] = {"batch", 1},
-    [O_THREADS] = {"threads", 1},
-    [O_FRAC] = {"test-fraction", 1},
-    [O_METRICS] = {"metrics", 1},
-    [O_SAVE] = {"save", 1},
-    [O_DUMP] = {"dump-params", 1},
-    [O_MINACC] = {"min-test-acc", 1},
-    [O_QUIET] = {"quiet", 0},
-    [O_NOSTD] = {"no-standardize", 0},
-    [O_BENCH] = {"bench", 0},
-    [O_BSTEPS] = {"bench-steps", 1},
-    [O_BWARM] = {"bench-warmup", 1},
-    [O_BDIMS] = {"bench-dims", 1},
-    [O_BCLASSES] = {"bench-classes", 1},
-    [O_HELP] = {"help", 0},
-    [O_VERSION] = {"version", 0},
+static const arg_opt opt_table[O_COUNT] = {
+    [O_DUMP] = {"dump-params", 1},   [O_BENCH] = {"bench", 0},
+    [O_BSTEPS] = {"bench-steps", 1}, [O_BWARM] = {"bench-warmup", 1},
+    [O_BDIMS] = {"bench-dims", 1},   [O_BCLASSES] = {"bench-classes", 1},
 };
 
-static const char usage_text[] =
+static const char *const usage_text[] = {
     "Usage:\n"
     "  mpirun -np R mpi-train [OPTIONS] MOD1.csv MOD2.csv [...]\n"
     "  mpirun -np R mpi-train --bench [OPTIONS]\n"
@@ -233,26 +168,11 @@ static const char usage_text[] =
     "  --bench-warmup N      untimed steps first (3)\n"
     "  --help, --version\n"
     "Exit status: 0 success, 1 error, 2 bad command line, 3 test accuracy\n"
-    "below --min-test-acc.\n";
+    "below --min-test-acc.\n",
+    NULL};
 
-static int usage_error(const char *fmt, const char *a) {
-  if (g_rank == 0) {
-    fputs("mpi-train: error: ", stderr);
-    fprintf(stderr, fmt, a);
-    fputs("\nTry 'mpi-train --help'.\n", stderr);
-  }
-  return EXIT_USAGE;
-}
-
-/* A bad option value: the message only (parse_args adds the hint). */
-static int opt_error(const char *fmt, const char *a) {
-  if (g_rank == 0) {
-    fputs("mpi-train: error: ", stderr);
-    fprintf(stderr, fmt, a);
-    fputc('\n', stderr);
-  }
-  return -1;
-}
+static const arg_spec args_spec = {&args_ctx, opt_table, O_COUNT, usage_text,
+                                   1};
 
 static int parse_dims(const char *s, opts *o) {
   o->bench_m = 0;
@@ -284,88 +204,12 @@ static int parse_dims(const char *s, opts *o) {
   return 0;
 }
 
+/* Sets one of mpi-train's own options.  @return 0 or -1. */
 static int set_option(opts *o, int id, const char *v) {
   const char *name = opt_table[id].name;
   switch (id) {
-  case O_HIDDEN:
-    return arg_int(&args_ctx, name, v, 1, 1 << 20, &o->hidden);
-  case O_KNOWLEDGE:
-    return arg_int(&args_ctx, name, v, 1, 1 << 20, &o->knowledge);
-  case O_DICT:
-    return arg_int(&args_ctx, name, v, 1, 1 << 24, &o->dict_size);
-  case O_BETA:
-    return arg_float(&args_ctx, name, v, 0, 0, 1, 0, &o->beta);
-  case O_GAMMA1:
-    return arg_float(&args_ctx, name, v, 0, 0, 1e6, 0, &o->gamma1);
-  case O_GAMMA2:
-    return arg_float(&args_ctx, name, v, 0, 0, 1e6, 0, &o->gamma2);
-  case O_TAU:
-    return arg_float(&args_ctx, name, v, 0, 1, 1e6, 0, &o->tau);
-  case O_WARMUP:
-    return arg_int(&args_ctx, name, v, 0, INT_MAX, &o->warmup);
-  case O_SLOT:
-    if (strcmp(v, "conditional") == 0)
-      o->slot_mode = IMML_SLOT_CONDITIONAL;
-    else if (strcmp(v, "strict") == 0)
-      o->slot_mode = IMML_SLOT_STRICT;
-    else
-      return opt_error("--slot-mode: expected conditional or strict, got '%s'",
-                       v);
-    return 0;
-  case O_PRED:
-    if (strcmp(v, "auto") == 0) {
-      o->predominant = -1;
-      return 0;
-    }
-    return arg_int(&args_ctx, name, v, 0, IMML_MAX_MODALITIES - 1,
-                   &o->predominant);
-  case O_SEED: {
-    char *end;
-    errno = 0;
-    const unsigned long long s = strtoull(v, &end, 10);
-    if (errno || end == v || *end != '\0' || v[0] == '-')
-      return opt_error("--seed: expected an unsigned integer, got '%s'", v);
-    o->seed = (uint64_t)s;
-    return 0;
-  }
-  case O_OPTIM:
-    if (strcmp(v, "adamw") == 0 || strcmp(v, "adam") == 0)
-      o->optimizer = IMML_OPT_ADAMW;
-    else if (strcmp(v, "sgd") == 0)
-      o->optimizer = IMML_OPT_SGD;
-    else
-      return opt_error("--optimizer: expected adamw or sgd, got '%s'", v);
-    return 0;
-  case O_LR:
-    return arg_float(&args_ctx, name, v, 0, 1, 1e6, 0, &o->lr);
-  case O_WD:
-    return arg_float(&args_ctx, name, v, 0, 0, 1e6, 0, &o->weight_decay);
-  case O_MOMENTUM:
-    return arg_float(&args_ctx, name, v, 0, 0, 1, 1, &o->momentum);
-  case O_EPOCHS:
-    return arg_int(&args_ctx, name, v, 1, 1000000, &o->epochs);
-  case O_BATCH:
-    return arg_int(&args_ctx, name, v, 1, 1 << 20, &o->batch);
-  case O_THREADS:
-    return arg_int(&args_ctx, name, v, 1, 4096, &o->threads);
-  case O_FRAC:
-    return arg_num(&args_ctx, name, v, 0, 0, 1, 1, &o->test_fraction);
-  case O_MINACC:
-    return arg_num(&args_ctx, name, v, 0, 0, 1, 0, &o->min_test_acc);
-  case O_METRICS:
-    o->metrics = v;
-    return 0;
-  case O_SAVE:
-    o->save = v;
-    return 0;
   case O_DUMP:
     o->dump_params = v;
-    return 0;
-  case O_QUIET:
-    o->quiet = 1;
-    return 0;
-  case O_NOSTD:
-    o->no_standardize = 1;
     return 0;
   case O_BENCH:
     o->bench = 1;
@@ -385,21 +229,7 @@ static int set_option(opts *o, int id, const char *v) {
 
 static void opts_init(opts *o) {
   memset(o, 0, sizeof *o);
-  o->hidden = 256;
-  o->knowledge = 128;
-  o->dict_size = 256;
-  o->beta = 0.5f;
-  o->gamma1 = 0.1f;
-  o->gamma2 = 1.0f;
-  o->tau = 0.1f;
-  o->warmup = 100;
-  o->slot_mode = IMML_SLOT_CONDITIONAL;
-  o->predominant = -1;
-  o->optimizer = IMML_OPT_ADAMW;
-  o->lr = 1e-3f;
-  o->epochs = 60;
-  o->batch = 64;
-  o->test_fraction = 0.5;
+  train_opts_init(&o->t);
   o->bench_steps = 20;
   o->bench_warmup = 3;
   o->bench_classes = 101;
@@ -410,101 +240,66 @@ static void opts_init(opts *o) {
 
 /* @return -1 to go on, or an exit status. */
 static int parse_args(opts *o, int argc, char **argv) {
+  train_opts *t = &o->t;
   int given[O_COUNT] = {0};
-  int only_files = 0;
-  for (int i = 1; i < argc; i++) {
-    const char *a = argv[i];
-    if (only_files || a[0] != '-' || a[1] != '-' || a[2] == '\0') {
-      if (a[0] == '-' && a[1] == '-' && a[2] == '\0' && !only_files) {
-        only_files = 1;
-        continue;
-      }
-      if (a[0] == '-' && a[1] != '\0' && !only_files)
-        return usage_error("unknown option '%s'", a);
+  arg_iter it = {1, 0, 0, NULL};
+  int r;
+  while ((r = arg_next(&args_spec, &it, argc, argv, t, given)) != ARG_END) {
+    if (r >= 0)
+      return r;
+    if (r == ARG_OPERAND) {
       if (o->n_files == IMML_MAX_MODALITIES)
-        return usage_error("more than %s modality files", "64");
-      o->files[o->n_files++] = argv[i];
+        return arg_usage(&args_ctx, "more than %d modality files",
+                         IMML_MAX_MODALITIES);
+      o->files[o->n_files++] = it.arg;
       continue;
     }
-    const char *name = a + 2, *eq = strchr(name, '=');
-    const size_t nlen = eq ? (size_t)(eq - name) : strlen(name);
-    int id = -1;
-    for (int k = 0; k < O_COUNT; k++)
-      if (strlen(opt_table[k].name) == nlen &&
-          strncmp(opt_table[k].name, name, nlen) == 0)
-        id = k;
-    if (id < 0)
-      return usage_error("unknown option '%s'", a);
-    const char *val = NULL;
-    if (opt_table[id].has_arg) {
-      if (eq)
-        val = eq + 1;
-      else if (i + 1 < argc)
-        val = argv[++i];
-      else
-        return usage_error("option '%s' needs a value", a);
-    } else if (eq) {
-      return usage_error("option '%s' takes no value", a);
-    }
-    if (id == O_HELP) {
-      if (g_rank == 0)
-        fputs(usage_text, stdout);
-      return 0;
-    }
-    if (id == O_VERSION) {
-      if (g_rank == 0)
-        printf("mpi-train (libimml %s)\n", imml_version_string());
-      return 0;
-    }
-    if (set_option(o, id, val) != 0) {
-      if (g_rank == 0)
-        fputs("Try 'mpi-train --help'.\n", stderr);
-      return EXIT_USAGE;
-    }
-    given[id] = 1;
+    if (set_option(o, it.id, it.arg) != 0)
+      return arg_bad_value(&args_ctx);
+    given[it.id] = 1;
   }
-  if (o->momentum > 0.0f && o->optimizer != IMML_OPT_SGD)
-    return usage_error("--momentum applies to --optimizer sgd only%s", "");
-  if (o->batch < g_size) {
-    char n[32];
-    snprintf(n, sizeof n, "%d", g_size);
-    return usage_error("--batch: the global batch needs at least one row per "
-                       "rank (%s ranks)",
-                       n);
-  }
+  if (t->momentum > 0.0f && t->optimizer != IMML_OPT_SGD)
+    return arg_usage(&args_ctx, "--momentum applies to --optimizer sgd only");
+  if (t->batch < g_size)
+    return arg_usage(&args_ctx,
+                     "--batch: the global batch needs at least one row per "
+                     "rank (%d ranks)",
+                     g_size);
   if (o->bench) {
     static const int data_only[] = {O_SAVE,   O_METRICS, O_DUMP,
                                     O_MINACC, O_FRAC,    O_EPOCHS};
     for (size_t k = 0; k < sizeof data_only / sizeof *data_only; k++)
       if (given[data_only[k]])
-        return usage_error("--%s does not apply to --bench",
-                           opt_table[data_only[k]].name);
+        return arg_usage(&args_ctx, "--%s does not apply to --bench",
+                         arg_opt_name(opt_table, data_only[k]));
     if (o->n_files > 0)
-      return usage_error("--bench takes no data files ('%s')", o->files[0]);
+      return arg_usage(&args_ctx, "--bench takes no data files ('%s')",
+                       o->files[0]);
     if (!given[O_HIDDEN])
-      o->hidden = 512;
+      t->hidden = 512;
     if (!given[O_KNOWLEDGE])
-      o->knowledge = 256;
+      t->knowledge = 256;
     if (!given[O_BATCH])
-      o->batch = 128;
+      t->batch = 128;
     if (!given[O_PRED])
-      o->predominant = 0;
-    if (o->predominant >= o->bench_m)
-      return usage_error("--predominant: modality indices are 0..%s",
-                         o->bench_m == 2 ? "1" : "M-1");
+      t->predominant = 0;
+    if (t->predominant >= o->bench_m)
+      return arg_usage(&args_ctx, "--predominant: modality indices are 0..%s",
+                       o->bench_m == 2 ? "1" : "M-1");
     return -1;
   }
   if (given[O_BSTEPS] || given[O_BWARM] || given[O_BDIMS] || given[O_BCLASSES])
-    return usage_error("--bench-* options need --bench%s", "");
+    return arg_usage(&args_ctx, "--bench-* options need --bench");
   if (o->n_files < 2)
-    return usage_error("need at least two modality CSV files (one per "
-                       "modality), got %s",
-                       o->n_files == 0 ? "none" : "one");
-  if (given[O_MINACC] && o->test_fraction <= 0.0)
-    return usage_error("--min-test-acc needs --test-fraction > 0%s", "");
-  if (o->predominant >= o->n_files)
-    return usage_error("--predominant %s: larger than the last modality index",
-                       "");
+    return arg_usage(&args_ctx,
+                     "need at least two modality CSV files (one per "
+                     "modality), got %s",
+                     o->n_files == 0 ? "none" : "one");
+  if (given[O_MINACC] && t->test_fraction <= 0.0)
+    return arg_usage(&args_ctx, "--min-test-acc needs --test-fraction > 0");
+  if (t->predominant >= o->n_files)
+    return arg_usage(&args_ctx,
+                     "--predominant : larger than the last modality index");
   return -1;
 }
 
@@ -594,7 +389,7 @@ static void check_ranks_agree(imml_model *m, const char *when) {
 /* Training shards have at most ceil(batch / R) rows: that is max_batch, so
  * the gathered buffers hold R * max_batch ~ batch rows. */
 static int train_max_batch(const opts *o) {
-  return (o->batch + g_size - 1) / g_size;
+  return (o->t.batch + g_size - 1) / g_size;
 }
 
 static imml_model *make_model(const opts *o, int m, const int *dims, int c,
@@ -604,28 +399,28 @@ static imml_model *make_model(const opts *o, int m, const int *dims, int c,
   cfg.n_modalities = m;
   cfg.dims = dims;
   cfg.n_classes = c;
-  cfg.hidden_dim = o->hidden;
-  cfg.knowledge_dim = o->knowledge;
+  cfg.hidden_dim = o->t.hidden;
+  cfg.knowledge_dim = o->t.knowledge;
   cfg.max_batch = train_max_batch(o);
-  cfg.dict_size = o->dict_size;
-  cfg.beta = o->beta;
-  cfg.gamma1 = o->gamma1;
-  cfg.gamma2 = o->gamma2;
-  cfg.tau = o->tau;
-  cfg.predominant = o->predominant;
-  cfg.warmup_steps = o->warmup;
-  cfg.slot_mode = o->slot_mode;
-  cfg.seed = o->seed;
+  cfg.dict_size = o->t.dict_size;
+  cfg.beta = o->t.beta;
+  cfg.gamma1 = o->t.gamma1;
+  cfg.gamma2 = o->t.gamma2;
+  cfg.tau = o->t.tau;
+  cfg.predominant = o->t.predominant;
+  cfg.warmup_steps = o->t.warmup;
+  cfg.slot_mode = o->t.slot_mode;
+  cfg.seed = o->t.seed;
   imml_model *model = NULL;
   char msg[512] = "";
   imml_status st = imml_model_create_ex(&cfg, NULL, &model, msg, sizeof msg);
   if (st != IMML_OK)
     fatal("imml_model_create: %s: %s", imml_strerror(st), msg);
   imml_optim_config oc;
-  imml_optim_config_init(&oc, (imml_optimizer_kind)o->optimizer);
-  oc.lr = o->lr;
-  oc.weight_decay = o->weight_decay;
-  oc.momentum = o->momentum;
+  imml_optim_config_init(&oc, (imml_optimizer_kind)o->t.optimizer);
+  oc.lr = o->t.lr;
+  oc.weight_decay = o->t.weight_decay;
+  oc.momentum = o->t.momentum;
   st = imml_optim_setup(model, &oc);
   if (st != IMML_OK)
     lib_fatal("imml_optim_setup", st, model);
@@ -727,21 +522,21 @@ static int do_train(const opts *o) {
     fatal("%s", err);
   if (check_classes(rd.y, rd.n, rd.c, "data rows", err, sizeof err) != 0)
     fatal("%s", err);
-  if (split_stratified(rd.y, rd.n, rd.c, o->test_fraction, o->seed, &tr_idx,
+  if (split_stratified(rd.y, rd.n, rd.c, o->t.test_fraction, o->t.seed, &tr_idx,
                        &ntr, &te_idx, &nte, err, sizeof err) != 0)
     fatal("%s", err);
-  if (stdz_fit(&sz, &rd, tr_idx, ntr, o->no_standardize) != 0 ||
+  if (stdz_fit(&sz, &rd, tr_idx, ntr, o->t.no_standardize) != 0 ||
       stdz_apply(&sz, &rd, tr_idx, ntr, &tr) != 0 ||
       stdz_apply(&sz, &rd, te_idx, nte, &te) != 0)
     fatal("out of memory");
-  const int M = rd.m, N = tr.n, B = o->batch;
+  const int M = rd.m, N = tr.n, B = o->t.batch;
   if (N < g_size)
     fatal("%d training rows cannot be shared by %d ranks", N, g_size);
   FILE *metrics = NULL;
-  if (o->metrics && g_rank == 0) {
-    metrics = fopen(o->metrics, "w");
+  if (o->t.metrics && g_rank == 0) {
+    metrics = fopen(o->t.metrics, "w");
     if (!metrics)
-      fatal("%s: cannot create: %s", o->metrics, strerror(errno));
+      fatal("%s: cannot create: %s", o->t.metrics, strerror(errno));
     fprintf(metrics, "epoch,loss,ce,con,dis,train_acc,test_acc,seconds\n");
   }
   comm_stats cs = {0, 0, 0, 0};
@@ -756,13 +551,13 @@ static int do_train(const opts *o) {
     int o0, b0, o1, b1;
     shard_of(B < N ? B : N, 0, &o0, &b0);
     shard_of(B < N ? B : N, g_size - 1, &o1, &b1);
-    note(o->quiet,
+    note(o->t.quiet,
          "mpi-train: %d ranks, %d modalities, %d classes, %d training rows, "
          "%d test rows; global batch %d, shards of %d..%d rows, %d steps per "
          "epoch\n",
          g_size, M, rd.c, N, te.n, B, b1, b0, nb);
     if (nb < nb_full)
-      note(o->quiet,
+      note(o->t.quiet,
            "mpi-train: the last batch of each epoch (%d rows) has fewer rows "
            "than ranks and is skipped\n",
            last);
@@ -779,10 +574,10 @@ static int do_train(const opts *o) {
   for (int i = 0; i < N; i++)
     perm[i] = i;
   trng rng;
-  trng_seed(&rng, o->seed, 2); /* imml-train's shuffle stream */
+  trng_seed(&rng, o->t.seed, 2); /* imml-train's shuffle stream */
   const double t0 = MPI_Wtime();
   double train_acc = NAN, test_acc = NAN;
-  for (int ep = 1; ep <= o->epochs; ep++) {
+  for (int ep = 1; ep <= o->t.epochs; ep++) {
     trng_shuffle(&rng, perm, (size_t)N);
     double sum[5] = {0, 0, 0, 0, 0}; /* total, ce, con, dis, rows */
     for (int b = 0; b < nb; b++) {
@@ -814,10 +609,10 @@ static int do_train(const opts *o) {
     train_acc = accuracy_all(model, ws, &tr, pred);
     test_acc = accuracy_all(model, ws, &te, pred);
     const double secs = MPI_Wtime() - t0;
-    note(o->quiet,
+    note(o->t.quiet,
          "epoch %d/%d | %.1fs | train %.2f%% test %.2f%% | loss %.4f ce %.4f "
          "con %.4f dis %.4f\n",
-         ep, o->epochs, secs, 100.0 * train_acc, 100.0 * test_acc,
+         ep, o->t.epochs, secs, 100.0 * train_acc, 100.0 * test_acc,
          all[0] / all[4], all[1] / all[4], all[2] / all[4], all[3] / all[4]);
     if (metrics) {
       fprintf(metrics, "%d,%.6f,%.6f,%.6f,%.6f,%.6f,", ep, all[0] / all[4],
@@ -835,7 +630,7 @@ static int do_train(const opts *o) {
   int rc = 0;
   if (g_rank == 0) {
     if (metrics && (ferror(metrics) | fclose(metrics)))
-      fatal("%s: write error", o->metrics);
+      fatal("%s: write error", o->t.metrics);
     int p = -1, fixed = 0;
     imml_predominant(model, &p, &fixed);
     printf("ranks %d, global batch %d\n", g_size, B);
@@ -846,7 +641,7 @@ static int do_train(const opts *o) {
       char b[200];
       base_name(rd.path[p], b, sizeof b);
       printf("predominant modality %d (%s)%s\n", p, b,
-             o->predominant >= 0 ? ", given" : ", chosen after warm-up");
+             o->t.predominant >= 0 ? ", given" : ", chosen after warm-up");
     } else {
       printf("predominant modality not chosen yet (warm-up longer than "
              "training)\n");
@@ -854,23 +649,23 @@ static int do_train(const opts *o) {
     printf("training time %.1fs (allgather %.2fs, allreduce %.2fs)\n", secs,
            cs.gather_s, cs.reduce_s);
     fflush(stdout);
-    if (o->save) {
-      st = imml_save(model, o->save);
+    if (o->t.save) {
+      st = imml_save(model, o->t.save);
       if (st != IMML_OK)
         lib_fatal("imml_save", st, model);
       char spath[4096];
-      snprintf(spath, sizeof spath, "%s.stats", o->save);
+      snprintf(spath, sizeof spath, "%s.stats", o->t.save);
       if (stdz_save(&sz, spath, err, sizeof err) != 0)
         fatal("%s", err);
-      note(o->quiet, "mpi-train: saved %s and %s\n", o->save, spath);
+      note(o->t.quiet, "mpi-train: saved %s and %s\n", o->t.save, spath);
     }
     if (o->dump_params)
       dump_params(model, o->dump_params);
-    if (o->min_test_acc > 0.0 && !(test_acc >= o->min_test_acc)) {
+    if (o->t.min_test_acc > 0.0 && !(test_acc >= o->t.min_test_acc)) {
       fprintf(stderr,
               "mpi-train: error: test accuracy %.6f is below "
               "--min-test-acc %.6f\n",
-              test_acc, o->min_test_acc);
+              test_acc, o->t.min_test_acc);
       rc = EXIT_BELOW_MIN;
     }
   }
@@ -902,13 +697,13 @@ static double uniform(trng *r) {
 }
 
 static int do_bench(const opts *o) {
-  const int M = o->bench_m, C = o->bench_classes, B = o->batch;
+  const int M = o->bench_m, C = o->bench_classes, B = o->t.batch;
   int off, rows;
   shard_of(B, g_rank, &off, &rows);
   /* Synthetic features: this rank's own stream; class-dependent means so
    * that the model has something to learn. */
   trng r;
-  trng_seed(&r, o->seed, 100 + (uint64_t)g_rank);
+  trng_seed(&r, o->t.seed, 100 + (uint64_t)g_rank);
   float *x[BENCH_POOL][IMML_MAX_MODALITIES];
   int *y[BENCH_POOL];
   for (int s = 0; s < BENCH_POOL; s++) {
@@ -964,8 +759,8 @@ static int do_bench(const opts *o) {
            rows);
     for (int m = 0; m < M; m++)
       printf("%s%d", m ? "," : " ", o->bench_dims[m]);
-    printf(", H %d, k %d, C %d, J %d, p %d, BLAS threads %d\n", o->hidden,
-           o->knowledge, C, o->dict_size, o->predominant,
+    printf(", H %d, k %d, C %d, J %d, p %d, BLAS threads %d\n", o->t.hidden,
+           o->t.knowledge, C, o->t.dict_size, o->t.predominant,
            imml_blas_threads(0) > 0 ? imml_blas_threads(0) : -1);
     printf("bench: %.1f ms/step, %.0f samples/s over %d steps\n", ms,
            B * n / wall, o->bench_steps);
@@ -989,7 +784,7 @@ static int do_bench(const opts *o) {
 
 /* BLAS threads per rank: the cores of this node shared by its ranks. */
 static void set_threads(const opts *o) {
-  int n = o->threads;
+  int n = o->t.threads;
   if (n == 0) {
     MPI_Comm node;
     int local = 1;
