@@ -124,3 +124,16 @@ for name in r1 r2 r3 r4; do
 done
 rows=$(($(wc -l <"$work/ref.classes") - 1))
 echo "all checkpoints predict the same classes on $rows test rows"
+
+echo "== a bad --predominant names the valid indices"
+rc=0
+"$mpirun" -np 1 "$mpi_train" --predominant 5 "$fac" "$mor" </dev/null \
+  >/dev/null 2>"$work/bad-p.err" || rc=$?
+if [ "$rc" -ne 2 ] ||
+  ! grep -q "^mpi-train: error: --predominant 5: modality indices are 0..1$" \
+    "$work/bad-p.err"; then
+  echo "FAIL: --predominant 5 with two modalities: exit $rc" >&2
+  cat "$work/bad-p.err" >&2
+  exit 1
+fi
+echo "exit 2: $(head -n 1 "$work/bad-p.err")"

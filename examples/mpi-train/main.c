@@ -298,8 +298,8 @@ static int parse_args(opts *o, int argc, char **argv) {
   if (given[O_MINACC] && t->test_fraction <= 0.0)
     return arg_usage(&args_ctx, "--min-test-acc needs --test-fraction > 0");
   if (t->predominant >= o->n_files)
-    return arg_usage(&args_ctx,
-                     "--predominant : larger than the last modality index");
+    return arg_usage(&args_ctx, "--predominant %d: modality indices are 0..%d",
+                     t->predominant, o->n_files - 1);
   return -1;
 }
 
