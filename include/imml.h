@@ -25,6 +25,10 @@
  *   different models may be used from different threads at once.
  *   imml_predict() on one model from several threads at once is safe when
  *   each thread passes its own imml_workspace.
+ * - imml_backward() and imml_step() split their passes over every
+ *   parameter (from 1 Mi parameters on) over as many threads as the BLAS
+ *   uses (imml_blas_threads()); those threads start and end within the
+ *   call, and results are the same for any thread count.
  * - After imml_model_create() (or a load) the library allocates nothing in
  *   imml_forward(), imml_backward(), imml_fdc_adjust(), imml_step() and
  *   imml_predict(): every buffer is carved from one arena at create time.
@@ -464,6 +468,7 @@ IMML_API imml_status imml_predict_unimodal(const imml_workspace *ws, int m,
 
 /*! imml_blas_threads() : sets the number of threads of the BLAS library
  *  (process-wide, it is BLAS's own setting) when that BLAS supports it.
+ *  libimml's own element-wise passes follow the same number.
  *  @return the number now in effect, or 0 if unknown. */
 IMML_API int imml_blas_threads(int n);
 
