@@ -143,6 +143,13 @@ struct imml_model {
   float *grads;        /* (n_params) */
   float *stage;        /* (n_params) gradients of one backward, before commit */
   int grads_zero_hint; /* gradients were last set to +0.0 by the library */
+  /* Blocks the host may write through pointers it was given
+   * (imml_param_info, imml_params_flat), for good: IMML_EXPOSED_*. */
+  int exposed;
+  /* max |params| and max |grads| (NaN: not known), kept while the library
+   * alone can write them: a step then proves its update finite without
+   * reading either block, and a backward trusts grads_zero_hint. */
+  float max_p, max_g;
 
   /* Strata dictionary: J entries of M k floats, entry j = [d_j0; d_j1; ..]
    * in modality order. */
@@ -248,6 +255,8 @@ double mdken_contrastive_forward(const imml_model *m, int p,
 void mdken_backward(imml_model *m, float *g, float *const *dh, int off,
                     float con_scale, float ce_scale);
 
+enum { IMML_EXPOSED_PARAMS = 1, IMML_EXPOSED_GRADS = 2 };
+
 /* par.c: fn(ctx, part, lo, hi) over [0, n) in contiguous parts, the first
  * on the calling thread; returns the number of parts (1..IMML_PAR_MAX),
  * which imml_par_parts(n) tells in advance.  Parts are numbered so that
@@ -256,8 +265,8 @@ void mdken_backward(imml_model *m, float *g, float *const *dh, int off,
 typedef void (*imml_range_fn)(void *ctx, int part, size_t lo, size_t hi);
 int imml_par_parts(size_t n);
 int imml_par_for(size_t n, imml_range_fn fn, void *ctx);
-/* k_all_finite and k_all_zero, split the same way. */
-int imml_par_all_finite(size_t n, const float *x);
+/* k_all_zero and k_max_abs, split the same way. */
+float imml_par_max_abs(size_t n, const float *x);
 int imml_par_all_zero(size_t n, const float *x);
 
 /* fdc.c (METHOD.md section 2) */

@@ -4,6 +4,7 @@
 #include "internal.h"
 #include "kernels.h"
 
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -100,6 +101,8 @@ imml_status imml_model_build(const imml_config *cfg, const int *dims,
   memset(m->grads, 0, m->n_params * sizeof(float));
   memset(m->dict, 0, dict_bytes(m));
   m->grads_zero_hint = 1;
+  m->max_p = NAN; /* parameters are initialised or loaded next */
+  m->max_g = 0.0f;
   if (cfg->predominant >= 0) {
     m->p = cfg->predominant;
     m->p_fixed = 1;
@@ -448,8 +451,11 @@ imml_status imml_backward(imml_model *m, float *const *dh) {
   /* When the gradients are all +0.0 (the usual case after imml_zero_grad
    * or imml_step), this step accumulates into them directly and a refused
    * step restores them with one memset.  Otherwise it is computed in the
-   * staging buffer and added only once it has been checked. */
-  const int direct = m->grads_zero_hint && imml_par_all_zero(np, m->grads);
+   * staging buffer and added only once it has been checked.  The zeros
+   * are checked only if the host holds a pointer to the gradients. */
+  const int direct =
+      m->grads_zero_hint &&
+      (!(m->exposed & IMML_EXPOSED_GRADS) || imml_par_all_zero(np, m->grads));
   float *G = direct ? m->grads : m->stage;
   if (!direct)
     memset(G, 0, np * sizeof(float));
@@ -482,9 +488,11 @@ imml_status imml_backward(imml_model *m, float *const *dh) {
     }
   fdc_backward(m, G);
   mdken_backward(m, G, dh, off, con_scale, ce_scale);
-  /* One check over the whole block; only a failure looks for the tensor
-   * to name (the tensors tile [0, n_params)). */
-  if (!imml_par_all_finite(np, G)) {
+  /* One check over the whole block (its largest magnitude: infinity or NaN
+   * when a value is not finite); only a failure looks for the tensor to
+   * name (the tensors tile [0, n_params)). */
+  const float gmax = imml_par_max_abs(np, G);
+  if (!(gmax <= FLT_MAX)) {
     const char *name = "a parameter";
     for (int i = 0; i < m->n_tensors; i++) {
       const imml_tensor *t = &m->tensors[i];
@@ -503,6 +511,7 @@ imml_status imml_backward(imml_model *m, float *const *dh) {
     for (size_t i = 0; i < np; i++)
       m->grads[i] += G[i];
   m->grads_zero_hint = 0;
+  m->max_g = direct ? gmax : NAN; /* a sum's maximum is not known */
   if (gathered)
     fdc_push(m, (const float *const *)m->coll.z, m->coll.n);
   else
@@ -571,6 +580,7 @@ imml_status imml_param_info(imml_model *m, int i, imml_param_view *v) {
   v->cols = t->cols;
   v->data = m->params + t->offset;
   v->grad = m->grads + t->offset;
+  m->exposed |= IMML_EXPOSED_PARAMS | IMML_EXPOSED_GRADS;
   return IMML_OK;
 }
 
@@ -579,10 +589,14 @@ imml_status imml_params_flat(imml_model *m, float **data, float **grad,
   if (!m)
     return IMML_ERR_NULL;
   m->errmsg[0] = '\0';
-  if (data)
+  if (data) {
     *data = m->params;
-  if (grad)
+    m->exposed |= IMML_EXPOSED_PARAMS;
+  }
+  if (grad) {
     *grad = m->grads;
+    m->exposed |= IMML_EXPOSED_GRADS;
+  }
   if (count)
     *count = m->n_params;
   return IMML_OK;
@@ -594,6 +608,7 @@ imml_status imml_zero_grad(imml_model *m) {
   m->errmsg[0] = '\0';
   memset(m->grads, 0, m->n_params * sizeof(float));
   m->grads_zero_hint = 1;
+  m->max_g = 0.0f;
   return IMML_OK;
 }
 

@@ -182,7 +182,7 @@ IMML_HOT static uint32_t adamw_check(const step_coef *k, size_t n,
 }
 
 /* AdamW, commit: stores the new values, zeroes the gradient and records
- * max |m1| (top[0]) and max |m2| (top[1]) as bits. */
+ * max |m1| (top[0]), max |m2| (top[1]) and max |p| (top[2]) as bits. */
 IMML_HOT static void adamw_commit(const step_coef *k, size_t n,
                                   float *restrict P, float *restrict G,
                                   float *restrict M1, float *restrict M2,
@@ -190,20 +190,23 @@ IMML_HOT static void adamw_commit(const step_coef *k, size_t n,
   const float clip = k->clip, decay = k->decay, b1 = k->b1, b2 = k->b2,
               c1 = 1.0f - k->b1, c2 = 1.0f - k->b2, bc2 = k->bc2_sqrt,
               eps = k->eps, step = k->step_size;
-  uint32_t top1 = 0, top2 = 0;
+  uint32_t top1 = 0, top2 = 0, topp = 0;
   for (size_t i = 0; i < n; i++) {
     const float g = G[i] * clip;
     const float m1 = b1 * M1[i] + c1 * g;
     const float m2 = b2 * M2[i] + c2 * g * g;
-    P[i] = P[i] * decay - step * (m1 / (sqrtf(m2) / bc2 + eps));
+    const float p = P[i] * decay - step * (m1 / (sqrtf(m2) / bc2 + eps));
+    P[i] = p;
     M1[i] = m1;
     M2[i] = m2;
     G[i] = 0.0f;
     top1 = top_bits(top1, m1);
     top2 = top_bits(top2, m2);
+    topp = top_bits(topp, p);
   }
   top[0] = top1;
   top[1] = top2;
+  top[2] = topp;
 }
 
 /* AdamW, the cheap check a step runs first.  With max1 >= |M1_i| and
@@ -232,6 +235,18 @@ IMML_HOT static uint32_t adamw_bound(const step_coef *k, size_t n,
     top = top_bits(top_bits(top, fabsf(P[i]) * decay + reach * m1), m2);
   }
   return top;
+}
+
+/* The same bound from the block maxima alone (|P_i| <= max_p and
+ * |G_i| <= max_g bound every element's terms): no pass at all.  Known
+ * only while the host holds no pointer to either block. */
+static int adamw_bound_scalar(const step_coef *k, float max_p, float max_g,
+                              float max1, float max2) {
+  const float g = max_g * k->clip;
+  const float m1 = k->b1 * max1 + (1.0f - k->b1) * g;
+  const float m2 = k->b2 * max2 + (1.0f - k->b2) * g * g;
+  const float bound = max_p * fabsf(k->decay) + k->step_size / k->eps * m1;
+  return bound < 1e37f && m2 < 1e37f; /* false for NaN */
 }
 
 /* One SGD pass (PyTorch semantics, dampening 0): with commit 0 returns
@@ -277,13 +292,13 @@ IMML_HOT static uint32_t sgd_pass(const step_coef *k, size_t n,
 enum { PASS_BOUND, PASS_CHECK, PASS_COMMIT };
 
 /* One pass of a step over all parameters, split by imml_par_for; out[part]
- * receives the part's bits (two words for an AdamW commit). */
+ * receives the part's bits (three words for an AdamW commit). */
 typedef struct step_job {
   const step_coef *k;
   float *P, *G, *M1, *M2;
   int adamw, pass;
   float max1, max2;
-  uint32_t out[IMML_PAR_MAX][2];
+  uint32_t out[IMML_PAR_MAX][3];
 } step_job;
 
 static void step_range(void *ctx, int part, size_t lo, size_t hi) {
@@ -303,23 +318,23 @@ static void step_range(void *ctx, int part, size_t lo, size_t hi) {
 }
 
 /* Runs one pass; returns the OR (checks) or the max (bound) of the parts'
- * first words; a commit leaves both words combined by max in out[0]. */
+ * first words; an AdamW commit leaves its three words combined by max in
+ * out[0]. */
 static uint32_t run_pass(step_job *j, size_t n, int pass) {
   j->pass = pass;
   const int parts = imml_par_for(n, step_range, j);
-  uint32_t r0 = 0, r1 = 0;
-  for (int i = 0; i < parts; i++) {
-    const uint32_t a = j->out[i][0], b = j->out[i][1];
-    if (pass == PASS_CHECK || !j->adamw) {
-      r0 |= a;
-    } else {
-      r0 = a > r0 ? a : r0;
-      r1 = b > r1 ? b : r1;
+  uint32_t r[3] = {0, 0, 0};
+  for (int i = 0; i < parts; i++)
+    for (int w = 0; w < 3; w++) {
+      const uint32_t a = j->out[i][w];
+      if (pass == PASS_CHECK || !j->adamw)
+        r[w] |= a;
+      else
+        r[w] = a > r[w] ? a : r[w];
     }
-  }
-  j->out[0][0] = r0;
-  j->out[0][1] = r1;
-  return r0;
+  for (int w = 0; w < 3; w++)
+    j->out[0][w] = r[w];
+  return r[0];
 }
 
 imml_status imml_step(imml_model *m) {
@@ -383,8 +398,13 @@ imml_status imml_step(imml_model *m) {
     }
     j.max1 = o->max1;
     j.max2 = o->max2;
-    if (k.step_size / k.eps < 1e30f && o->max1 < 1e37f && o->max2 < 1e37f)
-      proven = bits_float(run_pass(&j, n, PASS_BOUND)) < 1e37f;
+    if (k.step_size / k.eps < 1e30f && o->max1 < 1e37f && o->max2 < 1e37f) {
+      /* Neither block handed out: the maxima the library kept suffice. */
+      if (!m->exposed)
+        proven = adamw_bound_scalar(&k, m->max_p, m->max_g, o->max1, o->max2);
+      if (!proven)
+        proven = bits_float(run_pass(&j, n, PASS_BOUND)) < 1e37f;
+    }
   }
   if (!proven && (run_pass(&j, n, PASS_CHECK) & 0x80000000u)) {
     if (!k_all_finite(n, G))
@@ -400,7 +420,11 @@ imml_status imml_step(imml_model *m) {
   if (adamw) {
     o->max1 = bits_float(j.out[0][0]);
     o->max2 = bits_float(j.out[0][1]);
+    m->max_p = bits_float(j.out[0][2]);
+  } else {
+    m->max_p = NAN; /* SGD does not track it */
   }
+  m->max_g = 0.0f;
   m->grads_zero_hint = 1;
   o->t++;
   o->has_buf = o->has_buf || (!adamw && k.mom != 0.0f);

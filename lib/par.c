@@ -8,6 +8,8 @@
 #include "kernels.h"
 
 #include <pthread.h>
+#include <stdint.h>
+#include <string.h>
 
 /* A part shorter than this (in elements) is not worth a thread: starting
  * and joining one costs tens of microseconds, a pass over 512 Ki floats
@@ -89,10 +91,33 @@ static int par_check(size_t n, const float *x,
   return ok;
 }
 
-int imml_par_all_finite(size_t n, const float *x) {
-  return par_check(n, x, k_all_finite);
-}
-
 int imml_par_all_zero(size_t n, const float *x) {
   return par_check(n, x, k_all_zero);
+}
+
+typedef struct max_job {
+  const float *x;
+  float top[IMML_PAR_MAX];
+} max_job;
+
+static void max_range(void *ctx, int part, size_t lo, size_t hi) {
+  max_job *j = ctx;
+  j->top[part] = k_max_abs(hi - lo, j->x + lo);
+}
+
+float imml_par_max_abs(size_t n, const float *x) {
+  max_job j;
+  j.x = x;
+  const int parts = imml_par_for(n, max_range, &j);
+  /* Combined as magnitude bits, like the parts themselves: NaN, then
+   * infinity, outrank every finite value whatever the order. */
+  uint32_t top = 0;
+  for (int i = 0; i < parts; i++) {
+    uint32_t u;
+    memcpy(&u, &j.top[i], sizeof u);
+    top = u > top ? u : top;
+  }
+  float r;
+  memcpy(&r, &top, sizeof r);
+  return r;
 }

@@ -226,6 +226,7 @@ static void state_take(mstate *s, imml_model *m) {
 /* Puts a state into a fresh model (same configuration up to max_batch). */
 static void state_put(imml_model *m, const mstate *s) {
   memcpy(m->params, s->params, m->n_params * sizeof(float));
+  m->max_p = NAN; /* written behind the library's back */
   memcpy(m->dict, s->dict, dict_floats(m) * sizeof(float));
   m->dict_fill = s->fill;
   m->dict_pos = s->pos;

@@ -27,6 +27,7 @@
 #include "check_main.h"
 #include "common.h"
 #include "internal.h"
+#include "kernels.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -350,6 +351,175 @@ static void make_batch(uint64_t seed, float *x0, float *x1, int *y, int B) {
       x1[i * 2 + j] = splitmix_unif(&s);
   }
 }
+
+/* ---- blocks the host holds no pointer to ----------------------------- */
+
+/* One training step from the model's own forward/backward on batch s. */
+static imml_status train_step(imml_model *m, uint64_t s) {
+  float x0[4 * 3], x1[4 * 2];
+  int y[4];
+  make_batch(900 + s, x0, x1, y, 4);
+  const float *x[2] = {x0, x1};
+  ck_assert_int_eq(imml_forward(m, IMML_MODE_TRAIN, 4, x, y, NULL, NULL),
+                   IMML_OK);
+  ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
+  return imml_step(m);
+}
+
+static void *save_bytes(imml_model *m, size_t *len) {
+  ck_assert_int_eq(imml_save_mem(m, NULL, 0, len), IMML_OK);
+  void *buf = malloc(*len);
+  ck_assert_ptr_nonnull(buf);
+  ck_assert_int_eq(imml_save_mem(m, buf, *len, len), IMML_OK);
+  return buf;
+}
+
+/* While the host holds no pointer to the parameters or gradients, the
+ * library keeps their maxima and an AdamW step proves itself finite
+ * without reading either block; a model whose blocks were handed out
+ * (imml_params_flat) reads them.  Both must end bit-identical, and the
+ * kept maxima must be the blocks' true maxima after every call. */
+START_TEST(test_unexposed_blocks_same_steps) {
+  imml_model *a = tiny_model(21), *b = tiny_model(21);
+  imml_optim_config c;
+  case_config(&adamw_cases[1], &c);
+  setup_ok(a, &c);
+  setup_ok(b, &c);
+  float *p, *g;
+  flat(b, &p, &g); /* b's blocks are exposed from now on */
+  ck_assert_int_eq(a->exposed, 0);
+  ck_assert(b->exposed != 0);
+  for (int s = 0; s < 6; s++) {
+    float x0[4 * 3], x1[4 * 2];
+    int y[4];
+    make_batch(900 + (uint64_t)s, x0, x1, y, 4);
+    const float *x[2] = {x0, x1};
+    for (int w = 0; w < 2; w++) {
+      imml_model *m = w ? b : a;
+      ck_assert_int_eq(imml_forward(m, IMML_MODE_TRAIN, 4, x, y, NULL, NULL),
+                       IMML_OK);
+      ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
+    }
+    ck_assert_msg(a->max_g == k_max_abs(a->n_params, a->grads),
+                  "step %d: kept max |g| %g, true %g", s, (double)a->max_g,
+                  (double)k_max_abs(a->n_params, a->grads));
+    step_ok(a);
+    step_ok(b);
+    ck_assert_msg(a->max_p == k_max_abs(a->n_params, a->params),
+                  "step %d: kept max |p| %g, true %g", s, (double)a->max_p,
+                  (double)k_max_abs(a->n_params, a->params));
+    ck_assert(a->opt.max1 == k_max_abs(a->n_params, a->opt.m1));
+    ck_assert(a->opt.max2 == k_max_abs(a->n_params, a->opt.m2));
+    ck_assert(a->max_g == 0.0f);
+  }
+  ck_assert_int_eq(a->exposed, 0); /* saving exposes nothing */
+  size_t la, lb;
+  void *sa = save_bytes(a, &la), *sb = save_bytes(b, &lb);
+  ck_assert_int_eq(a->exposed, 0);
+  ck_assert_uint_eq(la, lb);
+  ck_assert_msg(memcmp(sa, sb, la) == 0,
+                "unexposed and exposed models differ after 6 steps");
+  free(sa);
+  free(sb);
+  imml_model_free(a);
+  imml_model_free(b);
+}
+END_TEST
+
+/* Unexposed, an update that overflows is still refused and changes
+ * nothing (the kept maxima make the bound inconclusive, so the exact check
+ * runs). */
+START_TEST(test_unexposed_overflow_refused) {
+  imml_model *m = tiny_model(22);
+  imml_optim_config c;
+  imml_optim_config_init(&c, IMML_OPT_ADAMW);
+  setup_ok(m, &c);
+  ck_assert_int_eq(train_step(m, 1), IMML_OK);
+  /* decay 1 - lr wd = -1e39: -inf in float, while step / eps stays far
+   * below the 1e30 that sends a step straight to the exact check */
+  c.lr = 1e9f;
+  c.weight_decay = 1e30f;
+  setup_ok(m, &c);
+  float x0[4 * 3], x1[4 * 2];
+  int y[4];
+  make_batch(77, x0, x1, y, 4);
+  const float *x[2] = {x0, x1};
+  ck_assert_int_eq(imml_forward(m, IMML_MODE_TRAIN, 4, x, y, NULL, NULL),
+                   IMML_OK);
+  ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
+  size_t l0, l1;
+  void *s0 = save_bytes(m, &l0);
+  ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE);
+  void *s1 = save_bytes(m, &l1);
+  ck_assert_int_eq(m->exposed, 0);
+  ck_assert(l0 == l1 && memcmp(s0, s1, l0) == 0);
+  ck_assert(m->max_g > 0.0f); /* the gradients are still there */
+  ck_assert(m->max_g == k_max_abs(m->n_params, m->grads));
+  free(s0);
+  free(s1);
+  imml_model_free(m);
+}
+END_TEST
+
+/* Once the host holds a pointer to the gradients, the library no longer
+ * trusts that a step left them at zero: values written after the step are
+ * kept by a backward that fails, and added to by one that succeeds. */
+static int fail_backward(void *ud, int B, int M, int k,
+                         const float *const *slots, const float *dlogits, int C,
+                         float *const *dslots) {
+  (void)ud, (void)B, (void)M, (void)k, (void)slots, (void)dlogits, (void)C;
+  (void)dslots;
+  return 7;
+}
+
+static int sum_forward(void *ud, int training, int B, int M, int k,
+                       const float *const *slots, int C, float *logits) {
+  (void)ud, (void)training;
+  for (int i = 0; i < B; i++)
+    for (int j = 0; j < C; j++)
+      logits[i * C + j] = slots[j % M][i * k];
+  return 0;
+}
+
+START_TEST(test_exposed_gradients_written_after_step) {
+  static const int dims[2] = {3, 2};
+  imml_config cfg;
+  imml_config_init(&cfg);
+  cfg.n_modalities = 2;
+  cfg.dims = dims;
+  cfg.hidden_dim = 4;
+  cfg.knowledge_dim = 2;
+  cfg.n_classes = 3;
+  cfg.max_batch = 4;
+  cfg.dict_size = 3;
+  cfg.predominant = 0;
+  imml_ft_ops ops;
+  imml_ft_ops_init(&ops);
+  ops.forward = sum_forward;
+  ops.backward = fail_backward;
+  imml_model *m = NULL;
+  ck_assert_int_eq(imml_model_create(&cfg, &ops, &m), IMML_OK);
+  imml_optim_config c;
+  imml_optim_config_init(&c, IMML_OPT_SGD);
+  setup_ok(m, &c);
+  float *p, *g;
+  const size_t n = flat(m, &p, &g);
+  ck_assert_int_eq(imml_step(m), IMML_OK); /* zeroes the gradients */
+  g[0] = 5.0f;
+  g[n - 1] = -2.0f;
+  float x0[4 * 3], x1[4 * 2];
+  int y[4];
+  make_batch(78, x0, x1, y, 4);
+  const float *x[2] = {x0, x1};
+  ck_assert_int_eq(imml_forward(m, IMML_MODE_TRAIN, 4, x, y, NULL, NULL),
+                   IMML_OK);
+  ck_assert_int_eq(imml_backward(m, NULL), IMML_ERR_CALLBACK);
+  ck_assert_msg(g[0] == 5.0f && g[n - 1] == -2.0f,
+                "a refused backward lost gradients the host wrote (%g, %g)",
+                (double)g[0], (double)g[n - 1]);
+  imml_model_free(m);
+}
+END_TEST
 
 static void run_backprop(const opt_case *k) {
   imml_model *m = tiny_model(5);
@@ -850,6 +1020,9 @@ static Suite *optim_suite(void) {
                       (int)(sizeof sgd_cases / sizeof sgd_cases[0]));
   tcase_add_loop_test(tc, test_backprop_gradients_match_reference, 0, 3);
   tcase_add_loop_test(tc, test_adamw_inconclusive_bound_steps, 0, 2);
+  tcase_add_test(tc, test_unexposed_blocks_same_steps);
+  tcase_add_test(tc, test_unexposed_overflow_refused);
+  tcase_add_test(tc, test_exposed_gradients_written_after_step);
   suite_add_tcase(s, tc);
   tc = tcase_create("api");
   tcase_add_test(tc, test_step_zeroes_gradients);

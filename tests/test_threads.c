@@ -726,8 +726,8 @@ END_TEST
 
 /* lib/par.c (internal; the test links the library's objects) */
 int imml_par_parts(size_t n);
-int imml_par_all_finite(size_t n, const float *x);
 int imml_par_all_zero(size_t n, const float *x);
+float imml_par_max_abs(size_t n, const float *x);
 
 #define BIG_D 2100 /* 2 x 2100 x 256 weights: over 1 Mi parameters */
 
@@ -870,13 +870,17 @@ START_TEST(test_split_checks_find_any_part) {
   float *x = calloc(n, sizeof *x);
   ck_assert_ptr_nonnull(x);
   ck_assert(imml_par_all_zero(n, x));
-  ck_assert(imml_par_all_finite(n, x));
+  ck_assert(imml_par_max_abs(n, x) == 0.0f);
   const size_t at[4] = {0, n / 2, n - 17, n - 1};
   for (int i = 0; i < 4; i++) {
     x[at[i]] = -0.0f;
     ck_assert_msg(!imml_par_all_zero(n, x), "-0.0 at %zu missed", at[i]);
+    x[at[i]] = -3.5f;
+    ck_assert_msg(imml_par_max_abs(n, x) == 3.5f, "3.5 at %zu missed", at[i]);
     x[at[i]] = INFINITY;
-    ck_assert_msg(!imml_par_all_finite(n, x), "inf at %zu missed", at[i]);
+    ck_assert_msg(isinf(imml_par_max_abs(n, x)), "inf at %zu missed", at[i]);
+    x[at[i]] = NAN;
+    ck_assert_msg(isnan(imml_par_max_abs(n, x)), "NaN at %zu missed", at[i]);
     x[at[i]] = 0.0f;
   }
   free(x);
