@@ -297,7 +297,10 @@ IMML_API imml_status imml_param_info(imml_model *model, int i,
 
 /*! imml_params_flat() : every parameter (in imml_param_info order, no
  *  padding) is one contiguous block of *count floats, and so is every
- *  gradient (same layout): one allreduce reduces all gradients. */
+ *  gradient (same layout): one allreduce reduces all gradients.  data and
+ *  grad may be NULL.  Once the host holds a pointer to a block (from here
+ *  or imml_param_info), imml_backward() and imml_step() read that block
+ *  to see what the host wrote, which costs a pass over it per call. */
 IMML_API imml_status imml_params_flat(imml_model *model, float **data,
                                       float **grad, size_t *count);
 
