@@ -28,7 +28,10 @@
  * - imml_backward() and imml_step() split their passes over every
  *   parameter (from 1 Mi parameters on) over as many threads as the BLAS
  *   uses (imml_blas_threads()); those threads start and end within the
- *   call, and results are the same for any thread count.
+ *   call, with every signal blocked, and results are the same for any
+ *   thread count.  (Their stacks come from the system's thread library,
+ *   which reuses them; a host that wants no threads at all sets the BLAS
+ *   to one thread.)
  * - After imml_model_create() (or a load) the library allocates nothing in
  *   imml_forward(), imml_backward(), imml_fdc_adjust(), imml_step() and
  *   imml_predict(): every buffer is carved from one arena at create time.

@@ -15,6 +15,7 @@ fdc_view fdc_dict_view(const imml_model *m) {
     v.d[mm] = m->dict + (size_t)mm * k;
   v.ld = M * k;
   v.n = m->dict_fill;
+  v.one_block = 1;
   return v;
 }
 
@@ -53,8 +54,8 @@ static int use_query_side(int B, int J, int k, int M, int backward) {
 
 /* The strata matrix as one (J, M k) operand in modality order, or NULL if
  * the view's modalities are separate arrays. */
-static const float *strata_matrix(const fdc_view *v, int M, int k) {
-  return v->ld == M * k ? v->d[0] : NULL;
+static const float *strata_matrix(const fdc_view *v) {
+  return v->one_block ? v->d[0] : NULL;
 }
 
 void fdc_forward(const imml_model *m, imml_acts *a, int p,
@@ -75,7 +76,7 @@ void fdc_forward(const imml_model *m, imml_acts *a, int p,
     for (int pos = 0; pos < M; pos++)
       k_gemm(0, 1, B, k, k, 1.0f, a->q, k, wk + (size_t)pos * k * k, k, 0.0f,
              a->qk + (size_t)order_at(p, pos) * k, ldq);
-    const float *d = strata_matrix(v, M, k);
+    const float *d = strata_matrix(v);
     if (d)
       k_gemm(0, 1, B, J, M * k, inv_sqrt_k, a->qk, ldq, d, v->ld, 0.0f,
              a->alpha, J);
@@ -149,7 +150,7 @@ void fdc_backward(imml_model *m, float *G) {
     /* dqk (B, Mk) = dE (B, J) D (J, Mk) / sqrt(k); then per block
      * dQ += dqk_m Wk_pos and dWk_pos += dqk_mᵀ Q */
     const int ldq = M * k;
-    const float *d = strata_matrix(v, M, k);
+    const float *d = strata_matrix(v);
     if (d)
       k_gemm(0, 0, B, M * k, J, inv_sqrt_k, g->de, J, d, v->ld, 0.0f, g->dqk,
              ldq);

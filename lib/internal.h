@@ -31,7 +31,8 @@ typedef struct imml_tensor {
 typedef struct fdc_view {
   const float *d[IMML_MAX_MODALITIES]; /* d[m]: (n, k), row stride ld */
   int ld;
-  int n; /* J_eff */
+  int n;         /* J_eff */
+  int one_block; /* 1: d[0] is one (n, M k) matrix, modalities in order */
 } fdc_view;
 
 /* Activations of one forward.  The model owns one for training (with the

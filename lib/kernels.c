@@ -151,12 +151,13 @@ static void row_lse(int cols, const float *x, size_t stride, float *mx,
   *lse = (float)log(row_exp_sum(cols, x, stride, m, NULL));
 }
 
-/* y_j = exp(x_j - shift) for a row read with a stride (the softmax of the
- * row when shift is its max plus its log-sum-exp). */
+/* y_j = exp((x_j - m) - lse) for a row read with a stride: its softmax,
+ * given its max m and the log of its shifted exponential sum.  (Adding m
+ * and lse first would round their sum, an error of up to |m| ulp.) */
 IMML_HOT static void store_softmax_row(int cols, const float *x, size_t stride,
-                                       float shift, float *y) {
+                                       float m, float lse, float *y) {
   for (int j = 0; j < cols; j++)
-    y[j] = exp_approx(x[(size_t)j * stride] - shift);
+    y[j] = exp_approx((x[(size_t)j * stride] - m) - lse);
 }
 
 IMML_HOT static void softmax_rows_impl(int rows, int cols, const float *x,
@@ -304,7 +305,7 @@ double k_supcon_forward(int batch, const float *s, int rs, int cs,
     total -= acc / npos;
     /* Row i is consumed: with probs == s it may now be overwritten. */
     if (probs)
-      store_softmax_row(batch, si, (size_t)cs, m + lse,
+      store_softmax_row(batch, si, (size_t)cs, m, lse,
                         probs + (size_t)i * batch);
   }
   return total / batch;

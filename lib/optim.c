@@ -209,44 +209,39 @@ IMML_HOT static void adamw_commit(const step_coef *k, size_t n,
   top[2] = topp;
 }
 
-/* AdamW, the cheap check a step runs first.  With max1 >= |M1_i| and
- * max2 >= M2_i >= 0 for every i,
- *   |m1| = |b1 M1 + c1 g| <= b1 max1 + c1 |g|,
- *   0 <= m2 = b2 M2 + c2 g g <= b2 max2 + c2 g g,
- *   |P decay - step m1 / (sqrt(m2) / bc2 + eps)| <= |P decay| + step |m1| / eps
- * (the denominator is at least eps), and rounding is monotonic, so these
- * float bounds hold for the values the commit will compute.  The pass
- * reads only P and G and has no square root or division.  Returns the
- * largest bound as bits: when it is below 1e37 (room for the rounding of
- * each operation), no new value can overflow; otherwise the caller runs
- * the exact check. */
-IMML_HOT static uint32_t adamw_bound(const step_coef *k, size_t n,
-                                     const float *restrict P,
-                                     const float *restrict G, float max1,
-                                     float max2) {
-  const float clip = k->clip, decay = fabsf(k->decay), c1 = 1.0f - k->b1,
-              c2 = 1.0f - k->b2, reach = k->step_size / k->eps,
-              base1 = k->b1 * max1, base2 = k->b2 * max2;
-  uint32_t top = 0;
-  for (size_t i = 0; i < n; i++) {
-    const float g = fabsf(G[i] * clip);
-    const float m1 = base1 + c1 * g;
-    const float m2 = base2 + c2 * g * g;
-    top = top_bits(top_bits(top, fabsf(P[i]) * decay + reach * m1), m2);
-  }
-  return top;
-}
-
-/* The same bound from the block maxima alone (|P_i| <= max_p and
- * |G_i| <= max_g bound every element's terms): no pass at all.  Known
- * only while the host holds no pointer to either block. */
-static int adamw_bound_scalar(const step_coef *k, float max_p, float max_g,
-                              float max1, float max2) {
+/* AdamW, the proof a step tries first: a bound on every new value from
+ * five numbers, max |P|, max |G| and max |M1|, max M2 (all >= 0) and the
+ * coefficients.  Round-to-nearest is monotonic and odd, so with
+ * g = max|G| clip, for every i the commit's float values satisfy
+ *   |m1_i| <= m1b = b1 max1 + c1 g,        0 <= m2_i <= b2 max2 + c2 g g,
+ *   den_i = sqrt(m2_i) / bc2 + eps >= eps,  so |m1_i / den_i| <= q = m1b / eps,
+ *   |P_i decay - step (m1_i / den_i)| <= max|P| |decay| + step q,
+ * each side evaluated in float in the commit's order.  The quotient is
+ * bounded on its own: with a tiny eps it can overflow although step q
+ * would not.  When q, the m2 bound and the final bound are below 1e37 no
+ * new value can overflow (NaN fails every comparison); otherwise the
+ * caller runs the exact check. */
+static int adamw_bound(const step_coef *k, float max_p, float max_g, float max1,
+                       float max2) {
   const float g = max_g * k->clip;
   const float m1 = k->b1 * max1 + (1.0f - k->b1) * g;
   const float m2 = k->b2 * max2 + (1.0f - k->b2) * g * g;
-  const float bound = max_p * fabsf(k->decay) + k->step_size / k->eps * m1;
-  return bound < 1e37f && m2 < 1e37f; /* false for NaN */
+  const float q = m1 / k->eps;
+  const float bound = max_p * fabsf(k->decay) + k->step_size * q;
+  return q < 1e37f && m2 < 1e37f && bound < 1e37f;
+}
+
+/* max |P| (top[0]) and max |G| (top[1]) as bits, in one pass: what the
+ * bound needs when the host may have written either block. */
+IMML_HOT static void maxima_pass(size_t n, const float *restrict P,
+                                 const float *restrict G, uint32_t *top) {
+  uint32_t tp = 0, tg = 0;
+  for (size_t i = 0; i < n; i++) {
+    tp = top_bits(tp, P[i]);
+    tg = top_bits(tg, G[i]);
+  }
+  top[0] = tp;
+  top[1] = tg;
 }
 
 /* One SGD pass (PyTorch semantics, dampening 0): with commit 0 returns
@@ -289,7 +284,7 @@ IMML_HOT static uint32_t sgd_pass(const step_coef *k, size_t n,
   return worst;
 }
 
-enum { PASS_BOUND, PASS_CHECK, PASS_COMMIT };
+enum { PASS_MAXIMA, PASS_CHECK, PASS_COMMIT };
 
 /* One pass of a step over all parameters, split by imml_par_for; out[part]
  * receives the part's bits (three words for an AdamW commit). */
@@ -297,7 +292,6 @@ typedef struct step_job {
   const step_coef *k;
   float *P, *G, *M1, *M2;
   int adamw, pass;
-  float max1, max2;
   uint32_t out[IMML_PAR_MAX][3];
 } step_job;
 
@@ -309,16 +303,16 @@ static void step_range(void *ctx, int part, size_t lo, size_t hi) {
   uint32_t *out = j->out[part];
   if (!j->adamw)
     out[0] = sgd_pass(j->k, n, P, G, M1, j->pass == PASS_COMMIT);
-  else if (j->pass == PASS_BOUND)
-    out[0] = adamw_bound(j->k, n, P, G, j->max1, j->max2);
+  else if (j->pass == PASS_MAXIMA)
+    maxima_pass(n, P, G, out);
   else if (j->pass == PASS_CHECK)
     out[0] = adamw_check(j->k, n, P, G, M1, M2);
   else
     adamw_commit(j->k, n, P, G, M1, M2, out);
 }
 
-/* Runs one pass; returns the OR (checks) or the max (bound) of the parts'
- * first words; an AdamW commit leaves its three words combined by max in
+/* Runs one pass; returns the OR (checks) or the max (maxima, AdamW
+ * commit) of the parts' first words, and leaves every word so combined in
  * out[0]. */
 static uint32_t run_pass(step_job *j, size_t n, int pass) {
   j->pass = pass;
@@ -396,14 +390,13 @@ imml_status imml_step(imml_model *m) {
       o->max1 = k_max_abs(n, o->m1); /* a NaN or infinite moment stays */
       o->max2 = k_max_abs(n, o->m2); /* non-finite: the exact check runs */
     }
-    j.max1 = o->max1;
-    j.max2 = o->max2;
-    if (k.step_size / k.eps < 1e30f && o->max1 < 1e37f && o->max2 < 1e37f) {
-      /* Neither block handed out: the maxima the library kept suffice. */
-      if (!m->exposed)
-        proven = adamw_bound_scalar(&k, m->max_p, m->max_g, o->max1, o->max2);
-      if (!proven)
-        proven = bits_float(run_pass(&j, n, PASS_BOUND)) < 1e37f;
+    /* Neither block handed out: the maxima the library kept suffice. */
+    if (!m->exposed)
+      proven = adamw_bound(&k, m->max_p, m->max_g, o->max1, o->max2);
+    if (!proven) {
+      run_pass(&j, n, PASS_MAXIMA);
+      proven = adamw_bound(&k, bits_float(j.out[0][0]), bits_float(j.out[0][1]),
+                           o->max1, o->max2);
     }
   }
   if (!proven && (run_pass(&j, n, PASS_CHECK) & 0x80000000u)) {

@@ -8,6 +8,7 @@
 #include "kernels.h"
 
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -56,8 +57,15 @@ int imml_par_for(size_t n, imml_range_fn fn, void *ctx) {
     const size_t hi = lo + chunk < n ? lo + chunk : n;
     task[i] = (par_task){fn, ctx, i, lo, hi};
   }
+  /* Helpers start with every signal blocked (they inherit the mask at
+   * creation), so no host signal handler ever runs on a libimml thread. */
+  sigset_t all, old;
+  sigfillset(&all);
+  const int masked = pthread_sigmask(SIG_SETMASK, &all, &old) == 0;
   for (int i = 1; i < parts; i++)
     started[i] = pthread_create(&tid[i], NULL, par_run, &task[i]) == 0;
+  if (masked)
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
   par_run(&task[0]);
   for (int i = 1; i < parts; i++) {
     if (started[i])

@@ -1344,6 +1344,43 @@ START_TEST(test_supcon_ref) {
 }
 END_TEST
 
+/* The stored probabilities keep float accuracy element-wise when the
+ * logits are large (tau = 1e-3 on cosines: |S| up to 1000), where rounding
+ * max + log-sum-exp as one number would cost up to |max| ulp. */
+START_TEST(test_supcon_probs_large_logits) {
+  enum { NB = 64 };
+  prng g = {2100};
+  float *s = falloc(NB * NB), *pr = falloc(NB * NB);
+  double *t = dalloc(NB * NB), *ls = dalloc(NB);
+  int y[NB];
+  make_labels(&g, LAB_TWO_CLASSES, NB, y);
+  fill(&g, s, NB * NB, -1000, 1000);
+  k_supcon_forward(NB, s, NB, 1, y, pr);
+  double worst = 0.0;
+  int checked = 0;
+  for (int i = 0; i < NB; i++) {
+    for (int j = 0; j < NB; j++)
+      t[j] = s[(size_t)i * NB + j];
+    ref_log_softmax(NB, t, ls);
+    for (int j = 0; j < NB; j++) {
+      const double ref = exp(ls[j]);
+      if (ref < 1e-30)
+        continue; /* underflows in float */
+      worst = fmax(worst, fabs(pr[(size_t)i * NB + j] - ref) / ref);
+      checked++;
+    }
+  }
+  ck_assert_int_ge(checked, NB);
+  ck_assert_msg(worst < 1e-5,
+                "softmax of logits up to 1000: element relative error %.3g",
+                worst);
+  free(s);
+  free(pr);
+  free(t);
+  free(ls);
+}
+END_TEST
+
 /* Reading S with (rs, cs) = (1, B) is the same as reading an explicit Sᵀ
  * with (B, 1). */
 START_TEST(test_supcon_orientation) {
@@ -1648,6 +1685,7 @@ static Suite *kernels_suite(void) {
 
   tc = tcase_create("supcon");
   tcase_add_loop_test(tc, test_supcon_ref, 0, nb);
+  tcase_add_test(tc, test_supcon_probs_large_logits);
   tcase_add_loop_test(tc, test_supcon_orientation, 0, nb);
   tcase_add_loop_test(tc, test_supcon_fd, 0, nb);
   suite_add_tcase(s, tc);

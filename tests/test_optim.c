@@ -374,6 +374,49 @@ static void *save_bytes(imml_model *m, size_t *len) {
   return buf;
 }
 
+/* A step whose quotient m1 / (sqrt(m2)/bc2 + eps) overflows although
+ * step * m1 / eps would not (m2 = 0, so the denominator is eps): the
+ * proof must not pass it (a review found one that did).  0: a first moment
+ * of 1e31 as a loaded state could hold; 1: the same with lr = 0 (the
+ * update would be 0 * inf = NaN); 2: case 0 with the blocks handed out;
+ * 3: reached by training, beta2 = 0 and eps = 1e-30. */
+START_TEST(test_bound_quotient_overflow_refused) {
+  imml_model *m = tiny_model(23);
+  imml_optim_config c;
+  imml_optim_config_init(&c, IMML_OPT_ADAMW);
+  if (_i == 1)
+    c.lr = 0.0f;
+  if (_i == 3) {
+    c.beta2 = 0.0f;
+    c.eps = 1e-30f;
+  }
+  setup_ok(m, &c);
+  float *p = NULL, *g = NULL;
+  size_t n = m->n_params;
+  if (_i >= 2)
+    n = flat(m, &p, &g);
+  if (_i == 3) {
+    g[0] = 1e10f; /* m1 = 1e9, m2 = 1e20 */
+    step_ok(m);   /* then a zero gradient: m2 = 0, m1 / eps = 9e38 */
+  } else {
+    m->opt.m1[0] = 1e31f;            /* m2[0] stays 0 */
+    m->opt.max1 = m->opt.max2 = NAN; /* as after a load: measured */
+  }
+  size_t l0, l1;
+  void *s0 = save_bytes(m, &l0);
+  ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE);
+  void *s1 = save_bytes(m, &l1);
+  ck_assert(l0 == l1 && memcmp(s0, s1, l0) == 0);
+  for (size_t i = 0; i < m->n_params; i++)
+    ck_assert_msg(isfinite(m->params[i]), "case %d: parameter %zu is %g", _i, i,
+                  (double)m->params[i]);
+  (void)n;
+  free(s0);
+  free(s1);
+  imml_model_free(m);
+}
+END_TEST
+
 /* While the host holds no pointer to the parameters or gradients, the
  * library keeps their maxima and an AdamW step proves itself finite
  * without reading either block; a model whose blocks were handed out
@@ -1021,6 +1064,7 @@ static Suite *optim_suite(void) {
   tcase_add_loop_test(tc, test_backprop_gradients_match_reference, 0, 3);
   tcase_add_loop_test(tc, test_adamw_inconclusive_bound_steps, 0, 2);
   tcase_add_test(tc, test_unexposed_blocks_same_steps);
+  tcase_add_loop_test(tc, test_bound_quotient_overflow_refused, 0, 4);
   tcase_add_test(tc, test_unexposed_overflow_refused);
   tcase_add_test(tc, test_exposed_gradients_written_after_step);
   suite_add_tcase(s, tc);
