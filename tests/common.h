@@ -5,6 +5,10 @@
  *   generator (test_properties.c keeps its own reference xoshiro on purpose);
  * - xcalloc, a calloc that fails the test instead of returning NULL;
  * - same_f and same_optim_config, bit-for-bit comparisons;
+ * - batch: M feature matrices and their labels on the heap, drawn from a
+ *   drng stream (test_checkpoint.c and test_threads.c keep fixed-size
+ *   batches of their own, fixed_batch);
+ * - a temporary directory and whole files in it;
  * - snap: a model's whole mutable state, for "a failed call (or an
  *   evaluation) changes nothing" and "two models trained alike are alike". */
 #ifndef IMML_TESTS_COMMON_H
@@ -14,10 +18,14 @@
 #include "internal.h"
 
 #include <check.h>
+#include <dirent.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 /* ------------------------------------------------------------------ */
 /* Deterministic test data                                             */
@@ -71,6 +79,131 @@ static inline int same_optim_config(const imml_optim_config *x,
          same_f(x->momentum, y->momentum) && x->nesterov == y->nesterov &&
          same_f(x->beta1, y->beta1) && same_f(x->beta2, y->beta2) &&
          same_f(x->eps, y->eps) && same_f(x->clip_norm, y->clip_norm);
+}
+
+/* ------------------------------------------------------------------ */
+/* Batches                                                             */
+/* ------------------------------------------------------------------ */
+
+/* One batch: M feature matrices (B x dims[m], row-major) and B labels. */
+typedef struct batch {
+  int M, B;
+  int dims[IMML_MAX_MODALITIES];
+  float *x[IMML_MAX_MODALITIES];
+  int *y;
+} batch;
+
+/* Zeroed features and labels. */
+static inline void batch_alloc(batch *b, int M, const int *dims, int B) {
+  memset(b, 0, sizeof *b);
+  b->M = M;
+  b->B = B;
+  for (int m = 0; m < M; m++) {
+    b->dims[m] = dims[m];
+    b->x[m] = xcalloc((size_t)B * (size_t)dims[m], sizeof(float));
+  }
+  b->y = xcalloc((size_t)B, sizeof(int));
+}
+
+/* Features scale * uniform [-1, 1), modality after modality, then labels
+ * uniform in 0..C-1, all drawn from r. */
+static inline void batch_random_scaled(batch *b, int M, const int *dims, int B,
+                                       int C, drng *r, float scale) {
+  batch_alloc(b, M, dims, B);
+  for (int m = 0; m < M; m++)
+    for (int i = 0; i < B * dims[m]; i++)
+      b->x[m][i] = scale * drng_unif(r);
+  for (int i = 0; i < B; i++)
+    b->y[i] = (int)(drng_u64(r) % (uint64_t)C);
+}
+
+/* Features uniform in [-1, 1) (scale 1 is exact: the same bits). */
+static inline void batch_random(batch *b, int M, const int *dims, int B, int C,
+                                drng *r) {
+  batch_random_scaled(b, M, dims, B, C, r, 1.0f);
+}
+
+static inline void batch_free(batch *b) {
+  for (int m = 0; m < b->M; m++)
+    free(b->x[m]);
+  free(b->y);
+  memset(b, 0, sizeof *b);
+}
+
+/* The features as imml_forward takes them. */
+static inline const float *const *feats(const batch *b) {
+  return (const float *const *)b->x;
+}
+
+/* Zeroed input gradients shaped like b's features. */
+static inline void dfeat_alloc(float **dh, const batch *b) {
+  for (int m = 0; m < b->M; m++)
+    dh[m] = xcalloc((size_t)b->B * (size_t)b->dims[m], sizeof(float));
+}
+
+static inline void dfeat_free(float **dh, int M) {
+  for (int m = 0; m < M; m++) {
+    free(dh[m]);
+    dh[m] = NULL;
+  }
+}
+
+/* ------------------------------------------------------------------ */
+/* Temporary directories and files                                     */
+/* ------------------------------------------------------------------ */
+
+/* A new directory $TMPDIR/<prefix>XXXXXX (/tmp without TMPDIR). */
+static inline void make_tmpdir(char *dir, size_t n, const char *prefix) {
+  const char *base = getenv("TMPDIR");
+  snprintf(dir, n, "%s/%sXXXXXX", base && *base ? base : "/tmp", prefix);
+  ck_assert_ptr_nonnull(mkdtemp(dir));
+}
+
+/* dir and everything below it (a missing dir is no error). */
+static inline void remove_tree(const char *dir) {
+  DIR *d = opendir(dir);
+  if (!d)
+    return;
+  struct dirent *e;
+  char path[1024];
+  while ((e = readdir(d)) != NULL) {
+    if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+      continue;
+    const int len = snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+    if (len < 0 || (size_t)len >= sizeof path)
+      continue; /* not a name of this entry: leave it */
+    struct stat st;
+    if (lstat(path, &st) == 0 && S_ISDIR(st.st_mode))
+      remove_tree(path);
+    else
+      unlink(path);
+  }
+  closedir(d);
+  rmdir(dir);
+}
+
+/* The whole file, on the heap (free it); its length in *size. */
+static inline unsigned char *read_file(const char *path, size_t *size) {
+  FILE *f = fopen(path, "rb");
+  ck_assert_msg(f != NULL, "cannot open %s", path);
+  ck_assert_int_eq(fseek(f, 0, SEEK_END), 0);
+  const long len = ftell(f);
+  ck_assert_int_ge(len, 0);
+  ck_assert_int_eq(fseek(f, 0, SEEK_SET), 0);
+  unsigned char *buf = xcalloc((size_t)len, 1);
+  ck_assert_uint_eq(fread(buf, 1, (size_t)len, f), (size_t)len);
+  fclose(f);
+  *size = (size_t)len;
+  return buf;
+}
+
+/* path holds exactly size bytes of buf (created or truncated). */
+static inline void write_file(const char *path, const void *buf, size_t size) {
+  FILE *f = fopen(path, "wb");
+  ck_assert_ptr_nonnull(f);
+  if (size)
+    ck_assert_uint_eq(fwrite(buf, 1, size, f), size);
+  ck_assert_int_eq(fclose(f), 0);
 }
 
 /* ------------------------------------------------------------------ */

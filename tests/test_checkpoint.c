@@ -31,16 +31,17 @@
 
 /* ---- deterministic data -------------------------------------------- */
 
-/* One batch; f[] points into the struct, so it is filled in place. */
-typedef struct batch {
+/* One batch in fixed arrays (common.h's batch is on the heap); f[] points
+ * into the struct, so it is filled in place. */
+typedef struct fixed_batch {
   float x0[MAXB * DIM0];
   float x1[MAXB * DIM1];
   int y[MAXB];
   const float *f[2];
-} batch;
+} fixed_batch;
 
 /* Modality 0 carries the label, modality 1 is noise. */
-static void make_batch(batch *b, uint64_t seed, int B) {
+static void make_batch(fixed_batch *b, uint64_t seed, int B) {
   uint64_t s = seed * 7919u + 1u;
   for (int i = 0; i < B; i++) {
     b->y[i] = (int)(splitmix64(&s) % NCLS);
@@ -203,7 +204,7 @@ static imml_model *make_model(const spec *sp) {
 
 /* Training steps from..to-1 on batches that depend only on the step. */
 static void train(imml_model *m, const spec *sp, int from, int to) {
-  batch b;
+  fixed_batch b;
   for (int s = from; s < to; s++) {
     if (sp->lr_change_at > 0 && s == sp->lr_change_at)
       ck_assert_int_eq(imml_optim_set_lr(m, 0.004f), IMML_OK);
@@ -221,7 +222,7 @@ static void train(imml_model *m, const spec *sp, int from, int to) {
 }
 
 static void eval_logits(imml_model *m, int B, float *out) {
-  batch b;
+  fixed_batch b;
   make_batch(&b, 99991, B);
   const imml_status st =
       imml_forward(m, IMML_MODE_EVAL, B, b.f, NULL, out, NULL);
@@ -475,13 +476,7 @@ static imml_model *load_from_mem(const unsigned char *buf, size_t size,
   return m;
 }
 
-/* ---- temporary directories ----------------------------------------- */
-
-static void make_tmpdir(char *dir, size_t n) {
-  const char *base = getenv("TMPDIR");
-  snprintf(dir, n, "%s/imml-ckpt-XXXXXX", base && *base ? base : "/tmp");
-  ck_assert_ptr_nonnull(mkdtemp(dir));
-}
+/* ---- directory listings (temporary directories: common.h) ---------- */
 
 /* Names in dir (not . and ..), sorted into one "a,b," string. */
 static int list_dir(const char *dir, char *out, size_t n) {
@@ -512,49 +507,6 @@ static int list_dir(const char *dir, char *out, size_t n) {
     strncat(out, ",", n - strlen(out) - 1);
   }
   return count;
-}
-
-static void remove_tree(const char *dir) {
-  DIR *d = opendir(dir);
-  if (!d)
-    return;
-  struct dirent *e;
-  char path[1024];
-  while ((e = readdir(d)) != NULL) {
-    if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
-      continue;
-    snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-    struct stat st;
-    if (lstat(path, &st) == 0 && S_ISDIR(st.st_mode))
-      remove_tree(path);
-    else
-      unlink(path);
-  }
-  closedir(d);
-  rmdir(dir);
-}
-
-static unsigned char *read_file(const char *path, size_t *size) {
-  FILE *f = fopen(path, "rb");
-  ck_assert_msg(f != NULL, "cannot open %s", path);
-  ck_assert_int_eq(fseek(f, 0, SEEK_END), 0);
-  const long len = ftell(f);
-  ck_assert_int_ge(len, 0);
-  ck_assert_int_eq(fseek(f, 0, SEEK_SET), 0);
-  unsigned char *buf = malloc((size_t)len + 1);
-  ck_assert_ptr_nonnull(buf);
-  ck_assert_uint_eq(fread(buf, 1, (size_t)len, f), (size_t)len);
-  fclose(f);
-  *size = (size_t)len;
-  return buf;
-}
-
-static void write_file(const char *path, const void *buf, size_t size) {
-  FILE *f = fopen(path, "wb");
-  ck_assert_ptr_nonnull(f);
-  if (size)
-    ck_assert_uint_eq(fwrite(buf, 1, size, f), size);
-  ck_assert_int_eq(fclose(f), 0);
 }
 
 /* ---- self-test of the test's own reader ----------------------------- */
@@ -656,7 +608,7 @@ START_TEST(test_roundtrip_file) {
   imml_ft_ops ops = host_ops();
   const imml_ft_ops *ft = rc->sp.host_ft ? &ops : NULL;
   char dir[512], path[600], names[1024];
-  make_tmpdir(dir, sizeof dir);
+  make_tmpdir(dir, sizeof dir, "imml-ckpt-");
   snprintf(path, sizeof path, "%s/model.imml", dir);
   const imml_status st = imml_save(m, path);
   ck_assert_msg(st == IMML_OK, "save: %s", imml_errmsg(m));
@@ -745,7 +697,7 @@ START_TEST(test_exact_resume) {
   char dir[512] = "";
   if (rc->via_file) {
     char path[600];
-    make_tmpdir(dir, sizeof dir);
+    make_tmpdir(dir, sizeof dir, "imml-ckpt-");
     snprintf(path, sizeof path, "%s/resume.imml", dir);
     ck_assert_int_eq(imml_save(m, path), IMML_OK);
     imml_model_free(m);
@@ -1352,7 +1304,7 @@ START_TEST(test_callbacks_required_and_refused) {
   imml_model_free(r);
   /* the same through files */
   char dir[512], path[600];
-  make_tmpdir(dir, sizeof dir);
+  make_tmpdir(dir, sizeof dir, "imml-ckpt-");
   snprintf(path, sizeof path, "%s/host.imml", dir);
   ck_assert_int_eq(imml_save(host, path), IMML_OK);
   r = NULL;
@@ -1371,7 +1323,7 @@ END_TEST
 
 START_TEST(test_load_io_errors) {
   char dir[512], path[600], err[256];
-  make_tmpdir(dir, sizeof dir);
+  make_tmpdir(dir, sizeof dir, "imml-ckpt-");
   snprintf(path, sizeof path, "%s/does-not-exist.imml", dir);
   imml_load_options o;
   imml_load_options_init(&o);
@@ -1416,7 +1368,7 @@ END_TEST
  * allocate whatever size the file system reports for it. */
 START_TEST(test_load_directory_is_io_error) {
   char dir[512], err[256];
-  make_tmpdir(dir, sizeof dir);
+  make_tmpdir(dir, sizeof dir, "imml-ckpt-");
   counter cnt;
   imml_load_options o;
   counting_options(&o, &cnt, err, sizeof err);
@@ -1437,7 +1389,7 @@ END_TEST
  * before any allocation goes through them. */
 START_TEST(test_load_ex_validates_options_first) {
   char dir[512], path[600], err[256];
-  make_tmpdir(dir, sizeof dir);
+  make_tmpdir(dir, sizeof dir, "imml-ckpt-");
   snprintf(path, sizeof path, "%s/model.imml", dir);
   size_t size;
   unsigned char *buf = small_checkpoint(&size, 0, NULL);
@@ -1470,7 +1422,7 @@ END_TEST
 
 START_TEST(test_atomic_save) {
   char dir[512], path[600], names[1024];
-  make_tmpdir(dir, sizeof dir);
+  make_tmpdir(dir, sizeof dir, "imml-ckpt-");
   snprintf(path, sizeof path, "%s/model.imml", dir);
   spec sa = small_spec, sb = small_spec;
   sb.seed = 99;
@@ -1551,12 +1503,12 @@ typedef struct predict_out {
 typedef struct worker {
   const imml_model *m;
   const predict_out *expect;
-  batch in[N_PBATCH];
+  fixed_batch in[N_PBATCH];
   int errors, mismatches;
 } worker;
 
-static int predict_all(const imml_model *m, imml_workspace *ws, const batch *in,
-                       predict_out *out) {
+static int predict_all(const imml_model *m, imml_workspace *ws,
+                       const fixed_batch *in, predict_out *out) {
   for (int b = 0; b < N_PBATCH; b++)
     if (imml_predict(m, ws, pbatch_size[b], in[b].f, out->logits[b],
                      out->probs[b], out->classes[b]) != IMML_OK)

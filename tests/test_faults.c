@@ -32,40 +32,6 @@
 /* Helpers                                                             */
 /* ------------------------------------------------------------------ */
 
-typedef struct batch {
-  int M, B;
-  int dims[IMML_MAX_MODALITIES];
-  float *x[IMML_MAX_MODALITIES];
-  int *y;
-} batch;
-
-static void batch_random(batch *b, int M, const int *dims, int B, int C,
-                         drng *r) {
-  memset(b, 0, sizeof *b);
-  b->M = M;
-  b->B = B;
-  for (int m = 0; m < M; m++) {
-    b->dims[m] = dims[m];
-    b->x[m] = xcalloc((size_t)B * (size_t)dims[m], sizeof(float));
-    for (int i = 0; i < B * dims[m]; i++)
-      b->x[m][i] = drng_unif(r);
-  }
-  b->y = xcalloc((size_t)B, sizeof(int));
-  for (int i = 0; i < B; i++)
-    b->y[i] = (int)(drng_u64(r) % (uint64_t)C);
-}
-
-static void batch_free(batch *b) {
-  for (int m = 0; m < b->M; m++)
-    free(b->x[m]);
-  free(b->y);
-  memset(b, 0, sizeof *b);
-}
-
-static const float *const *feats(const batch *b) {
-  return (const float *const *)b->x;
-}
-
 static const int dims2[2] = {5, 7};
 static const int dims3[3] = {4, 6, 3};
 
@@ -424,33 +390,6 @@ static unsigned char *ckpt_case(int i, host *h, size_t *size) {
   return buf;
 }
 
-static void make_tmpdir(char *dir, size_t n) {
-  const char *base = getenv("TMPDIR");
-  snprintf(dir, n, "%s/imml-faults.XXXXXX", base && *base ? base : "/tmp");
-  ck_assert_ptr_nonnull(mkdtemp(dir));
-}
-
-static void write_file(const char *path, const void *buf, size_t size) {
-  FILE *f = fopen(path, "wb");
-  ck_assert_ptr_nonnull(f);
-  ck_assert_uint_eq(fwrite(buf, 1, size, f), size);
-  ck_assert_int_eq(fclose(f), 0);
-}
-
-static unsigned char *read_file(const char *path, size_t *size) {
-  FILE *f = fopen(path, "rb");
-  ck_assert_ptr_nonnull(f);
-  ck_assert_int_eq(fseek(f, 0, SEEK_END), 0);
-  const long len = ftell(f);
-  ck_assert_int_ge(len, 0);
-  ck_assert_int_eq(fseek(f, 0, SEEK_SET), 0);
-  unsigned char *buf = xcalloc((size_t)len, 1);
-  ck_assert_uint_eq(fread(buf, 1, (size_t)len, f), (size_t)len);
-  fclose(f);
-  *size = (size_t)len;
-  return buf;
-}
-
 /* The entries of dir, sorted, as "a,b,"; returns their number. */
 static int list_dir(const char *dir, char *out, size_t n) {
   DIR *d = opendir(dir);
@@ -485,22 +424,6 @@ static int list_dir(const char *dir, char *out, size_t n) {
   return count;
 }
 
-static void remove_tree(const char *dir) {
-  DIR *d = opendir(dir);
-  if (!d)
-    return;
-  struct dirent *e;
-  char path[1024];
-  while ((e = readdir(d)) != NULL) {
-    if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
-      continue;
-    snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-    unlink(path);
-  }
-  closedir(d);
-  rmdir(dir);
-}
-
 /* _i = checkpoint kind x {memory, file}: every allocation of the load
  * failing in turn gives IMML_ERR_NOMEM with a message, *out NULL and
  * nothing leaked; the load that finally succeeds gives the same model. */
@@ -513,7 +436,7 @@ START_TEST(test_nomem_load) {
   size_t size;
   unsigned char *buf = ckpt_case(kind, &h, &size);
   char dir[512], path[600];
-  make_tmpdir(dir, sizeof dir);
+  make_tmpdir(dir, sizeof dir, "imml-faults.");
   snprintf(path, sizeof path, "%s/model.imml", dir);
   write_file(path, buf, size);
   for (int rest = 0; rest < 2; rest++) {
@@ -743,7 +666,7 @@ START_TEST(test_nomem_save) {
   drng r = {9};
   imml_model *m = busy_model(&cnt, &r, NULL);
   char dir[512], path[600], names[256];
-  make_tmpdir(dir, sizeof dir);
+  make_tmpdir(dir, sizeof dir, "imml-faults.");
   snprintf(path, sizeof path, "%s/model.imml", dir);
   const char old[] = "an older checkpoint";
   write_file(path, old, sizeof old);

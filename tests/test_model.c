@@ -19,52 +19,6 @@
 /* Helpers                                                             */
 /* ------------------------------------------------------------------ */
 
-typedef struct batch {
-  int M, B;
-  int dims[IMML_MAX_MODALITIES];
-  float *x[IMML_MAX_MODALITIES];
-  int *y;
-} batch;
-
-static void batch_random(batch *b, int M, const int *dims, int B, int C,
-                         drng *r) {
-  memset(b, 0, sizeof *b);
-  b->M = M;
-  b->B = B;
-  for (int m = 0; m < M; m++) {
-    b->dims[m] = dims[m];
-    b->x[m] = xcalloc((size_t)B * (size_t)dims[m], sizeof(float));
-    for (int i = 0; i < B * dims[m]; i++)
-      b->x[m][i] = drng_unif(r);
-  }
-  b->y = xcalloc((size_t)B, sizeof(int));
-  for (int i = 0; i < B; i++)
-    b->y[i] = (int)(drng_u64(r) % (uint64_t)C);
-}
-
-static void batch_free(batch *b) {
-  for (int m = 0; m < b->M; m++)
-    free(b->x[m]);
-  free(b->y);
-  memset(b, 0, sizeof *b);
-}
-
-static const float *const *feats(const batch *b) {
-  return (const float *const *)b->x;
-}
-
-static void dfeat_alloc(float **dh, const batch *b) {
-  for (int m = 0; m < b->M; m++)
-    dh[m] = xcalloc((size_t)b->B * (size_t)b->dims[m], sizeof(float));
-}
-
-static void dfeat_free(float **dh, int M) {
-  for (int m = 0; m < M; m++) {
-    free(dh[m]);
-    dh[m] = NULL;
-  }
-}
-
 static const int dims2[2] = {5, 7};
 
 static void small_cfg(imml_config *c, int M, const int *dims) {

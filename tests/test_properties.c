@@ -27,60 +27,6 @@ static double drng_normal(drng *r) {
   return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
 }
 
-/* One batch: M feature matrices and labels. */
-typedef struct batch {
-  int M, B;
-  int dims[IMML_MAX_MODALITIES];
-  float *x[IMML_MAX_MODALITIES];
-  int *y;
-} batch;
-
-static void batch_alloc(batch *b, int M, const int *dims, int B) {
-  memset(b, 0, sizeof *b);
-  b->M = M;
-  b->B = B;
-  for (int m = 0; m < M; m++) {
-    b->dims[m] = dims[m];
-    b->x[m] = xcalloc((size_t)B * (size_t)dims[m], sizeof(float));
-  }
-  b->y = xcalloc((size_t)B, sizeof(int));
-}
-
-/* Features uniform in [-scale, scale), labels uniform in 0..C-1. */
-static void batch_random(batch *b, int M, const int *dims, int B, int C,
-                         drng *r, float scale) {
-  batch_alloc(b, M, dims, B);
-  for (int m = 0; m < M; m++)
-    for (int i = 0; i < B * dims[m]; i++)
-      b->x[m][i] = scale * drng_unif(r);
-  for (int i = 0; i < B; i++)
-    b->y[i] = (int)(drng_u64(r) % (uint64_t)C);
-}
-
-static void batch_free(batch *b) {
-  for (int m = 0; m < b->M; m++)
-    free(b->x[m]);
-  free(b->y);
-  memset(b, 0, sizeof *b);
-}
-
-static const float *const *feats(const batch *b) {
-  return (const float *const *)b->x;
-}
-
-/* Input gradients for a batch. */
-static void dfeat_alloc(float **dh, const batch *b) {
-  for (int m = 0; m < b->M; m++)
-    dh[m] = xcalloc((size_t)b->B * (size_t)b->dims[m], sizeof(float));
-}
-
-static void dfeat_free(float **dh, int M) {
-  for (int m = 0; m < M; m++) {
-    free(dh[m]);
-    dh[m] = NULL;
-  }
-}
-
 static void small_cfg(imml_config *c, int M, const int *dims) {
   imml_config_init(c);
   c->n_modalities = M;
@@ -274,8 +220,8 @@ START_TEST(test_beta0_rows_identical) {
     imml_model *m = mk(&c, NULL);
     drng r = {11};
     batch b1, b2;
-    batch_random(&b1, M, dims, 4, c.n_classes, &r, 1.0f);
-    batch_random(&b2, M, dims, 4, c.n_classes, &r, 1.0f);
+    batch_random(&b1, M, dims, 4, c.n_classes, &r);
+    batch_random(&b2, M, dims, 4, c.n_classes, &r);
     train_once(m, &b1); /* attends over the batch itself */
     train_once(m, &b2); /* attends over 4 dictionary entries */
     const int J = imml_dict_fill(m);
@@ -367,7 +313,7 @@ START_TEST(test_jeff1_single_entry) {
         imml_model *m = mk(&c, NULL);
         drng r = {23};
         batch b;
-        batch_random(&b, M, dims, Bt, c.n_classes, &r, 1.0f);
+        batch_random(&b, M, dims, Bt, c.n_classes, &r);
         train_once(m, &b);
         ck_assert_int_eq(imml_dict_fill(m), 1);
         const float *entry = m->dict; /* [d_0; d_1; d_2] */
@@ -597,7 +543,7 @@ START_TEST(test_warmup_late_fusion) {
     const int sizes[5] = {4, 6, 5, 3, 6};
     for (int step = 0; step < 5; step++) {
       batch b;
-      batch_random(&b, M, dims, sizes[step], C, &r, 1.0f);
+      batch_random(&b, M, dims, sizes[step], C, &r);
       const int B = b.B;
       float *dh[3];
       double *dhr[3];
@@ -718,7 +664,7 @@ START_TEST(test_host_ft_equals_builtin) {
     const int sizes[7] = {4, 6, 5, 3, 6, 4, 5};
     for (int step = 0; step < 7; step++) {
       batch bt;
-      batch_random(&bt, M, dims, sizes[step], C, &r, 1.0f);
+      batch_random(&bt, M, dims, sizes[step], C, &r);
       const int B = bt.B;
       float *la = xcalloc((size_t)B * C, sizeof(float));
       float *lb = xcalloc((size_t)B * C, sizeof(float));
@@ -796,7 +742,7 @@ START_TEST(test_host_ft_equals_builtin) {
     /* the host's evaluation forward receives training = 0 */
     {
       batch bt;
-      batch_random(&bt, M, dims, 3, C, &r, 1.0f);
+      batch_random(&bt, M, dims, 3, C, &r);
       float la[9], lb[9];
       ck_assert_int_eq(
           imml_forward(a, IMML_MODE_EVAL, 3, feats(&bt), NULL, la, NULL),
@@ -857,7 +803,7 @@ START_TEST(test_callback_failure_changes_nothing) {
    * completes warm-up, 2.. = p fixed, dictionary in use */
   for (int round = 0; round < 5; round++) {
     batch b;
-    batch_random(&b, M, dims, 4 + round % 3, C, &r, 1.0f);
+    batch_random(&b, M, dims, 4 + round % 3, C, &r);
     /* one good step (accumulated gradients stay, so they are non-zero) */
     for (int w = 0; w < 2; w++) {
       imml_model *x = w ? ref : m;
@@ -867,7 +813,7 @@ START_TEST(test_callback_failure_changes_nothing) {
         ck_assert_int_eq(imml_step(x), IMML_OK);
     }
     batch b2;
-    batch_random(&b2, M, dims, 5, C, &r, 1.0f);
+    batch_random(&b2, M, dims, 5, C, &r);
     snap s0, s1;
     snap_take(m, &s0);
     ck_assert_msg(!all_zero(s0.grads, s0.n) || round % 2 == 1,
@@ -1091,7 +1037,7 @@ START_TEST(test_predominant_ties_lowest_index) {
     float ema = 0.0f;
     for (int step = 0; step < 3; step++) {
       batch b;
-      batch_random(&b, 3, dims, 5, c.n_classes, &r, 1.0f);
+      batch_random(&b, 3, dims, 5, c.n_classes, &r);
       for (int i = 0; i < b.B; i++)
         b.y[i] = 0;
       train_once(m, &b);
@@ -1139,7 +1085,7 @@ START_TEST(test_determinism) {
   drng r = {1};
   for (int step = 0; step < 10; step++) {
     batch bt;
-    batch_random(&bt, M, dims, 3 + step % 4, C, &r, 1.0f);
+    batch_random(&bt, M, dims, 3 + step % 4, C, &r);
     const int B = bt.B;
     float la[18], lb[18];
     float *dha[3], *dhb[3];
@@ -1430,12 +1376,12 @@ START_TEST(test_fdc_adjust_matches_forward_and_reference) {
       drng r = {600 + (uint64_t)mode};
       batch b;
       if (filled) {
-        batch_random(&b, M, dims, 4, c.n_classes, &r, 2.0f);
+        batch_random_scaled(&b, M, dims, 4, c.n_classes, &r, 2.0f);
         train_once(m, &b);
         batch_free(&b);
         ck_assert_int_eq(imml_dict_fill(m), 4);
       }
-      batch_random(&b, M, dims, 5, c.n_classes, &r, 2.0f);
+      batch_random_scaled(&b, M, dims, 5, c.n_classes, &r, 2.0f);
       fwd_train(m, &b, NULL, NULL);
       const int B = b.B;
       float *z[3], *slot[3];
@@ -1505,12 +1451,12 @@ START_TEST(test_dict_ring) {
   drng r = {3};
   batch b;
   /* a training forward not followed by a backward pushes nothing */
-  batch_random(&b, M, dims, 4, c.n_classes, &r, 1.0f);
+  batch_random(&b, M, dims, 4, c.n_classes, &r);
   fwd_train(m, &b, NULL, NULL);
   ck_assert_int_eq(imml_dict_fill(m), 0);
   batch_free(&b);
   /* a batch of 5 into J = 3: only its last 3 rows stay, in order */
-  batch_random(&b, M, dims, 5, c.n_classes, &r, 1.0f);
+  batch_random(&b, M, dims, 5, c.n_classes, &r);
   train_once(m, &b);
   ck_assert_int_eq(imml_dict_fill(m), 3);
   float keep[3 * 2 * 4];
@@ -1523,7 +1469,7 @@ START_TEST(test_dict_ring) {
   memcpy(keep, m->dict, sizeof keep);
   batch_free(&b);
   /* FIFO: the next 2 rows overwrite the 2 oldest entries */
-  batch_random(&b, M, dims, 2, c.n_classes, &r, 1.0f);
+  batch_random(&b, M, dims, 2, c.n_classes, &r);
   train_once(m, &b);
   ck_assert_int_eq(imml_dict_fill(m), 3);
   int found_old = 0;

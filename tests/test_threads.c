@@ -39,16 +39,17 @@
 #define MAXC 4
 #define KD 4
 
-typedef struct batch {
+/* One batch in fixed arrays (common.h's batch is on the heap). */
+typedef struct fixed_batch {
   int B;
   float x[MAXM][MAXB * MAXD];
   int y[MAXB];
   const float *f[MAXM];
-} batch;
+} fixed_batch;
 
 /* A batch that depends only on (seed, B): the same in every thread. */
-static void make_batch(batch *b, uint64_t seed, int M, const int *dims, int B,
-                       int C) {
+static void make_batch(fixed_batch *b, uint64_t seed, int M, const int *dims,
+                       int B, int C) {
   drng r = {seed * 0x9e37u + 11u};
   b->B = B;
   for (int i = 0; i < B; i++)
@@ -210,7 +211,7 @@ static void run_job(const job_spec *sp, job_out *o) {
     if ((st = imml_optim_setup(m, &oc)) != IMML_OK)
       record_fail(o, st, "optim_setup", m);
   }
-  batch b;
+  fixed_batch b;
   for (int s = 0; s < sp->steps && o->st == IMML_OK; s++) {
     make_batch(&b, sp->seed * 100 + (uint64_t)s, sp->M, sp->dims, 1 + s % sp->B,
                sp->C);
@@ -336,7 +337,7 @@ typedef struct pred_thread {
 static int predict_set(const imml_model *m, imml_workspace *ws,
                        const job_spec *sp, pred_set *out, char *err, size_t n) {
   for (int i = 0; i < N_PB; i++) {
-    batch b;
+    fixed_batch b;
     const int B = pb_size[i] < sp->B ? pb_size[i] : sp->B;
     make_batch(&b, 900 + (uint64_t)i, sp->M, sp->dims, B, sp->C);
     const imml_status st = imml_predict(m, ws, b.B, b.f, out->logits[i],
@@ -623,7 +624,7 @@ static void *rank_main(void *arg) {
   for (int s = 0; s < 6; s++) {
     /* every rank takes part in every collective, even after a failure, so
      * that no barrier waits forever */
-    batch b;
+    fixed_batch b;
     make_batch(&b, 7000 + (uint64_t)s * N_RANKS + (uint64_t)t->ctx.rank, 2,
                coll_dims, shard[t->ctx.rank], c.n_classes);
     st = imml_forward(m, IMML_MODE_TRAIN, b.B, b.f, b.y, NULL, NULL);
