@@ -322,4 +322,22 @@ static inline void expect_unchanged(imml_model *m, const snap *before,
   snap_free(&now);
 }
 
+/* A model from the config (and host F&T, or NULL), or a failed test that
+ * says why. */
+static inline imml_model *create_ok(const imml_config *c,
+                                    const imml_ft_ops *ft) {
+  imml_model *m = NULL;
+  char err[256];
+  const imml_status st = imml_model_create_ex(c, ft, &m, err, sizeof err);
+  ck_assert_msg(st == IMML_OK, "imml_model_create_ex: %d %s", (int)st, err);
+  ck_assert_ptr_nonnull(m);
+  return m;
+}
+
+/* imml_backward that must succeed. */
+static inline void backward_ok(imml_model *m, float *const *dh) {
+  const imml_status st = imml_backward(m, dh);
+  ck_assert_msg(st == IMML_OK, "backward: %d %s", (int)st, imml_errmsg(m));
+}
+
 #endif

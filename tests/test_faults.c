@@ -48,15 +48,6 @@ static void small_cfg(imml_config *c, int M, const int *dims) {
   c->seed = 5;
 }
 
-static imml_model *mk(const imml_config *c, const imml_ft_ops *ft) {
-  imml_model *m = NULL;
-  char err[256];
-  const imml_status st = imml_model_create_ex(c, ft, &m, err, sizeof err);
-  ck_assert_msg(st == IMML_OK, "imml_model_create_ex: %d %s", (int)st, err);
-  ck_assert_ptr_nonnull(m);
-  return m;
-}
-
 static void adamw(imml_model *m) {
   imml_optim_config oc;
   imml_optim_config_init(&oc, IMML_OPT_ADAMW);
@@ -364,14 +355,14 @@ static unsigned char *ckpt_case(int i, host *h, size_t *size) {
   drng r = {100 + (uint64_t)i};
   if (i == 0) {
     small_cfg(&c, 2, dims2);
-    m = mk(&c, NULL);
+    m = create_ok(&c, NULL);
     adamw(m);
     for (int s = 0; s < 4; s++)
       train_step(m, &r, 1);
   } else if (i == 1) {
     small_cfg(&c, 3, dims3);
     imml_ft_ops ops = host_ops(h);
-    m = mk(&c, &ops);
+    m = create_ok(&c, &ops);
     imml_optim_config oc;
     imml_optim_config_init(&oc, IMML_OPT_SGD);
     oc.lr = 0.05f;
@@ -382,7 +373,7 @@ static unsigned char *ckpt_case(int i, host *h, size_t *size) {
   } else {
     small_cfg(&c, 2, dims2);
     c.predominant = 1;
-    m = mk(&c, NULL);
+    m = create_ok(&c, NULL);
     train_step(m, &r, 0);
   }
   unsigned char *buf = save_to_mem(m, size);
@@ -505,7 +496,7 @@ static imml_model *busy_model(fa *cnt, drng *r, const imml_ft_ops *ft) {
   c.dict_size = 5;
   fa_reset(cnt);
   c.allocator = fa_hooks(cnt);
-  imml_model *m = mk(&c, ft);
+  imml_model *m = create_ok(&c, ft);
   adamw(m);
   for (int s = 0; s < 4; s++)
     train_step(m, r, 1);
@@ -824,7 +815,7 @@ START_TEST(test_collective_garbage_refused) {
   small_cfg(&c, 2, dims2);
   c.warmup_steps = 3;
   const int M = 2, Bmax = c.max_batch, C = c.n_classes;
-  imml_model *m = mk(&c, NULL);
+  imml_model *m = create_ok(&c, NULL);
   fake_peer f = {-1, 0.0f, 0};
   imml_collective co = fake_collective(&f);
   ck_assert_int_eq(imml_set_collective(m, &co), IMML_OK);
@@ -907,7 +898,7 @@ START_TEST(test_collective_empty_dictionary) {
   fa cnt;
   fa_reset(&cnt);
   c.allocator = fa_hooks(&cnt);
-  imml_model *m = mk(&c, NULL);
+  imml_model *m = create_ok(&c, NULL);
   fake_world w = {R};
   imml_collective co;
   imml_collective_init(&co);
@@ -922,7 +913,7 @@ START_TEST(test_collective_empty_dictionary) {
   fa cnt1;
   fa_reset(&cnt1);
   c1.allocator = fa_hooks(&cnt1);
-  imml_model *one = mk(&c1, NULL);
+  imml_model *one = create_ok(&c1, NULL);
   drng r = {17};
   batch b, g;
   batch_random(&b, 2, d, B, C, &r);
@@ -972,7 +963,7 @@ END_TEST
 START_TEST(test_exploding_lr) {
   imml_config c;
   small_cfg(&c, 2, dims2);
-  imml_model *m = mk(&c, NULL);
+  imml_model *m = create_ok(&c, NULL);
   imml_optim_config oc;
   imml_optim_config_init(&oc, _i ? IMML_OPT_ADAMW : IMML_OPT_SGD);
   oc.lr = 1e30f; /* the cap imml_optim_setup accepts */
@@ -1067,7 +1058,7 @@ START_TEST(test_backward_overflow_refused) {
   imml_config c;
   small_cfg(&c, 2, dims2);
   c.warmup_steps = fixed ? 2 : 100;
-  imml_model *m = mk(&c, NULL);
+  imml_model *m = create_ok(&c, NULL);
   adamw(m);
   drng r = {11 + (uint64_t)_i};
   for (int s = 0; s < 3; s++)
@@ -1143,7 +1134,7 @@ START_TEST(test_host_nonfinite_outputs) {
   host_init(&h, 2, c.knowledge_dim, c.n_classes, 12);
   host_init(&href, 2, c.knowledge_dim, c.n_classes, 12);
   imml_ft_ops ops = host_ops(&h), oref = host_ops(&href);
-  imml_model *m = mk(&c, &ops), *ref = mk(&c, &oref);
+  imml_model *m = create_ok(&c, &ops), *ref = create_ok(&c, &oref);
   adamw(m);
   adamw(ref);
   imml_workspace *ws = NULL;
@@ -1262,7 +1253,7 @@ static void shape_variant(int i, imml_config *c) {
 START_TEST(test_workspace_of_another_shape) {
   imml_config c;
   small_cfg(&c, 2, dims2);
-  imml_model *m = mk(&c, NULL);
+  imml_model *m = create_ok(&c, NULL);
   drng r = {14};
   for (int s = 0; s < 3; s++)
     train_step(m, &r, 0);
@@ -1276,7 +1267,7 @@ START_TEST(test_workspace_of_another_shape) {
   for (int i = 0; i < N_SHAPES; i++) {
     imml_config oc;
     shape_variant(i, &oc);
-    imml_model *other = mk(&oc, NULL);
+    imml_model *other = create_ok(&oc, NULL);
     imml_workspace *ws = NULL;
     ck_assert_int_eq(imml_workspace_create(other, &ws), IMML_OK);
     snap s0;
@@ -1323,7 +1314,7 @@ END_TEST
 START_TEST(test_predict_unimodal_errors) {
   imml_config c;
   small_cfg(&c, 2, dims2);
-  imml_model *m = mk(&c, NULL);
+  imml_model *m = create_ok(&c, NULL);
   imml_workspace *ws = NULL;
   ck_assert_int_eq(imml_workspace_create(m, &ws), IMML_OK);
   float o[6 * 3];
@@ -1414,7 +1405,7 @@ static size_t second_moment_at(const unsigned char *b, size_t size,
 START_TEST(test_negative_second_moment_refused) {
   imml_config c;
   small_cfg(&c, 2, dims2);
-  imml_model *m = mk(&c, NULL);
+  imml_model *m = create_ok(&c, NULL);
   adamw(m);
   drng r = {19};
   for (int s = 0; s < 2; s++)

@@ -33,24 +33,10 @@ static void small_cfg(imml_config *c, int M, const int *dims) {
   c->seed = 3;
 }
 
-static imml_model *mk(const imml_config *c, const imml_ft_ops *ft) {
-  imml_model *m = NULL;
-  char err[256];
-  imml_status st = imml_model_create_ex(c, ft, &m, err, sizeof err);
-  ck_assert_msg(st == IMML_OK, "imml_model_create_ex: %d %s", (int)st, err);
-  ck_assert_ptr_nonnull(m);
-  return m;
-}
-
 static void fwd_train(imml_model *m, const batch *b) {
   imml_status st =
       imml_forward(m, IMML_MODE_TRAIN, b->B, feats(b), b->y, NULL, NULL);
   ck_assert_msg(st == IMML_OK, "train forward: %d %s", (int)st, imml_errmsg(m));
-}
-
-static void bwd(imml_model *m, float *const *dh) {
-  imml_status st = imml_backward(m, dh);
-  ck_assert_msg(st == IMML_OK, "backward: %d %s", (int)st, imml_errmsg(m));
 }
 
 /* Trivial host F&T (logits = bias of the slot sums), for the API tests. */
@@ -179,7 +165,7 @@ START_TEST(test_config_defaults) {
   int dims[2] = {3, 4};
   c.dims = dims;
   c.n_classes = 2;
-  imml_model *m = mk(&c, NULL);
+  imml_model *m = create_ok(&c, NULL);
   dims[0] = 99; /* dims were copied at create */
   imml_config got;
   ck_assert_int_eq(imml_model_config(m, &got), IMML_OK);
@@ -562,7 +548,7 @@ static imml_model *trained_model(drng *r, int steps) {
   imml_config c;
   small_cfg(&c, 2, dims2);
   c.warmup_steps = 2;
-  imml_model *m = mk(&c, NULL);
+  imml_model *m = create_ok(&c, NULL);
   imml_optim_config oc;
   imml_optim_config_init(&oc, IMML_OPT_ADAMW);
   ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
@@ -570,7 +556,7 @@ static imml_model *trained_model(drng *r, int steps) {
     batch b;
     batch_random(&b, 2, dims2, 3, c.n_classes, r);
     fwd_train(m, &b);
-    bwd(m, NULL);
+    backward_ok(m, NULL);
     if (s + 1 < steps)
       ck_assert_int_eq(imml_step(m), IMML_OK);
     batch_free(&b);
@@ -666,8 +652,8 @@ START_TEST(test_forward_argument_errors) {
   ck_assert_str_eq(imml_errmsg(m), "");
   /* the pending step survived every failure: its backward equals that of a
    * model that never saw them */
-  bwd(m, NULL);
-  bwd(ref, NULL);
+  backward_ok(m, NULL);
+  backward_ok(ref, NULL);
   snap a, c;
   snap_take(m, &a);
   snap_take(ref, &c);
@@ -686,7 +672,7 @@ START_TEST(test_backward_state_errors) {
   imml_config c;
   small_cfg(&c, 2, dims2);
   c.warmup_steps = 2;
-  imml_model *m = mk(&c, NULL);
+  imml_model *m = create_ok(&c, NULL);
   drng r = {4};
   batch b;
   batch_random(&b, 2, dims2, 4, c.n_classes, &r);
@@ -712,7 +698,7 @@ START_TEST(test_backward_state_errors) {
   snap_free(&s0);
   for (int round = 0; round < 3; round++) {
     fwd_train(m, &b);
-    bwd(m, dh);
+    backward_ok(m, dh);
     snap_take(m, &s0);
     ck_assert_int_eq(s0.fill, round < 2 ? 4 * (round + 1) : 10);
     expect_fail(m, imml_backward(m, dh), IMML_ERR_STATE, &s0,
@@ -733,7 +719,7 @@ START_TEST(test_backward_accumulates) {
   imml_config c;
   small_cfg(&c, 2, dims2);
   c.warmup_steps = 1;
-  imml_model *a = mk(&c, NULL), *b = mk(&c, NULL);
+  imml_model *a = create_ok(&c, NULL), *b = create_ok(&c, NULL);
   drng r = {12};
   batch b1, b2;
   batch_random(&b1, 2, dims2, 4, c.n_classes, &r);
@@ -744,17 +730,17 @@ START_TEST(test_backward_accumulates) {
   ck_assert_int_eq(imml_params_flat(b, NULL, &gb, &n), IMML_OK);
   /* a: two steps accumulated */
   fwd_train(a, &b1);
-  bwd(a, NULL);
+  backward_ok(a, NULL);
   fwd_train(a, &b2);
-  bwd(a, NULL);
+  backward_ok(a, NULL);
   /* b: the same two steps, gradients taken apart */
   fwd_train(b, &b1);
-  bwd(b, NULL);
+  backward_ok(b, NULL);
   float *g1 = xcalloc(n, sizeof(float));
   memcpy(g1, gb, n * sizeof(float));
   ck_assert_int_eq(imml_zero_grad(b), IMML_OK);
   fwd_train(b, &b2);
-  bwd(b, NULL);
+  backward_ok(b, NULL);
   int nonzero = 0;
   for (size_t i = 0; i < n; i++) {
     const float sum = g1[i] + gb[i];
@@ -779,7 +765,7 @@ START_TEST(test_eval_between_forward_and_backward) {
   small_cfg(&c, 2, dims2);
   c.warmup_steps = 2;
   const int k = c.knowledge_dim;
-  imml_model *a = mk(&c, NULL), *b = mk(&c, NULL);
+  imml_model *a = create_ok(&c, NULL), *b = create_ok(&c, NULL);
   imml_optim_config oc;
   imml_optim_config_init(&oc, IMML_OPT_ADAMW);
   ck_assert_int_eq(imml_optim_setup(a, &oc), IMML_OK);
@@ -817,7 +803,7 @@ START_TEST(test_eval_between_forward_and_backward) {
     ck_assert_msg(st == IMML_OK,
                   "round %d: backward after an evaluation forward: %d (%s) %s",
                   round, (int)st, imml_strerror(st), imml_errmsg(a));
-    bwd(b, dhb);
+    backward_ok(b, dhb);
     for (int mm = 0; mm < 2; mm++)
       ck_assert_msg(memcmp(dha[mm], dhb[mm],
                            (size_t)t.B * dims2[mm] * sizeof(float)) == 0,
@@ -854,7 +840,7 @@ START_TEST(test_eval_never_changes_model) {
   small_cfg(&c, 2, dims2);
   c.warmup_steps = 2;
   const int k = c.knowledge_dim, C = c.n_classes;
-  imml_model *m = mk(&c, NULL);
+  imml_model *m = create_ok(&c, NULL);
   imml_optim_config oc;
   imml_optim_config_init(&oc, IMML_OPT_SGD);
   oc.momentum = 0.9f;
@@ -907,7 +893,7 @@ START_TEST(test_eval_never_changes_model) {
     batch_random(&t, 2, dims2, 3, C, &r);
     fwd_train(m, &t);
     batch_free(&t);
-    bwd(m, NULL);
+    backward_ok(m, NULL);
     ck_assert_int_eq(imml_step(m), IMML_OK);
     batch_free(&e);
   }
@@ -924,7 +910,7 @@ START_TEST(test_fdc_adjust_errors) {
   small_cfg(&c, 2, dims2);
   c.predominant = 0;
   const int k = c.knowledge_dim;
-  imml_model *m = mk(&c, NULL);
+  imml_model *m = create_ok(&c, NULL);
   float z0[24], z1[24], s0b[24], s1b[24];
   drng r = {2};
   for (int i = 0; i < 24; i++) {
@@ -971,7 +957,7 @@ START_TEST(test_no_allocation_after_create) {
     counter cnt;
     use_counter(&c, &cnt);
     imml_ft_ops ops = dummy_ops();
-    imml_model *m = mk(&c, variant ? &ops : NULL);
+    imml_model *m = create_ok(&c, variant ? &ops : NULL);
     imml_optim_config oc;
     imml_optim_config_init(&oc, IMML_OPT_ADAMW);
     oc.clip_norm = 1.0f;
@@ -1059,7 +1045,7 @@ START_TEST(test_allocator_hooks_balance) {
   counter cnt;
   use_counter(&c, &cnt);
   /* create + optimiser (set up twice) + workspace, then free */
-  imml_model *m = mk(&c, NULL);
+  imml_model *m = create_ok(&c, NULL);
   const long after_create = cnt.mallocs;
   ck_assert_int_ge(after_create, 1);
   imml_optim_config oc;
@@ -1137,7 +1123,7 @@ START_TEST(test_param_api) {
     small_cfg(&c, 3, dims3);
     const int H = c.hidden_dim, k = c.knowledge_dim, C = c.n_classes, M = 3;
     imml_ft_ops ops = dummy_ops();
-    imml_model *m = mk(&c, builtin ? NULL : &ops);
+    imml_model *m = create_ok(&c, builtin ? NULL : &ops);
     const int nt = 6 * M + 2 + (builtin ? 2 : 0);
     ck_assert_int_eq(imml_param_count(m), nt);
     float *data = NULL, *grad = NULL;
@@ -1215,7 +1201,7 @@ START_TEST(test_predict_matches_eval) {
   c.warmup_steps = 2;
   c.n_classes = 4;
   const int C = c.n_classes;
-  imml_model *m = mk(&c, NULL);
+  imml_model *m = create_ok(&c, NULL);
   imml_optim_config oc;
   imml_optim_config_init(&oc, IMML_OPT_ADAMW);
   oc.lr = 1e-2f;
@@ -1280,7 +1266,7 @@ START_TEST(test_predict_matches_eval) {
     batch t;
     batch_random(&t, 2, dims2, 6, C, &r);
     fwd_train(m, &t);
-    bwd(m, NULL);
+    backward_ok(m, NULL);
     ck_assert_int_eq(imml_step(m), IMML_OK);
     batch_free(&t);
     batch_free(&e);
@@ -1291,7 +1277,7 @@ START_TEST(test_predict_matches_eval) {
   /* a workspace of another shape is refused */
   imml_config c2 = c;
   c2.hidden_dim = 9;
-  imml_model *other = mk(&c2, NULL);
+  imml_model *other = create_ok(&c2, NULL);
   imml_workspace *ws2 = NULL;
   ck_assert_int_eq(imml_workspace_create(other, &ws2), IMML_OK);
   batch e;
@@ -1317,7 +1303,7 @@ START_TEST(test_predominant_api) {
   small_cfg(&c, 3, d3);
   /* named p: fixed from the start, no warm-up */
   c.predominant = 2;
-  imml_model *m = mk(&c, NULL);
+  imml_model *m = create_ok(&c, NULL);
   int p = -5, fixed = -5, steps = -5;
   ck_assert_int_eq(imml_predominant(m, &p, &fixed), IMML_OK);
   ck_assert_int_eq(p, 2);
@@ -1328,7 +1314,7 @@ START_TEST(test_predominant_api) {
   /* automatic: not chosen yet */
   c.predominant = -1;
   c.warmup_steps = 4;
-  m = mk(&c, NULL);
+  m = create_ok(&c, NULL);
   ck_assert_int_eq(imml_predominant(m, &p, &fixed), IMML_OK);
   ck_assert_int_eq(p, -1);
   ck_assert_int_eq(fixed, 0);
@@ -1340,7 +1326,7 @@ START_TEST(test_predominant_api) {
   imml_model_free(m);
   /* warmup_steps = 0: fixed at create, ties to the lowest index */
   c.warmup_steps = 0;
-  m = mk(&c, NULL);
+  m = create_ok(&c, NULL);
   ck_assert_int_eq(imml_predominant(m, &p, &fixed), IMML_OK);
   ck_assert_int_eq(p, 0);
   ck_assert_int_eq(fixed, 1);
@@ -1367,7 +1353,7 @@ START_TEST(test_eight_modalities) {
     c.warmup_steps = 2;
     c.slot_mode = mode;
     c.seed = 88;
-    imml_model *m = mk(&c, NULL);
+    imml_model *m = create_ok(&c, NULL);
     ck_assert_int_eq(imml_param_count(m), 6 * 8 + 4);
     imml_optim_config oc;
     imml_optim_config_init(&oc, IMML_OPT_ADAMW);
@@ -1390,7 +1376,7 @@ START_TEST(test_eight_modalities) {
                       l.con);
       else
         ck_assert_msg(l.con == 0.0, "L_con = %g in warm-up", l.con);
-      bwd(m, dh);
+      backward_ok(m, dh);
       for (int mm = 0; mm < 8; mm++)
         for (int i = 0; i < 6 * dims8[mm]; i++)
           ck_assert_msg(isfinite(dh[mm][i]), "dh not finite");

@@ -39,15 +39,6 @@ static void small_cfg(imml_config *c, int M, const int *dims) {
   c->seed = 7;
 }
 
-static imml_model *mk(const imml_config *c, const imml_ft_ops *ft) {
-  imml_model *m = NULL;
-  char err[256];
-  imml_status st = imml_model_create_ex(c, ft, &m, err, sizeof err);
-  ck_assert_msg(st == IMML_OK, "imml_model_create_ex: %d %s", (int)st, err);
-  ck_assert_ptr_nonnull(m);
-  return m;
-}
-
 static void fwd_train(imml_model *m, const batch *b, float *logits,
                       imml_losses *l) {
   imml_status st =
@@ -55,14 +46,9 @@ static void fwd_train(imml_model *m, const batch *b, float *logits,
   ck_assert_msg(st == IMML_OK, "train forward: %d %s", (int)st, imml_errmsg(m));
 }
 
-static void bwd(imml_model *m, float *const *dh) {
-  imml_status st = imml_backward(m, dh);
-  ck_assert_msg(st == IMML_OK, "backward: %d %s", (int)st, imml_errmsg(m));
-}
-
 static void train_once(imml_model *m, const batch *b) {
   fwd_train(m, b, NULL, NULL);
-  bwd(m, NULL);
+  backward_ok(m, NULL);
 }
 
 static void view(imml_model *m, int i, imml_param_view *v) {
@@ -217,7 +203,7 @@ START_TEST(test_beta0_rows_identical) {
     c.slot_mode = IMML_SLOT_STRICT;
     c.predominant = 1;
     const int M = 3, k = c.knowledge_dim, p = 1;
-    imml_model *m = mk(&c, NULL);
+    imml_model *m = create_ok(&c, NULL);
     drng r = {11};
     batch b1, b2;
     batch_random(&b1, M, dims, 4, c.n_classes, &r);
@@ -310,7 +296,7 @@ START_TEST(test_jeff1_single_entry) {
          * stays); variant 1: dict_size 10 and a batch of 1. */
         c.dict_size = variant == 0 ? 1 : 10;
         const int Bt = variant == 0 ? 4 : 1, k = c.knowledge_dim;
-        imml_model *m = mk(&c, NULL);
+        imml_model *m = create_ok(&c, NULL);
         drng r = {23};
         batch b;
         batch_random(&b, M, dims, Bt, c.n_classes, &r);
@@ -370,7 +356,7 @@ START_TEST(test_empty_dict_single_row) {
   c.beta = 0.6f;
   c.slot_mode = IMML_SLOT_STRICT;
   const int k = c.knowledge_dim;
-  imml_model *m = mk(&c, NULL);
+  imml_model *m = create_ok(&c, NULL);
   ck_assert_int_eq(imml_dict_fill(m), 0);
   drng r = {5};
   float z0[4], z1[4], s0[4], s1[4];
@@ -530,7 +516,7 @@ START_TEST(test_warmup_late_fusion) {
     c.slot_mode = mode;
     c.dict_size = 8;
     const int C = c.n_classes;
-    imml_model *m = mk(&c, NULL);
+    imml_model *m = create_ok(&c, NULL);
     imml_optim_config oc;
     imml_optim_config_init(&oc, IMML_OPT_SGD);
     oc.lr = 0.1f;
@@ -584,7 +570,7 @@ START_TEST(test_warmup_late_fusion) {
           free(sl[mm]);
         }
       }
-      bwd(m, dh);
+      backward_ok(m, dh);
       for (int i = 0; i < imml_param_count(m); i++) {
         imml_param_view v;
         view(m, i, &v);
@@ -637,12 +623,12 @@ START_TEST(test_host_ft_equals_builtin) {
     c.warmup_steps = 2;
     c.seed = 1234;
     const int k = c.knowledge_dim, C = c.n_classes;
-    imml_model *a = mk(&c, NULL);
+    imml_model *a = create_ok(&c, NULL);
     host_ft h;
     host_init(&h, M, k, C);
     host_copy_from(&h, a);
     imml_ft_ops ops = host_ops(&h);
-    imml_model *b = mk(&c, &ops);
+    imml_model *b = create_ok(&c, &ops);
     ck_assert_int_eq(imml_param_count(a), imml_param_count(b) + 2);
     float *Pa, *Ga, *Pb, *Gb;
     size_t na, nb;
@@ -686,8 +672,8 @@ START_TEST(test_host_ft_equals_builtin) {
                     "%.9g, con %.9g vs %.9g, dis %.9g vs %.9g",
                     step, xa.total, xb.total, xa.ce, xb.ce, xa.con, xb.con,
                     xa.dis, xb.dis);
-      bwd(a, dha);
-      bwd(b, dhb);
+      backward_ok(a, dha);
+      backward_ok(b, dhb);
       for (int i = 0; i < imml_param_count(b); i++) {
         imml_param_view va, vb;
         view(a, i, &va);
@@ -790,8 +776,8 @@ START_TEST(test_callback_failure_changes_nothing) {
   for (int j = 0; j < C; j++)
     h.b[j] = href.b[j] = 0.1f * drng_unif(&wr);
   imml_ft_ops ops = host_ops(&h), ops_ref = host_ops(&href);
-  imml_model *m = mk(&c, &ops);
-  imml_model *ref = mk(&c, &ops_ref); /* same history, never fails */
+  imml_model *m = create_ok(&c, &ops);
+  imml_model *ref = create_ok(&c, &ops_ref); /* same history, never fails */
   imml_optim_config oc;
   imml_optim_config_init(&oc, IMML_OPT_ADAMW);
   ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
@@ -808,7 +794,7 @@ START_TEST(test_callback_failure_changes_nothing) {
     for (int w = 0; w < 2; w++) {
       imml_model *x = w ? ref : m;
       fwd_train(x, &b, NULL, NULL);
-      bwd(x, NULL);
+      backward_ok(x, NULL);
       if (round % 2 == 1)
         ck_assert_int_eq(imml_step(x), IMML_OK);
     }
@@ -859,8 +845,8 @@ START_TEST(test_callback_failure_changes_nothing) {
 
     /* nothing changed, so the step can be completed and matches a model
      * that never failed */
-    bwd(m, dh);
-    bwd(ref, NULL);
+    backward_ok(m, dh);
+    backward_ok(ref, NULL);
     ck_assert_int_eq(imml_backward(m, NULL), IMML_ERR_STATE);
     snap sr;
     snap_take(m, &s1);
@@ -931,7 +917,7 @@ static imml_model *run_auto_p(int informative, int warmup) {
   c.dict_size = 64;
   c.warmup_steps = warmup;
   c.seed = 2024;
-  imml_model *m = mk(&c, NULL);
+  imml_model *m = create_ok(&c, NULL);
   imml_optim_config oc;
   imml_optim_config_init(&oc, IMML_OPT_ADAMW);
   oc.lr = 1e-2f;
@@ -957,7 +943,7 @@ static imml_model *run_auto_p(int informative, int warmup) {
                             m->train.o[mm] + (size_t)i * c.n_classes) == b.y[i];
       acc[mm] = (float)correct / (float)B;
     }
-    bwd(m, NULL);
+    backward_ok(m, NULL);
     ck_assert_int_eq(imml_step(m), IMML_OK);
     int steps;
     float got[2];
@@ -1022,7 +1008,7 @@ START_TEST(test_predominant_ties_lowest_index) {
     imml_config c;
     small_cfg(&c, 3, dims);
     c.warmup_steps = 3;
-    imml_model *m = mk(&c, NULL);
+    imml_model *m = create_ok(&c, NULL);
     for (int mm = 0; mm < 3; mm++) {
       imml_param_view wc, bc;
       view(m, mm * IMML_PER_MODALITY + 4, &wc);
@@ -1076,7 +1062,7 @@ START_TEST(test_determinism) {
   c.dict_size = 8;
   c.seed = 0xfeedULL;
   const int C = c.n_classes;
-  imml_model *a = mk(&c, NULL), *b = mk(&c, NULL);
+  imml_model *a = create_ok(&c, NULL), *b = create_ok(&c, NULL);
   imml_optim_config oc;
   imml_optim_config_init(&oc, IMML_OPT_ADAMW);
   oc.clip_norm = 1.0f;
@@ -1095,7 +1081,7 @@ START_TEST(test_determinism) {
     imml_model *ms[2] = {a, b};
     for (int w = 0; w < 2; w++) {
       fwd_train(ms[w], &bt, w ? lb : la, w ? &xb : &xa);
-      bwd(ms[w], w ? dhb : dha);
+      backward_ok(ms[w], w ? dhb : dha);
       /* an evaluation between the steps (test_model covers one between a
        * training forward and its backward) */
       ck_assert_int_eq(
@@ -1241,7 +1227,7 @@ START_TEST(test_init_values) {
       host_ft h;
       host_init(&h, 2, 3, 4);
       imml_ft_ops ops = host_ops(&h);
-      imml_model *m = mk(&c, builtin ? NULL : &ops);
+      imml_model *m = create_ok(&c, builtin ? NULL : &ops);
       ref_tensor t[16];
       const int nt = ref_layout(&c, builtin, t);
       ck_assert_int_eq(imml_param_count(m), nt);
@@ -1372,7 +1358,7 @@ START_TEST(test_fdc_adjust_matches_forward_and_reference) {
       c.beta = 0.6f;
       c.slot_mode = mode;
       const int k = c.knowledge_dim;
-      imml_model *m = mk(&c, NULL);
+      imml_model *m = create_ok(&c, NULL);
       drng r = {600 + (uint64_t)mode};
       batch b;
       if (filled) {
@@ -1422,7 +1408,7 @@ START_TEST(test_fdc_adjust_matches_forward_and_reference) {
                       mode, filled, mm, e);
       }
       /* the backward still completes normally afterwards */
-      bwd(m, NULL);
+      backward_ok(m, NULL);
       for (int mm = 0; mm < M; mm++) {
         free(z[mm]);
         free(slot[mm]);
@@ -1447,7 +1433,7 @@ START_TEST(test_dict_ring) {
   c.dict_size = 3;
   c.predominant = 0;
   const int k = c.knowledge_dim;
-  imml_model *m = mk(&c, NULL);
+  imml_model *m = create_ok(&c, NULL);
   drng r = {3};
   batch b;
   /* a training forward not followed by a backward pushes nothing */
