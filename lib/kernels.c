@@ -370,32 +370,18 @@ double k_sum_squares(size_t n, const float *x) {
 }
 
 IMML_HOT static float max_abs_impl(size_t n, const float *x) {
-  /* Magnitude bit patterns order like the magnitudes they encode, with
-   * infinity above every finite value and NaNs above infinity. */
   uint32_t top = 0;
-  for (size_t i = 0; i < n; i++) {
-    uint32_t u;
-    memcpy(&u, &x[i], sizeof u);
-    u &= 0x7fffffffu;
-    top = u > top ? u : top;
-  }
-  float r;
-  memcpy(&r, &top, sizeof r);
-  return r;
+  for (size_t i = 0; i < n; i++)
+    top = k_top_bits(top, x[i]);
+  return k_bits_float(top);
 }
 
 float k_max_abs(size_t n, const float *x) { return max_abs_impl(n, x); }
 
 IMML_HOT static int all_finite_impl(size_t n, const float *x) {
-  /* A float is non-finite iff its exponent bits are all ones; then adding
-   * 1 to the exponent field carries into bit 31.  AND, ADD and OR reduce in
-   * any vector unit, unlike a float accumulation without -ffast-math. */
   uint32_t any = 0;
-  for (size_t i = 0; i < n; i++) {
-    uint32_t u;
-    memcpy(&u, &x[i], sizeof u);
-    any |= (u & 0x7f800000u) + 0x00800000u;
-  }
+  for (size_t i = 0; i < n; i++)
+    any = k_nonfinite_bits(any, x[i]);
   return (any & 0x80000000u) == 0;
 }
 

@@ -9,6 +9,8 @@
 #define IMML_KERNELS_H
 
 #include <stddef.h>
+#include <stdint.h>
+#include <string.h>
 
 /* Hot element-wise loops are compiled for AVX2 as well as the baseline on
  * x86-64 and chosen at load time (GNU ifunc), so the library stays
@@ -32,6 +34,33 @@
 #else
 #define IMML_HOT
 #endif
+
+/* Reductions on float bit patterns: integer operations, which vectorise
+ * where a float accumulation would not without -ffast-math. */
+
+/* worst | (exponent field + 1): bit 31 of the accumulation is set once any
+ * accumulated x is NaN or infinite (all exponent bits ones carry into it). */
+static inline uint32_t k_nonfinite_bits(uint32_t worst, float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  return worst | ((u & 0x7f800000u) + 0x00800000u);
+}
+
+/* max(top, magnitude bits of x).  Magnitude bits order like |x|, with
+ * infinity above every finite value and NaN above infinity; k_bits_float
+ * turns the maximum back into max |x| (NaN if any x was NaN). */
+static inline uint32_t k_top_bits(uint32_t top, float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  u &= 0x7fffffffu;
+  return u > top ? u : top;
+}
+
+static inline float k_bits_float(uint32_t u) {
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
 
 /* C = alpha op(A) op(B) + beta C; op(A): m x kk, op(B): kk x n. */
 void k_gemm(int trans_a, int trans_b, int m, int n, int kk, float alpha,

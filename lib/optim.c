@@ -135,33 +135,11 @@ typedef struct step_coef {
   int nesterov, first;
 } step_coef;
 
-/* Accumulates non-finiteness of x: bit 31 of the result is set once any x
- * is NaN or infinite (see k_all_finite; integer ops vectorise). */
-static inline uint32_t worst_bits(uint32_t worst, float x) {
-  uint32_t u;
-  memcpy(&u, &x, sizeof u);
-  return worst | ((u & 0x7f800000u) + 0x00800000u);
-}
-
-/* Accumulates the largest magnitude as bits (see k_max_abs). */
-static inline uint32_t top_bits(uint32_t top, float x) {
-  uint32_t u;
-  memcpy(&u, &x, sizeof u);
-  u &= 0x7fffffffu;
-  return u > top ? u : top;
-}
-
-static float bits_float(uint32_t u) {
-  float f;
-  memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 /* Every pass below is branch-free so the compiler vectorises it, and works
  * on one range of the parameters (see step_range). */
 
 /* AdamW, exact check: computes every new value without storing it;
- * returns worst_bits over them. */
+ * returns k_nonfinite_bits over them. */
 IMML_HOT static uint32_t adamw_check(const step_coef *k, size_t n,
                                      const float *restrict P,
                                      const float *restrict G,
@@ -176,7 +154,8 @@ IMML_HOT static uint32_t adamw_check(const step_coef *k, size_t n,
     const float m1 = b1 * M1[i] + c1 * g;
     const float m2 = b2 * M2[i] + c2 * g * g;
     const float p = P[i] * decay - step * (m1 / (sqrtf(m2) / bc2 + eps));
-    worst = worst_bits(worst_bits(worst_bits(worst, p), m1), m2);
+    worst =
+        k_nonfinite_bits(k_nonfinite_bits(k_nonfinite_bits(worst, p), m1), m2);
   }
   return worst;
 }
@@ -200,9 +179,9 @@ IMML_HOT static void adamw_commit(const step_coef *k, size_t n,
     M1[i] = m1;
     M2[i] = m2;
     G[i] = 0.0f;
-    top1 = top_bits(top1, m1);
-    top2 = top_bits(top2, m2);
-    topp = top_bits(topp, p);
+    top1 = k_top_bits(top1, m1);
+    top2 = k_top_bits(top2, m2);
+    topp = k_top_bits(topp, p);
   }
   top[0] = top1;
   top[1] = top2;
@@ -237,16 +216,16 @@ IMML_HOT static void maxima_pass(size_t n, const float *restrict P,
                                  const float *restrict G, uint32_t *top) {
   uint32_t tp = 0, tg = 0;
   for (size_t i = 0; i < n; i++) {
-    tp = top_bits(tp, P[i]);
-    tg = top_bits(tg, G[i]);
+    tp = k_top_bits(tp, P[i]);
+    tg = k_top_bits(tg, G[i]);
   }
   top[0] = tp;
   top[1] = tg;
 }
 
 /* One SGD pass (PyTorch semantics, dampening 0): with commit 0 returns
- * worst_bits over the new values, with commit 1 stores them and zeroes the
- * gradient. */
+ * k_nonfinite_bits over the new values, with commit 1 stores them and zeroes
+ * the gradient. */
 IMML_HOT static uint32_t sgd_pass(const step_coef *k, size_t n,
                                   float *restrict P, float *restrict G,
                                   float *restrict M1, int commit) {
@@ -259,7 +238,7 @@ IMML_HOT static uint32_t sgd_pass(const step_coef *k, size_t n,
         P[i] = p;
         G[i] = 0.0f;
       } else {
-        worst = worst_bits(worst, p);
+        worst = k_nonfinite_bits(worst, p);
       }
     }
     return worst;
@@ -278,7 +257,7 @@ IMML_HOT static uint32_t sgd_pass(const step_coef *k, size_t n,
       M1[i] = buf;
       G[i] = 0.0f;
     } else {
-      worst = worst_bits(worst_bits(worst, p), buf);
+      worst = k_nonfinite_bits(k_nonfinite_bits(worst, p), buf);
     }
   }
   return worst;
@@ -395,8 +374,8 @@ imml_status imml_step(imml_model *m) {
       proven = adamw_bound(&k, m->max_p, m->max_g, o->max1, o->max2);
     if (!proven) {
       run_pass(&j, n, PASS_MAXIMA);
-      proven = adamw_bound(&k, bits_float(j.out[0][0]), bits_float(j.out[0][1]),
-                           o->max1, o->max2);
+      proven = adamw_bound(&k, k_bits_float(j.out[0][0]),
+                           k_bits_float(j.out[0][1]), o->max1, o->max2);
     }
   }
   if (!proven && (run_pass(&j, n, PASS_CHECK) & 0x80000000u)) {
@@ -411,9 +390,9 @@ imml_status imml_step(imml_model *m) {
   }
   run_pass(&j, n, PASS_COMMIT);
   if (adamw) {
-    o->max1 = bits_float(j.out[0][0]);
-    o->max2 = bits_float(j.out[0][1]);
-    m->max_p = bits_float(j.out[0][2]);
+    o->max1 = k_bits_float(j.out[0][0]);
+    o->max2 = k_bits_float(j.out[0][1]);
+    m->max_p = k_bits_float(j.out[0][2]);
   } else {
     m->max_p = NAN; /* SGD does not track it */
   }

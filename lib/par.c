@@ -9,8 +9,6 @@
 
 #include <pthread.h>
 #include <signal.h>
-#include <stdint.h>
-#include <string.h>
 
 /* A part shorter than this (in elements) is not worth a thread: starting
  * and joining one costs tens of microseconds, a pass over 512 Ki floats
@@ -76,31 +74,26 @@ int imml_par_for(size_t n, imml_range_fn fn, void *ctx) {
   return parts;
 }
 
-/* Whole-array checks over the parameters or gradients, split the same way
- * (each part's verdict in its own slot, combined after the join). */
-typedef struct check_job {
+/* Whole-array reductions over the parameters or gradients, split the same
+ * way (each part's result in its own slot, combined after the join). */
+typedef struct zero_job {
   const float *x;
-  int (*test)(size_t, const float *);
-  int ok[IMML_PAR_MAX];
-} check_job;
+  int zero[IMML_PAR_MAX];
+} zero_job;
 
-static void check_range(void *ctx, int part, size_t lo, size_t hi) {
-  check_job *j = ctx;
-  j->ok[part] = j->test(hi - lo, j->x + lo);
-}
-
-static int par_check(size_t n, const float *x,
-                     int (*test)(size_t, const float *)) {
-  check_job j = {x, test, {0}};
-  const int parts = imml_par_for(n, check_range, &j);
-  int ok = 1;
-  for (int i = 0; i < parts; i++)
-    ok &= j.ok[i];
-  return ok;
+static void zero_range(void *ctx, int part, size_t lo, size_t hi) {
+  zero_job *j = ctx;
+  j->zero[part] = k_all_zero(hi - lo, j->x + lo);
 }
 
 int imml_par_all_zero(size_t n, const float *x) {
-  return par_check(n, x, k_all_zero);
+  zero_job j;
+  j.x = x;
+  const int parts = imml_par_for(n, zero_range, &j);
+  int zero = 1;
+  for (int i = 0; i < parts; i++)
+    zero &= j.zero[i];
+  return zero;
 }
 
 typedef struct max_job {
@@ -120,12 +113,7 @@ float imml_par_max_abs(size_t n, const float *x) {
   /* Combined as magnitude bits, like the parts themselves: NaN, then
    * infinity, outrank every finite value whatever the order. */
   uint32_t top = 0;
-  for (int i = 0; i < parts; i++) {
-    uint32_t u;
-    memcpy(&u, &j.top[i], sizeof u);
-    top = u > top ? u : top;
-  }
-  float r;
-  memcpy(&r, &top, sizeof r);
-  return r;
+  for (int i = 0; i < parts; i++)
+    top = k_top_bits(top, j.top[i]);
+  return k_bits_float(top);
 }
