@@ -138,6 +138,17 @@ typedef struct step_coef {
 /* Every pass below is branch-free so the compiler vectorises it, and works
  * on one range of the parameters (see step_range). */
 
+/* AdamW's update of one element (PyTorch's order of operations), shared by
+ * the exact check and the commit so that they compute the same values. */
+static inline void adamw_elem(const step_coef *k, float P, float G, float M1,
+                              float M2, float *p, float *m1, float *m2) {
+  const float g = G * k->clip;
+  *m1 = k->b1 * M1 + (1.0f - k->b1) * g;
+  *m2 = k->b2 * M2 + (1.0f - k->b2) * g * g;
+  *p =
+      P * k->decay - k->step_size * (*m1 / (sqrtf(*m2) / k->bc2_sqrt + k->eps));
+}
+
 /* AdamW, exact check: computes every new value without storing it;
  * returns k_nonfinite_bits over them. */
 IMML_HOT static uint32_t adamw_check(const step_coef *k, size_t n,
@@ -145,15 +156,11 @@ IMML_HOT static uint32_t adamw_check(const step_coef *k, size_t n,
                                      const float *restrict G,
                                      const float *restrict M1,
                                      const float *restrict M2) {
-  const float clip = k->clip, decay = k->decay, b1 = k->b1, b2 = k->b2,
-              c1 = 1.0f - k->b1, c2 = 1.0f - k->b2, bc2 = k->bc2_sqrt,
-              eps = k->eps, step = k->step_size;
+  const step_coef c = *k; /* a local copy: no aliasing with the arrays */
   uint32_t worst = 0;
   for (size_t i = 0; i < n; i++) {
-    const float g = G[i] * clip;
-    const float m1 = b1 * M1[i] + c1 * g;
-    const float m2 = b2 * M2[i] + c2 * g * g;
-    const float p = P[i] * decay - step * (m1 / (sqrtf(m2) / bc2 + eps));
+    float p, m1, m2;
+    adamw_elem(&c, P[i], G[i], M1[i], M2[i], &p, &m1, &m2);
     worst =
         k_nonfinite_bits(k_nonfinite_bits(k_nonfinite_bits(worst, p), m1), m2);
   }
@@ -166,15 +173,11 @@ IMML_HOT static void adamw_commit(const step_coef *k, size_t n,
                                   float *restrict P, float *restrict G,
                                   float *restrict M1, float *restrict M2,
                                   uint32_t *top) {
-  const float clip = k->clip, decay = k->decay, b1 = k->b1, b2 = k->b2,
-              c1 = 1.0f - k->b1, c2 = 1.0f - k->b2, bc2 = k->bc2_sqrt,
-              eps = k->eps, step = k->step_size;
+  const step_coef c = *k;
   uint32_t top1 = 0, top2 = 0, topp = 0;
   for (size_t i = 0; i < n; i++) {
-    const float g = G[i] * clip;
-    const float m1 = b1 * M1[i] + c1 * g;
-    const float m2 = b2 * M2[i] + c2 * g * g;
-    const float p = P[i] * decay - step * (m1 / (sqrtf(m2) / bc2 + eps));
+    float p, m1, m2;
+    adamw_elem(&c, P[i], G[i], M1[i], M2[i], &p, &m1, &m2);
     P[i] = p;
     M1[i] = m1;
     M2[i] = m2;
