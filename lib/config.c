@@ -30,9 +30,10 @@ static double model_bytes_bound(const imml_config *c) {
     np += d * H + H + H * k + k + k * C + C;
     act += B * (d + H + 4.0 * k + 2.0 * C + 1.0 + 2.0 * B);
   }
-  act += B * k + Jx * k + 2.0 * B * Jx + 2.0 * B * C + B;
+  act += B * k + Jx * k + B * M * k + 2.0 * B * Jx + 2.0 * B * C + B;
   const double scratch = 2.0 * B * C + 2.0 * M * B * k + 3.0 * B * k +
-                         2.0 * B * B + 2.0 * B * Jx + Jx * k + B * H;
+                         2.0 * B * B + 2.0 * B * Jx + Jx * k + B * M * k +
+                         B * H;
   const double floats = 3.0 * np + J * M * k + 2.0 * act + scratch;
   return 4.0 * floats + 64.0 * (40.0 * M + 64.0);
 }
