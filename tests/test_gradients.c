@@ -876,6 +876,17 @@ static const int mp_list[5][2] = {{2, 0}, {2, 1}, {3, 0}, {3, 1}, {3, 2}};
 static const float beta_list[3] = {0.0f, 0.5f, 1.0f};
 static const char *const dict_names[3] = {"empty", "partial", "full+wrapped"};
 
+/* A case with (M, p) from mp_list[mp] (p named, so there is no warm-up),
+ * the given slot mode and beta; every other field zero. */
+static void named_case(gcase *c, int mp, int strict, float beta) {
+  memset(c, 0, sizeof *c);
+  c->M = mp_list[mp][0];
+  c->predominant = mp_list[mp][1];
+  c->warmup = 3;
+  c->strict = strict;
+  c->beta = beta;
+}
+
 /* Named p (no warm-up): (M, p) x slot mode x beta x dictionary state x
  * {total with g1 = 0.5, g2 = 1;  CE only with g1 = g2 = 0}. */
 enum { N_GRID = 5 * 2 * 3 * 3 * 2 };
@@ -892,12 +903,7 @@ START_TEST(test_grid) {
   r /= 2;
   const int mp = r;
   gcase c;
-  memset(&c, 0, sizeof c);
-  c.M = mp_list[mp][0];
-  c.predominant = mp_list[mp][1];
-  c.warmup = 3;
-  c.strict = strict;
-  c.beta = beta_list[bi];
+  named_case(&c, mp, strict, beta_list[bi]);
   c.g1 = loss == 0 ? 0.5f : 0.0f;
   c.g2 = loss == 0 ? 1.0f : 0.0f;
   c.J = 10;
@@ -926,12 +932,7 @@ START_TEST(test_loss_terms) {
   r /= 2;
   const int mp = r;
   gcase c;
-  memset(&c, 0, sizeof c);
-  c.M = mp_list[mp][0];
-  c.predominant = mp_list[mp][1];
-  c.warmup = 3;
-  c.strict = dict; /* both modes, though dslots are zero */
-  c.beta = 0.5f;
+  named_case(&c, mp, dict, 0.5f); /* both modes, though dslots are zero */
   c.g1 = term == 0 ? 0.0f : 1.0f;
   c.g2 = term == 0 ? 1.0f : 0.0f;
   c.host_ft = 1;
@@ -1027,12 +1028,7 @@ START_TEST(test_query_side) {
   r /= 2;
   const int mp = r;
   gcase c;
-  memset(&c, 0, sizeof c);
-  c.M = mp_list[mp][0];
-  c.predominant = mp_list[mp][1];
-  c.warmup = 3;
-  c.strict = strict;
-  c.beta = bi ? 1.0f : 0.5f;
+  named_case(&c, mp, strict, bi ? 1.0f : 0.5f);
   c.g1 = 0.5f;
   c.g2 = 1.0f;
   c.J = 16;

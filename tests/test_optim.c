@@ -43,7 +43,7 @@
 
 /* M = 2, dims {3, 2}, H = 4, k = 2, C = 3, B <= 4, J = 3; predominant
  * fixed so a training forward runs the whole model from the first step. */
-static imml_model *tiny_model(uint64_t seed) {
+static imml_model *tiny_model_ft(uint64_t seed, const imml_ft_ops *ft) {
   static const int dims[2] = {3, 2};
   imml_config cfg;
   imml_config_init(&cfg);
@@ -58,10 +58,14 @@ static imml_model *tiny_model(uint64_t seed) {
   cfg.seed = seed;
   imml_model *m = NULL;
   char err[256] = "";
-  const imml_status st = imml_model_create_ex(&cfg, NULL, &m, err, sizeof err);
+  const imml_status st = imml_model_create_ex(&cfg, ft, &m, err, sizeof err);
   ck_assert_msg(st == IMML_OK, "create: %s", err);
   ck_assert_ptr_nonnull(m);
   return m;
+}
+
+static imml_model *tiny_model(uint64_t seed) {
+  return tiny_model_ft(seed, NULL);
 }
 
 static size_t flat(imml_model *m, float **p, float **g) {
@@ -354,15 +358,21 @@ static void make_batch(uint64_t seed, float *x0, float *x1, int *y, int B) {
 
 /* ---- blocks the host holds no pointer to ----------------------------- */
 
-/* One training step from the model's own forward/backward on batch s. */
-static imml_status train_step(imml_model *m, uint64_t s) {
+/* A training forward on make_batch(seed), then imml_backward, whose
+ * status is returned. */
+static imml_status forward_backward(imml_model *m, uint64_t seed) {
   float x0[4 * 3], x1[4 * 2];
   int y[4];
-  make_batch(900 + s, x0, x1, y, 4);
+  make_batch(seed, x0, x1, y, 4);
   const float *x[2] = {x0, x1};
   ck_assert_int_eq(imml_forward(m, IMML_MODE_TRAIN, 4, x, y, NULL, NULL),
                    IMML_OK);
-  ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
+  return imml_backward(m, NULL);
+}
+
+/* One training step from the model's own forward/backward on batch s. */
+static imml_status train_step(imml_model *m, uint64_t s) {
+  ck_assert_int_eq(forward_backward(m, 900 + s), IMML_OK);
   return imml_step(m);
 }
 
@@ -372,6 +382,18 @@ static void *save_bytes(imml_model *m, size_t *len) {
   ck_assert_ptr_nonnull(buf);
   ck_assert_int_eq(imml_save_mem(m, buf, *len, len), IMML_OK);
   return buf;
+}
+
+/* imml_step is refused as non-finite and the saved model (parameters,
+ * moments, dictionary, ...) is byte for byte what it was. */
+static void step_refused_unchanged(imml_model *m) {
+  size_t l0, l1;
+  void *s0 = save_bytes(m, &l0);
+  ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE);
+  void *s1 = save_bytes(m, &l1);
+  ck_assert(l0 == l1 && memcmp(s0, s1, l0) == 0);
+  free(s0);
+  free(s1);
 }
 
 /* A step whose quotient m1 / (sqrt(m2)/bc2 + eps) overflows although
@@ -392,9 +414,8 @@ START_TEST(test_bound_quotient_overflow_refused) {
   }
   setup_ok(m, &c);
   float *p = NULL, *g = NULL;
-  size_t n = m->n_params;
   if (_i >= 2)
-    n = flat(m, &p, &g);
+    flat(m, &p, &g);
   if (_i == 3) {
     g[0] = 1e10f; /* m1 = 1e9, m2 = 1e20 */
     step_ok(m);   /* then a zero gradient: m2 = 0, m1 / eps = 9e38 */
@@ -402,17 +423,10 @@ START_TEST(test_bound_quotient_overflow_refused) {
     m->opt.m1[0] = 1e31f;            /* m2[0] stays 0 */
     m->opt.max1 = m->opt.max2 = NAN; /* as after a load: measured */
   }
-  size_t l0, l1;
-  void *s0 = save_bytes(m, &l0);
-  ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE);
-  void *s1 = save_bytes(m, &l1);
-  ck_assert(l0 == l1 && memcmp(s0, s1, l0) == 0);
+  step_refused_unchanged(m);
   for (size_t i = 0; i < m->n_params; i++)
     ck_assert_msg(isfinite(m->params[i]), "case %d: parameter %zu is %g", _i, i,
                   (double)m->params[i]);
-  (void)n;
-  free(s0);
-  free(s1);
   imml_model_free(m);
 }
 END_TEST
@@ -433,16 +447,8 @@ START_TEST(test_unexposed_blocks_same_steps) {
   ck_assert_int_eq(a->exposed, 0);
   ck_assert(b->exposed != 0);
   for (int s = 0; s < 6; s++) {
-    float x0[4 * 3], x1[4 * 2];
-    int y[4];
-    make_batch(900 + (uint64_t)s, x0, x1, y, 4);
-    const float *x[2] = {x0, x1};
-    for (int w = 0; w < 2; w++) {
-      imml_model *m = w ? b : a;
-      ck_assert_int_eq(imml_forward(m, IMML_MODE_TRAIN, 4, x, y, NULL, NULL),
-                       IMML_OK);
-      ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
-    }
+    ck_assert_int_eq(forward_backward(a, 900 + (uint64_t)s), IMML_OK);
+    ck_assert_int_eq(forward_backward(b, 900 + (uint64_t)s), IMML_OK);
     ck_assert_msg(a->max_g == k_max_abs(a->n_params, a->grads),
                   "step %d: kept max |g| %g, true %g", s, (double)a->max_g,
                   (double)k_max_abs(a->n_params, a->grads));
@@ -483,30 +489,18 @@ START_TEST(test_unexposed_overflow_refused) {
   c.lr = 1e9f;
   c.weight_decay = 1e30f;
   setup_ok(m, &c);
-  float x0[4 * 3], x1[4 * 2];
-  int y[4];
-  make_batch(77, x0, x1, y, 4);
-  const float *x[2] = {x0, x1};
-  ck_assert_int_eq(imml_forward(m, IMML_MODE_TRAIN, 4, x, y, NULL, NULL),
-                   IMML_OK);
-  ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
-  size_t l0, l1;
-  void *s0 = save_bytes(m, &l0);
-  ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE);
-  void *s1 = save_bytes(m, &l1);
+  ck_assert_int_eq(forward_backward(m, 77), IMML_OK);
+  step_refused_unchanged(m);
   ck_assert_int_eq(m->exposed, 0);
-  ck_assert(l0 == l1 && memcmp(s0, s1, l0) == 0);
   ck_assert(m->max_g > 0.0f); /* the gradients are still there */
   ck_assert(m->max_g == k_max_abs(m->n_params, m->grads));
-  free(s0);
-  free(s1);
   imml_model_free(m);
 }
 END_TEST
 
 /* Once the host holds a pointer to the gradients, the library no longer
  * trusts that a step left them at zero: values written after the step are
- * kept by a backward that fails, and added to by one that succeeds. */
+ * kept by a backward that fails. */
 static int fail_backward(void *ud, int B, int M, int k,
                          const float *const *slots, const float *dlogits, int C,
                          float *const *dslots) {
@@ -525,23 +519,11 @@ static int sum_forward(void *ud, int training, int B, int M, int k,
 }
 
 START_TEST(test_exposed_gradients_written_after_step) {
-  static const int dims[2] = {3, 2};
-  imml_config cfg;
-  imml_config_init(&cfg);
-  cfg.n_modalities = 2;
-  cfg.dims = dims;
-  cfg.hidden_dim = 4;
-  cfg.knowledge_dim = 2;
-  cfg.n_classes = 3;
-  cfg.max_batch = 4;
-  cfg.dict_size = 3;
-  cfg.predominant = 0;
   imml_ft_ops ops;
   imml_ft_ops_init(&ops);
   ops.forward = sum_forward;
   ops.backward = fail_backward;
-  imml_model *m = NULL;
-  ck_assert_int_eq(imml_model_create(&cfg, &ops, &m), IMML_OK);
+  imml_model *m = tiny_model_ft(24, &ops);
   imml_optim_config c;
   imml_optim_config_init(&c, IMML_OPT_SGD);
   setup_ok(m, &c);
@@ -550,13 +532,7 @@ START_TEST(test_exposed_gradients_written_after_step) {
   ck_assert_int_eq(imml_step(m), IMML_OK); /* zeroes the gradients */
   g[0] = 5.0f;
   g[n - 1] = -2.0f;
-  float x0[4 * 3], x1[4 * 2];
-  int y[4];
-  make_batch(78, x0, x1, y, 4);
-  const float *x[2] = {x0, x1};
-  ck_assert_int_eq(imml_forward(m, IMML_MODE_TRAIN, 4, x, y, NULL, NULL),
-                   IMML_OK);
-  ck_assert_int_eq(imml_backward(m, NULL), IMML_ERR_CALLBACK);
+  ck_assert_int_eq(forward_backward(m, 78), IMML_ERR_CALLBACK);
   ck_assert_msg(g[0] == 5.0f && g[n - 1] == -2.0f,
                 "a refused backward lost gradients the host wrote (%g, %g)",
                 (double)g[0], (double)g[n - 1]);
