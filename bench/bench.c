@@ -1,7 +1,7 @@
 /* libimml benchmark: median time of one full training step (forward with
- * every loss term, backward with input gradients, AdamW step) and of one
- * inference forward, for the shapes of doc/PERFORMANCE.md; plus the share of
- * the step spent inside cblas_sgemm and the sgemm ceiling of this machine.
+ * every loss term, backward with input gradients, commit, AdamW step) and of
+ * one inference forward, for the shapes of doc/PERFORMANCE.md; plus the share
+ * of the step spent inside cblas_sgemm and the sgemm ceiling of this machine.
  *
  * usage: bench [--shape NAME] [--reps N] [--threads N] [--csv] [--rss]
  *              [--gemms]
@@ -17,6 +17,7 @@
  * executable defines cblas_sgemm, which the dynamic linker binds libimml's
  * calls to, times the call and forwards it to the BLAS library's own. */
 
+#define IMML_EXPERIMENTAL /* imml_threads_set */
 #include <imml.h>
 
 #include <cblas.h>
@@ -128,8 +129,9 @@ static double median(double *v, int n) {
 }
 
 static void die(const char *what, imml_status st, imml_model *m) {
-  fprintf(stderr, "bench: %s: %s: %s\n", what, imml_strerror(st),
-          imml_errmsg(m));
+  fprintf(stderr, "bench: %s: %s: %s\n", what, imml_status_string(st),
+          imml_model_errmsg(m));
+  imml_model_free(m);
   exit(1);
 }
 
@@ -217,14 +219,11 @@ static void run_shape(const shape *s, int reps, int threads, int csv,
   cfg.dict_size = s->J;
   cfg.predominant = 0; /* no warm-up: every step runs the full method */
   imml_model *m = NULL;
-  char err[256];
-  imml_status st = imml_model_create_ex(&cfg, NULL, &m, err, sizeof err);
-  if (st != IMML_OK) {
-    fprintf(stderr, "bench: create: %s\n", err);
-    exit(1);
-  }
+  imml_status st = imml_model_create(&cfg, NULL, &m);
+  if (st != IMML_OK)
+    die("create", st, m); /* m: the failed handle holding the message */
   imml_optim_config oc;
-  imml_optim_config_init(&oc, IMML_OPT_ADAMW);
+  imml_optim_config_init(&oc, IMML_OPTIM_ADAMW);
   if ((st = imml_optim_setup(m, &oc)) != IMML_OK)
     die("optim", st, m);
   float *x[4], *dx[4];
@@ -255,7 +254,9 @@ static void run_shape(const shape *s, int reps, int threads, int csv,
       die("forward", st, m);
     if ((st = imml_backward(m, dx)) != IMML_OK)
       die("backward", st, m);
-    if ((st = imml_step(m)) != IMML_OK)
+    if ((st = imml_commit(m)) != IMML_OK)
+      die("commit", st, m);
+    if ((st = imml_optim_step(m)) != IMML_OK)
       die("step", st, m);
     const double t1 = now();
     gemm_log_on = 0;
@@ -278,7 +279,7 @@ static void run_shape(const shape *s, int reps, int threads, int csv,
   const double rate = gemm_flops / train / 1e9;
   if (rss) {
     size_t n_params = 0;
-    imml_params_flat(m, NULL, NULL, &n_params);
+    imml_param_flat(m, NULL, NULL, &n_params);
     const double need = 4.0 * (4.0 * (double)n_params + activation_floats(s));
     const double grew = proc_status_bytes("VmHWM") - rss0;
     printf("%s: peak RSS grew by %.1f MiB; parameters + gradients + AdamW "
@@ -336,7 +337,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "bench: cannot find the BLAS library's cblas_sgemm\n");
     return 1;
   }
-  threads = imml_blas_threads(threads);
+  threads = imml_threads_set(threads);
   const double ceiling = sgemm_ceiling(reps < 20 ? reps : 20);
   int ran = 0;
   for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {

@@ -1,3 +1,6 @@
+/* flock(): BSD and Linux, outside POSIX */
+#define _DEFAULT_SOURCE
+
 /* The checkpoint format (doc/FORMAT.md): explicit little-endian fields, a
  * CRC-32 over everything before it, atomic file writes, and a loader that
  * validates every field before it trusts it. */
@@ -5,10 +8,12 @@
 #include "kernels.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -150,13 +155,25 @@ static size_t checkpoint_size(const imml_model *m) {
   return w.pos;
 }
 
-imml_status imml_save_mem(imml_model *m, void *buf, size_t capacity,
-                          size_t *size) {
-  if (!m)
-    return IMML_ERR_NULL;
-  m->errmsg[0] = '\0';
+/* Uncommitted micro-batches are not part of the format: a checkpoint is
+ * a model between steps. */
+static imml_status check_between_steps(imml_model *m) {
+  if (m->acc.micro > 0)
+    return imml_fail(m, IMML_ERR_STATE,
+                     "%d micro-batch(es) are not committed: call imml_commit "
+                     "before saving",
+                     m->acc.micro);
+  return IMML_OK;
+}
+
+imml_status imml_model_save_mem(imml_model *m, void *buf, size_t capacity,
+                                size_t *size) {
+  IMML_ENTER_TRAIN(m);
   if (!size)
     return imml_fail(m, IMML_ERR_NULL, "size is NULL");
+  imml_status st0 = check_between_steps(m);
+  if (st0 != IMML_OK)
+    return st0;
   const size_t need = checkpoint_size(m);
   if (!buf) {
     *size = need;
@@ -174,12 +191,56 @@ imml_status imml_save_mem(imml_model *m, void *buf, size_t capacity,
   return IMML_OK;
 }
 
-imml_status imml_save(imml_model *m, const char *path) {
-  if (!m)
-    return IMML_ERR_NULL;
-  m->errmsg[0] = '\0';
+/* Temporary files of imml_model_save: PATH.imml-tmp-0 .. -7, each held
+ * under an exclusive flock while a save writes it.  A save killed with -9
+ * leaves its file behind unlocked; the next save to the same path takes the
+ * first unlocked name, truncates what is there and renames it over PATH, so
+ * a crash leaves at most one stale file per concurrent saver, and the next
+ * save removes it.  A file under one of these names that neither is empty
+ * nor starts with the checkpoint magic is not ours and is never touched
+ * (doc/FORMAT.md). */
+#define TMP_SUFFIX ".imml-tmp"
+#define TMP_SLOTS 8
+#define TMP_SUFFIX_SIZE 16
+
+/* Returns a locked, empty temporary file for tmp[0..plen) (written into
+ * tmp), or -1 with errno (0: every name is held or foreign). */
+static int open_temp(char *tmp, size_t plen) {
+  int last_errno = 0;
+  for (int i = 0; i < TMP_SLOTS; i++) {
+    snprintf(tmp + plen, TMP_SUFFIX_SIZE, "%s-%d", TMP_SUFFIX, i);
+    const int fd = open(tmp, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0666);
+    if (fd < 0) {
+      last_errno = errno;
+      continue;
+    }
+    struct stat a, b;
+    unsigned char head[8];
+    ssize_t got = 0;
+    int ours = flock(fd, LOCK_EX | LOCK_NB) == 0 && fstat(fd, &a) == 0 &&
+               S_ISREG(a.st_mode) && lstat(tmp, &b) == 0 &&
+               a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+    if (ours && a.st_size > 0) { /* a crashed save's, or someone else's */
+      do
+        got = pread(fd, head, sizeof head, 0);
+      while (got < 0 && errno == EINTR);
+      ours = got > 0 && memcmp(head, CKPT_MAGIC, (size_t)got) == 0;
+    }
+    if (ours && ftruncate(fd, 0) == 0)
+      return fd;
+    close(fd); /* held by a live save, renamed away, or foreign */
+  }
+  errno = last_errno;
+  return -1;
+}
+
+imml_status imml_model_save(imml_model *m, const char *path) {
+  IMML_ENTER_TRAIN(m);
   if (!path)
     return imml_fail(m, IMML_ERR_NULL, "path is NULL");
+  imml_status st0 = check_between_steps(m);
+  if (st0 != IMML_OK)
+    return st0;
   const size_t need = checkpoint_size(m);
   unsigned char *buf = imml_alloc(&m->alloc, need);
   if (!buf)
@@ -188,20 +249,20 @@ imml_status imml_save(imml_model *m, const char *path) {
   writer w = {buf, 0};
   write_model(&w, m);
   const size_t plen = strlen(path);
-  char *tmp = imml_alloc(&m->alloc, plen + 16);
+  char *tmp = imml_alloc(&m->alloc, plen + TMP_SUFFIX_SIZE);
   if (!tmp) {
     imml_free(&m->alloc, buf);
     return imml_fail(m, IMML_ERR_NOMEM, "out of memory for a file name");
   }
-  memcpy(tmp, path, plen);
-  memcpy(tmp + plen, ".tmp.XXXXXX", 12);
+  memcpy(tmp, path, plen + 1);
   imml_status st = IMML_OK;
-  int fd = mkstemp(tmp);
+  const int fd = open_temp(tmp, plen);
   if (fd < 0) {
     st = imml_fail(m, IMML_ERR_IO,
-                   "cannot create a temporary file beside "
-                   "'%s': %s",
-                   path, strerror(errno));
+                   "cannot create a temporary file beside '%s' (%s-0..%d): "
+                   "%s",
+                   path, TMP_SUFFIX, TMP_SLOTS - 1,
+                   errno ? strerror(errno) : "every name is in use");
     goto out;
   }
   size_t done = 0;
@@ -218,13 +279,15 @@ imml_status imml_save(imml_model *m, const char *path) {
   }
   if (st == IMML_OK && fsync(fd) != 0)
     st = imml_fail(m, IMML_ERR_IO, "fsync of '%s': %s", tmp, strerror(errno));
-  if (close(fd) != 0 && st == IMML_OK)
-    st = imml_fail(m, IMML_ERR_IO, "closing '%s': %s", tmp, strerror(errno));
+  /* renamed (or removed) while the lock is held, so no other save can
+   * take the name in between */
   if (st == IMML_OK && rename(tmp, path) != 0)
     st = imml_fail(m, IMML_ERR_IO, "renaming '%s' to '%s': %s", tmp, path,
                    strerror(errno));
   if (st != IMML_OK)
     unlink(tmp);
+  if (close(fd) != 0 && st == IMML_OK)
+    st = imml_fail(m, IMML_ERR_IO, "closing '%s': %s", path, strerror(errno));
 out:
   imml_free(&m->alloc, tmp);
   imml_free(&m->alloc, buf);
@@ -377,12 +440,12 @@ static int check_room(reader *r, const imml_config *c, uint64_t n_params) {
   return 1;
 }
 
-static imml_status parse(const unsigned char *buf, size_t size,
-                         const imml_ft_ops *ft, const imml_allocator *alloc,
-                         imml_model **out, char *err, size_t n) {
-  reader r = {buf, 0, size, err, n, IMML_OK};
-  if (size < 8 ? memcmp(buf, CKPT_MAGIC, size) != 0
-               : memcmp(buf, CKPT_MAGIC, 8) != 0) {
+/* The header's checks, on its first min(size, CKPT_HEADER) bytes and the
+ * total size: a file is checked this way before anything else is read. */
+static imml_status check_header(const unsigned char *hdr, size_t size,
+                                char *err, size_t n) {
+  if (size < 8 ? memcmp(hdr, CKPT_MAGIC, size) != 0
+               : memcmp(hdr, CKPT_MAGIC, 8) != 0) {
     imml_set_err(err, n, "bad magic at offset 0: not an imml checkpoint");
     return IMML_ERR_BAD_MAGIC;
   }
@@ -393,7 +456,7 @@ static imml_status parse(const unsigned char *buf, size_t size,
                  size, CKPT_HEADER + CKPT_TRAILER);
     return IMML_ERR_TRUNCATED;
   }
-  r.pos = 8;
+  reader r = {hdr, 8, CKPT_HEADER, err, n, IMML_OK};
   const uint32_t version = get_u32(&r, "version");
   if (version != CKPT_VERSION) {
     imml_set_err(err, n,
@@ -425,6 +488,38 @@ static imml_status parse(const unsigned char *buf, size_t size,
                  (unsigned long long)(avail - payload));
     return IMML_ERR_FORMAT;
   }
+  return IMML_OK;
+}
+
+/* Whether the file declares optimiser state, read ahead of the tensors and
+ * the dictionary (whose sizes the config fixes): 1 yes, 0 no or not
+ * readable (parsing then fails where it is). */
+static int peek_optimiser(const reader *r, const imml_config *c,
+                          const imml_tensor *t, int nt) {
+  uint64_t at = r->pos + 4; /* tensor count */
+  for (int i = 0; i < nt; i++)
+    at += 4 + strlen(t[i].name) + 8 + 4 * (uint64_t)t[i].rows * t[i].cols;
+  if (at + 8 > r->end)
+    return 0;
+  const unsigned char *p = r->p + at;
+  const uint32_t fill = (uint32_t)p[0] | (uint32_t)p[1] << 8 |
+                        (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+  if (fill > (uint32_t)c->dict_size)
+    return 0;
+  at += 8 + 4 * (uint64_t)fill * c->n_modalities * c->knowledge_dim;
+  if (at + 4 > r->end)
+    return 0;
+  return r->p[at] == 1 && r->p[at + 1] == 0 && r->p[at + 2] == 0 &&
+         r->p[at + 3] == 0;
+}
+
+static imml_status parse(const unsigned char *buf, size_t size,
+                         const imml_ft_ops *ft, const imml_load_options *opt,
+                         imml_model **out, char *err, size_t n) {
+  reader r = {buf, CKPT_HEADER, size, err, n, IMML_OK};
+  const imml_status hs = check_header(buf, size, err, n);
+  if (hs != IMML_OK)
+    return hs;
   const size_t crc_at = size - CKPT_TRAILER;
   const uint32_t stored =
       (uint32_t)buf[crc_at] | (uint32_t)buf[crc_at + 1] << 8 |
@@ -496,10 +591,22 @@ static imml_status parse(const unsigned char *buf, size_t size,
   const uint64_t np = imml_params_layout(&c, builtin, layout, &nt);
   if (!check_room(&r, &c, np))
     return r.st;
-  /* Sizes are now bounded by the bytes present: safe to allocate. */
-  c.allocator = alloc ? *alloc : c.allocator;
+  /* Sizes are now bounded by the bytes present; the memory limit bounds
+   * the arena and the optimiser state the file declares: then it is safe
+   * to allocate. */
+  c.allocator = opt->allocator;
+  c.memory_limit = opt->memory_limit;
+  const double opt_bytes =
+      peek_optimiser(&r, &c, layout, nt) ? 8.0 * (double)np : 0.0;
+  {
+    imml_status ms =
+        imml_memory_check(&c, opt_bytes, "load_options.memory_limit", err, n);
+    if (ms != IMML_OK)
+      return ms;
+  }
   imml_model *m = NULL;
-  imml_status st = imml_model_build(&c, dims, ft ? &ops : NULL, &m, err, n);
+  imml_status st = imml_model_build(&c, dims, ft ? &ops : NULL,
+                                    "load_options.memory_limit", 0, &m, err, n);
   if (st != IMML_OK)
     return st;
   m->p_fixed = (int)p_fixed;
@@ -559,7 +666,7 @@ static imml_status parse(const unsigned char *buf, size_t size,
         has_opt);
   if (r.st == IMML_OK && has_opt) {
     imml_optim_config o;
-    imml_optim_config_init(&o, IMML_OPT_ADAMW);
+    imml_optim_config_init(&o, IMML_OPTIM_ADAMW);
     at = r.pos;
     get_int(&r, "optim.kind", &o.kind);
     o.lr = get_f32(&r, "optim.lr");
@@ -578,14 +685,13 @@ static imml_status parse(const unsigned char *buf, size_t size,
       imml_optim_config ok;
       if (imml_optim_validate(&o, &ok, msg, sizeof msg) != IMML_OK)
         bad(&r, IMML_ERR_FORMAT, at, "%s", msg);
-      else if (t > (uint64_t)INT64_MAX || has_buf > 1)
+      else if (t > (uint64_t)IMML_OPTIM_STEPS_MAX || has_buf > 1)
         bad(&r, IMML_ERR_FORMAT, at,
-            "optimiser step %llu / has_buf %d "
-            "invalid",
+            "optimiser step %llu / has_buf %d invalid (steps: at most "
+            "2^53)",
             (unsigned long long)t, has_buf);
-      else if (imml_optim_alloc(m, &ok) != IMML_OK) {
+      else if ((r.st = imml_optim_alloc(m, &ok)) != IMML_OK) {
         imml_set_err(err, n, "%s", m->errmsg);
-        r.st = IMML_ERR_NOMEM;
       } else {
         m->opt.t = (int64_t)t;
         m->opt.has_buf = has_buf;
@@ -593,7 +699,7 @@ static imml_status parse(const unsigned char *buf, size_t size,
         get_f32s(&r, m->opt.m1, m->n_params, "optimiser moment 1");
         const size_t at2 = r.pos;
         if (get_f32s(&r, m->opt.m2, m->n_params, "optimiser moment 2") &&
-            ok.kind == IMML_OPT_ADAMW)
+            ok.kind == IMML_OPTIM_ADAMW)
           for (size_t i = 0; i < m->n_params; i++)
             if (m->opt.m2[i] < 0.0f) {
               bad(&r, IMML_ERR_FORMAT, at2 + 4 * i,
@@ -620,105 +726,148 @@ void imml_load_options_init(imml_load_options *opt) {
     return;
   memset(opt, 0, sizeof *opt);
   opt->struct_size = sizeof *opt;
+  opt->memory_limit = IMML_MEMORY_LIMIT_DEFAULT;
 }
 
-/* Reads and checks the load options before anything else uses them: the
- * message buffer (only within struct_size) and the allocator pair. */
-static imml_status load_options(const imml_load_options *opt, imml_model **out,
-                                char **err, size_t *n,
-                                const imml_allocator **alloc) {
-  *err = NULL;
-  *n = 0;
-  *alloc = NULL;
-  if (opt && opt->struct_size >= sizeof *opt) {
-    *err = opt->errmsg;
-    *n = opt->errmsg_size;
-  }
-  if (*err && *n)
-    (*err)[0] = '\0';
-  if (!out) {
-    imml_set_err(*err, *n, "out is NULL");
-    return IMML_ERR_NULL;
-  }
-  *out = NULL;
-  if (!opt)
+/* Reads and checks the load options (NULL: the defaults) into *o. */
+static imml_status load_options(const imml_load_options *in,
+                                imml_load_options *o, char *err, size_t n) {
+  imml_load_options_init(o);
+  if (!in)
     return IMML_OK;
-  if (opt->struct_size < sizeof *opt)
-    return IMML_ERR_INVALID_ARG; /* nowhere safe to write a message */
-  if (!opt->allocator.malloc_fn != !opt->allocator.free_fn) {
-    imml_set_err(*err, *n,
-                 "options.allocator: malloc_fn and free_fn must both be set "
-                 "or both be NULL");
+  imml_status st = imml_struct_in(
+      o, sizeof *o, IMML_LOAD_OPTIONS_SIZE_KNOWN, IMML_LOAD_OPTIONS_SIZE_1_0,
+      in, "imml_load_options", "imml_load_options_init", err, n);
+  if (st != IMML_OK)
+    return st;
+  if (!o->allocator.malloc_fn != !o->allocator.free_fn) {
+    imml_set_err(err, n,
+                 "load_options.allocator: malloc_fn and free_fn must both be "
+                 "set or both be NULL");
     return IMML_ERR_INVALID_ARG;
   }
-  *alloc = &opt->allocator;
   return IMML_OK;
 }
 
-imml_status imml_load_mem_ex(const void *buf, size_t size,
-                             const imml_ft_ops *ft,
-                             const imml_load_options *opt, imml_model **out) {
-  char *err;
-  size_t n;
-  const imml_allocator *alloc;
-  imml_status st = load_options(opt, out, &err, &n, &alloc);
-  if (st != IMML_OK)
-    return st;
-  if (!buf) {
-    imml_set_err(err, n, "buffer is NULL");
+imml_status imml_model_load_mem(const void *buf, size_t size,
+                                const imml_ft_ops *ft,
+                                const imml_load_options *opt,
+                                imml_model **out) {
+  if (!out)
     return IMML_ERR_NULL;
+  *out = NULL;
+  char err[IMML_ERRMSG_SIZE] = "";
+  imml_load_options o;
+  imml_model *m = NULL;
+  imml_status st = load_options(opt, &o, err, sizeof err);
+  const imml_allocator *alloc = st == IMML_OK ? &o.allocator : NULL;
+  if (st == IMML_OK && !buf) {
+    imml_set_err(err, sizeof err, "buffer is NULL");
+    st = IMML_ERR_NULL;
   }
-  return parse(buf, size, ft, alloc, out, err, n);
+  if (st == IMML_OK)
+    st = parse(buf, size, ft, &o, &m, err, sizeof err);
+  return imml_hand_out(st, m, alloc, err, out);
 }
 
-imml_status imml_load_mem(const void *buf, size_t size, const imml_ft_ops *ft,
-                          imml_model **out) {
-  return imml_load_mem_ex(buf, size, ft, NULL, out);
+/* Reads len bytes at the file's current offset; 0, or -1 with errno, or 1
+ * when the file ends early. */
+static int read_all(int fd, unsigned char *buf, size_t len) {
+  size_t done = 0;
+  while (done < len) {
+    const ssize_t r = read(fd, buf + done, len - done);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r < 0)
+      return -1;
+    if (r == 0)
+      return 1;
+    done += (size_t)r;
+  }
+  return 0;
 }
 
-imml_status imml_load_ex(const char *path, const imml_ft_ops *ft,
-                         const imml_load_options *opt, imml_model **out) {
-  char *err;
-  size_t n;
-  const imml_allocator *alloc;
-  imml_status st = load_options(opt, out, &err, &n, &alloc);
-  if (st != IMML_OK)
-    return st;
+/* Opens without blocking (a FIFO with no writer would block an fopen),
+ * refuses anything but a regular file, checks the header against the
+ * file's size and the memory limit, and only then reads the whole file. */
+static imml_status load_file(const char *path, const imml_ft_ops *ft,
+                             const imml_load_options *o, imml_model **m,
+                             char *err, size_t n) {
   if (!path) {
     imml_set_err(err, n, "path is NULL");
     return IMML_ERR_NULL;
   }
-  FILE *f = fopen(path, "rb");
-  if (!f) {
+  const int fd = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+  if (fd < 0) {
     imml_set_err(err, n, "cannot open '%s': %s", path, strerror(errno));
     return IMML_ERR_IO;
   }
-  /* Only a regular file has a size to trust (a directory opens, and its
-   * ftell is meaningless). */
   struct stat sb;
-  if (fstat(fileno(f), &sb) != 0 || !S_ISREG(sb.st_mode) || sb.st_size < 0 ||
+  if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode) || sb.st_size < 0 ||
       (uint64_t)sb.st_size > (uint64_t)SIZE_MAX) {
-    imml_set_err(err, n, "'%s' is not a regular file", path);
-    fclose(f);
+    const char *kind = S_ISFIFO(sb.st_mode)   ? " (a FIFO)"
+                       : S_ISDIR(sb.st_mode)  ? " (a directory)"
+                       : S_ISCHR(sb.st_mode)  ? " (a character device)"
+                       : S_ISBLK(sb.st_mode)  ? " (a block device)"
+                       : S_ISSOCK(sb.st_mode) ? " (a socket)"
+                                              : "";
+    imml_set_err(err, n, "'%s' is not a regular file%s", path, kind);
+    close(fd);
     return IMML_ERR_IO;
   }
   const size_t len = (size_t)sb.st_size;
-  unsigned char *buf = imml_alloc(alloc, len);
-  if (!buf) {
-    imml_set_err(err, n, "out of memory reading '%s' (%zu bytes)", path, len);
-    st = IMML_ERR_NOMEM;
-  } else if (fread(buf, 1, len, f) != len) {
-    imml_set_err(err, n, "reading '%s' failed (short read)", path);
+  unsigned char hdr[CKPT_HEADER];
+  const size_t hl = len < CKPT_HEADER ? len : CKPT_HEADER;
+  imml_status st = IMML_OK;
+  const int rh = read_all(fd, hdr, hl);
+  if (rh != 0) {
+    imml_set_err(err, n, "reading the header of '%s': %s", path,
+                 rh < 0 ? strerror(errno) : "the file shrank");
     st = IMML_ERR_IO;
   }
-  fclose(f);
   if (st == IMML_OK)
-    st = parse(buf, len, ft, alloc, out, err, n);
-  imml_free(alloc, buf);
+    st = check_header(hdr, len, err, n);
+  if (st == IMML_OK && len > o->memory_limit) {
+    imml_set_err(err, n,
+                 "load_options.memory_limit = %zu bytes: '%s' is %zu bytes",
+                 o->memory_limit, path, len);
+    st = IMML_ERR_TOO_LARGE;
+  }
+  unsigned char *buf = NULL;
+  if (st == IMML_OK) {
+    buf = imml_alloc(&o->allocator, len);
+    if (!buf) {
+      imml_set_err(err, n, "out of memory reading '%s' (%zu bytes)", path, len);
+      st = IMML_ERR_NOMEM;
+    }
+  }
+  if (st == IMML_OK) {
+    memcpy(buf, hdr, hl);
+    const int rr = read_all(fd, buf + hl, len - hl);
+    if (rr != 0) {
+      imml_set_err(err, n, "reading '%s': %s", path,
+                   rr < 0 ? strerror(errno) : "the file shrank while read");
+      st = IMML_ERR_IO;
+    }
+  }
+  close(fd);
+  if (st == IMML_OK)
+    st = parse(buf, len, ft, o, m, err, n);
+  imml_free(&o->allocator, buf);
   return st;
 }
 
-imml_status imml_load(const char *path, const imml_ft_ops *ft,
-                      imml_model **out) {
-  return imml_load_ex(path, ft, NULL, out);
+imml_status imml_model_load(const char *path, const imml_ft_ops *ft,
+                            const imml_load_options *opt, imml_model **out) {
+  if (!out)
+    return IMML_ERR_NULL;
+  *out = NULL;
+  char err[IMML_ERRMSG_SIZE] = "";
+  imml_load_options o;
+  imml_model *m = NULL;
+  imml_status st = load_options(opt, &o, err, sizeof err);
+  const imml_allocator *alloc = st == IMML_OK ? &o.allocator : NULL;
+  if (st == IMML_OK)
+    st = load_file(path, ft, &o, &m, err, sizeof err);
+  return imml_hand_out(st, m, alloc, err, out);
 }

@@ -34,8 +34,23 @@ static double model_bytes_bound(const imml_config *c) {
   const double scratch = 2.0 * B * C + 2.0 * M * B * k + 3.0 * B * k +
                          2.0 * B * B + 2.0 * B * Jx + Jx * k + B * M * k +
                          B * H;
-  const double floats = 3.0 * np + J * M * k + 2.0 * act + scratch;
+  /* the dictionary and the staging ring of the step's micro-batches */
+  const double floats = 3.0 * np + 2.0 * J * M * k + 2.0 * act + scratch;
   return 4.0 * floats + 64.0 * (40.0 * M + 64.0);
+}
+
+imml_status imml_memory_check(const imml_config *c, double extra,
+                              const char *field, char *err, size_t n) {
+  const double need = model_bytes_bound(c) + extra;
+  if (need > (double)c->memory_limit) {
+    imml_set_err(err, n,
+                 "%s = %zu bytes: the model would need up to %.0f bytes "
+                 "(its arena%s)",
+                 field, c->memory_limit, need,
+                 extra > 0.0 ? " and optimiser state" : "");
+    return IMML_ERR_TOO_LARGE;
+  }
+  return IMML_OK;
 }
 
 void imml_config_init(imml_config *cfg) {
@@ -58,6 +73,8 @@ void imml_config_init(imml_config *cfg) {
   cfg->warmup_steps = 100;
   cfg->slot_mode = IMML_SLOT_CONDITIONAL;
   cfg->seed = 0;
+  cfg->precision = IMML_PRECISION_FP32;
+  cfg->memory_limit = IMML_MEMORY_LIMIT_DEFAULT;
 }
 
 void imml_ft_ops_init(imml_ft_ops *ops) {
@@ -117,15 +134,10 @@ imml_status imml_config_validate(const imml_config *in, imml_config *out,
     imml_set_err(err, n, "config is NULL");
     return IMML_ERR_NULL;
   }
-  if (in->struct_size < sizeof(imml_config)) {
-    imml_set_err(err, n,
-                 "config.struct_size = %zu: smaller than this library's "
-                 "imml_config (%zu); call imml_config_init()",
-                 in->struct_size, sizeof(imml_config));
-    return IMML_ERR_INVALID_ARG;
-  }
-  imml_config c = *in; /* fields beyond our struct, if any, are ignored */
-  c.struct_size = sizeof c;
+  imml_config c;
+  imml_config_init(&c);
+  TRY(imml_struct_in(&c, sizeof c, IMML_CONFIG_SIZE_KNOWN, IMML_CONFIG_SIZE_1_0,
+                     in, "imml_config", "imml_config_init", err, n));
   TRY(check_int("n_modalities", c.n_modalities, 2, IMML_MAX_MODALITIES, err,
                 n));
   if (!c.dims) {
@@ -168,6 +180,21 @@ imml_status imml_config_validate(const imml_config *in, imml_config *out,
                  "or both be NULL");
     return IMML_ERR_INVALID_ARG;
   }
+  if (c.precision != IMML_PRECISION_FP32 &&
+      c.precision != IMML_PRECISION_BF16) {
+    imml_set_err(err, n,
+                 "config.precision = %d: must be IMML_PRECISION_FP32 (0) or "
+                 "IMML_PRECISION_BF16 (1)",
+                 c.precision);
+    return IMML_ERR_INVALID_ARG;
+  }
+  if (c.precision == IMML_PRECISION_BF16) {
+    imml_set_err(err, n,
+                 "config.precision = IMML_PRECISION_BF16: this libimml was "
+                 "built without oneDNN (meson option -Ddnnl), which its bf16 "
+                 "matrix products need; use IMML_PRECISION_FP32");
+    return IMML_ERR_UNSUPPORTED;
+  }
   /* M k is a BLAS leading dimension and an attention width. */
   if ((long long)c.n_modalities * c.knowledge_dim > LIMIT_DIM) {
     imml_set_err(err, n,
@@ -196,21 +223,74 @@ imml_status imml_config_validate(const imml_config *in, imml_config *out,
   return IMML_OK;
 }
 
-imml_status imml_ft_validate(const imml_ft_ops *ft, imml_ft_ops *out, char *err,
+imml_status imml_ft_validate(const imml_ft_ops *in, imml_ft_ops *out, char *err,
                              size_t n) {
-  if (ft->struct_size < sizeof(imml_ft_ops)) {
-    imml_set_err(err, n,
-                 "ft.struct_size = %zu: smaller than this library's "
-                 "imml_ft_ops (%zu); call imml_ft_ops_init()",
-                 ft->struct_size, sizeof(imml_ft_ops));
-    return IMML_ERR_INVALID_ARG;
-  }
-  if (!ft->forward || !ft->backward) {
+  imml_ft_ops ft;
+  imml_ft_ops_init(&ft);
+  TRY(imml_struct_in(&ft, sizeof ft, IMML_FT_OPS_SIZE_KNOWN,
+                     IMML_FT_OPS_SIZE_1_0, in, "imml_ft_ops",
+                     "imml_ft_ops_init", err, n));
+  if (!ft.forward || !ft.backward) {
     imml_set_err(err, n, "ft.%s is NULL: host F&T needs both callbacks",
-                 ft->forward ? "backward" : "forward");
+                 ft.forward ? "backward" : "forward");
     return IMML_ERR_NULL;
   }
-  *out = *ft;
-  out->struct_size = sizeof *out;
+  *out = ft;
+  return IMML_OK;
+}
+
+/* Every public struct ends exactly at its last field (no tail padding) on
+ * LP64, so that an older program's sizeof is where its fields end: the
+ * copy below then never takes padding for a newer field (doc/ABI.md). */
+#if SIZE_MAX > 0xffffffffu
+_Static_assert(sizeof(imml_config) == IMML_CONFIG_SIZE_KNOWN,
+               "imml_config has tail padding");
+_Static_assert(sizeof(imml_ft_ops) == IMML_FT_OPS_SIZE_KNOWN,
+               "imml_ft_ops has tail padding");
+_Static_assert(sizeof(imml_optim_config) == IMML_OPTIM_CONFIG_SIZE_KNOWN,
+               "imml_optim_config has tail padding");
+_Static_assert(sizeof(imml_load_options) == IMML_LOAD_OPTIONS_SIZE_KNOWN,
+               "imml_load_options has tail padding");
+_Static_assert(sizeof(imml_collective) == IMML_COLLECTIVE_SIZE_KNOWN,
+               "imml_collective has tail padding");
+#endif
+
+/* The largest struct_size worth reading: a larger value is not a size but
+ * an uninitialised field, and reading that far could fault. */
+#define STRUCT_SIZE_MAX 4096
+
+imml_status imml_struct_in(void *dst, size_t dst_size, size_t known,
+                           size_t min_size, const void *src, const char *type,
+                           const char *init, char *err, size_t n) {
+  size_t size;
+  memcpy(&size, src, sizeof size); /* struct_size is the first field */
+  if (size < min_size) {
+    imml_set_err(err, n,
+                 "%s.struct_size = %zu: smaller than the %zu bytes of "
+                 "libimml 1.0's %s; call %s()",
+                 type, size, min_size, type, init);
+    return IMML_ERR_INVALID_ARG;
+  }
+  if (size > STRUCT_SIZE_MAX) {
+    imml_set_err(err, n,
+                 "%s.struct_size = %zu: not a struct size (over %d bytes); "
+                 "call %s()",
+                 type, size, STRUCT_SIZE_MAX, init);
+    return IMML_ERR_INVALID_ARG;
+  }
+  const unsigned char *p = src;
+  /* Unknown bytes start where this library's last field ends: a newer
+   * field may sit in what is tail padding here. */
+  for (size_t i = known; i < size; i++)
+    if (p[i] != 0) {
+      imml_set_err(err, n,
+                   "%s byte %zu is 0x%02x: beyond the %zu bytes of fields "
+                   "this library's %s has, only zeros are accepted (the "
+                   "program sets a field of a newer libimml than %s)",
+                   type, i, p[i], known, type, IMML_VERSION_STRING);
+      return IMML_ERR_UNKNOWN_FIELD;
+    }
+  memcpy(dst, src, size < dst_size ? size : dst_size);
+  memcpy(dst, &dst_size, sizeof dst_size);
   return IMML_OK;
 }

@@ -183,15 +183,34 @@ void fdc_backward(imml_model *m, float *G) {
   }
 }
 
-void fdc_push(imml_model *m, const float *const *z, int batch) {
+/* Staged knowledge of the step's micro-batches (imml_backward), kept in a
+ * ring of J entries: a step that stages more than J rows keeps only its
+ * last J, which are all a sequence of pushes would leave. */
+void imml_stage_rows(imml_model *m, const float *const *z, int batch) {
   const int J = m->cfg.dict_size, k = m->cfg.knowledge_dim,
             M = m->cfg.n_modalities;
+  imml_accum *s = &m->acc;
   const int start = batch > J ? batch - J : 0;
   for (int i = start; i < batch; i++) {
-    float *entry = m->dict + (size_t)m->dict_pos * M * k;
+    float *entry = s->rows + (size_t)s->pos * M * k;
     for (int mm = 0; mm < M; mm++)
       memcpy(entry + (size_t)mm * k, z[mm] + (size_t)i * k,
              (size_t)k * sizeof(float));
+    s->pos = (s->pos + 1) % J;
+  }
+  s->n += (size_t)batch;
+  /* a push of more than J rows writes J of them, ending where it began */
+  s->adv = (s->adv + (batch > J ? J : batch)) % J;
+}
+
+void fdc_push_entries(imml_model *m, const float *rows, int first, int n) {
+  const int J = m->cfg.dict_size, k = m->cfg.knowledge_dim,
+            M = m->cfg.n_modalities;
+  const size_t Mk = (size_t)M * k;
+  for (int i = 0; i < n; i++) {
+    const int from = (first + i) % J;
+    memcpy(m->dict + (size_t)m->dict_pos * Mk, rows + (size_t)from * Mk,
+           Mk * sizeof(float));
     m->dict_pos = (m->dict_pos + 1) % J;
     if (m->dict_fill < J)
       m->dict_fill++;

@@ -5,6 +5,7 @@
 #ifndef IMML_INTERNAL_H
 #define IMML_INTERNAL_H
 
+#define IMML_EXPERIMENTAL
 #include "imml.h"
 
 #include <stdarg.h>
@@ -67,6 +68,7 @@ typedef struct imml_acts {
   float *probs;                     /* (B, C) softmax(logits) */
   int *labels;                      /* (B) */
   int correct[IMML_MAX_MODALITIES]; /* unimodal correct counts */
+  double ce[IMML_MAX_MODALITIES];   /* unimodal batch cross-entropies */
   imml_losses losses;
 } imml_acts;
 
@@ -115,6 +117,26 @@ typedef struct imml_coll {
   float *own[6];
   void *block;
 } imml_coll;
+
+/* The micro-batches of the training step being accumulated (imml_backward
+ * adds, imml_commit ends the step).  Their knowledge rows wait in a ring of
+ * dict_size entries laid out like the dictionary (only the last J rows of a
+ * step can survive in it), their unimodal statistics in sums. */
+typedef struct imml_accum {
+  int micro;    /* backwards since the last commit */
+  float *rows;  /* (J, M k) staged entries, ring */
+  size_t n;     /* rows staged this step (may exceed J) */
+  int pos;      /* next staging slot */
+  int adv;      /* where K successive pushes would move the ring, mod J */
+  int64_t seen; /* rows counted in the statistics below */
+  int64_t correct[IMML_MAX_MODALITIES];
+  double ce[IMML_MAX_MODALITIES]; /* sum over rows of unimodal CE */
+} imml_accum;
+
+/* The most optimiser steps a model may take or a checkpoint may hold:
+ * every step count up to it is exact in double, so the bias corrections
+ * 1 - beta^t stay finite and t + 1 never overflows. */
+#define IMML_OPTIM_STEPS_MAX ((int64_t)1 << 53)
 
 typedef struct imml_optim {
   int active;
@@ -172,19 +194,13 @@ struct imml_model {
 
   imml_optim opt;
   imml_coll coll;
+  imml_accum acc;
   void *arena;
   size_t arena_bytes;
-};
 
-struct imml_workspace {
-  imml_allocator alloc;
-  imml_config cfg; /* shape the workspace was sized for */
-  int dims[IMML_MAX_MODALITIES];
-  int jmax;
-  char errmsg[IMML_ERRMSG_SIZE];
-  int has_result; /* a successful imml_predict filled acts */
-  imml_acts acts;
-  void *arena;
+  int failed;               /* a failed create/load: holds errmsg only */
+  const imml_model *parent; /* a share: reads parent's state (not NULL) */
+  int eval_valid;           /* eval holds a successful evaluation */
 };
 
 /* status.c */
@@ -199,6 +215,56 @@ imml_status imml_fail(imml_model *m, imml_status st, const char *fmt, ...)
 #endif
     ;
 
+/* Enters a public call on a handle: NULL and failed handles are refused
+ * (a failed handle keeps its message), the message is cleared.  The
+ * _TRAIN form also refuses a share. */
+imml_status imml_enter(imml_model *m, int writes);
+#define IMML_ENTER(m)                                                          \
+  do {                                                                         \
+    imml_status st_enter_ = imml_enter((m), 0);                                \
+    if (st_enter_ != IMML_OK)                                                  \
+      return st_enter_;                                                        \
+  } while (0)
+#define IMML_ENTER_TRAIN(m)                                                    \
+  do {                                                                         \
+    imml_status st_enter_ = imml_enter((m), 1);                                \
+    if (st_enter_ != IMML_OK)                                                  \
+      return st_enter_;                                                        \
+  } while (0)
+/* A failed handle holding `msg`, allocated with `a` (or malloc when a is
+ * NULL or inconsistent); NULL when even that fails. */
+imml_model *imml_failed_handle(const imml_allocator *a, const char *msg);
+/* Sets *out to m on success, or to a failed handle holding err. */
+imml_status imml_hand_out(imml_status st, imml_model *m,
+                          const imml_allocator *a, const char *err,
+                          imml_model **out);
+
+/* Caller structs (doc/ABI.md): copies the caller's struct `src` (whose
+ * first field is its struct_size) over `dst`, which holds this library's
+ * defaults and is dst_size bytes.  Refuses a struct smaller than min_size
+ * (the 1.0 fields) and one whose bytes from `known` on (the end of this
+ * library's last field) are not all zero. */
+imml_status imml_struct_in(void *dst, size_t dst_size, size_t known,
+                           size_t min_size, const void *src, const char *type,
+                           const char *init, char *err, size_t n);
+/* The 1.0 sizes: the end of each struct's last 1.0 field.  Frozen: a
+ * later field is appended after these and never changes them. */
+#define IMML_END_OF(type, field)                                               \
+  (offsetof(type, field) + sizeof(((type *)0)->field))
+#define IMML_CONFIG_SIZE_1_0 IMML_END_OF(imml_config, memory_limit)
+#define IMML_FT_OPS_SIZE_1_0 IMML_END_OF(imml_ft_ops, user_data)
+#define IMML_OPTIM_CONFIG_SIZE_1_0 IMML_END_OF(imml_optim_config, flags)
+#define IMML_LOAD_OPTIONS_SIZE_1_0 IMML_END_OF(imml_load_options, memory_limit)
+#define IMML_COLLECTIVE_SIZE_1_0 IMML_END_OF(imml_collective, user_data)
+/* The end of each struct's last field in this version: bytes from here on
+ * are unknown.  Equal to the 1.0 sizes until a field is appended. */
+#define IMML_CONFIG_SIZE_KNOWN IMML_END_OF(imml_config, memory_limit)
+#define IMML_FT_OPS_SIZE_KNOWN IMML_END_OF(imml_ft_ops, user_data)
+#define IMML_OPTIM_CONFIG_SIZE_KNOWN IMML_END_OF(imml_optim_config, flags)
+#define IMML_LOAD_OPTIONS_SIZE_KNOWN                                           \
+  IMML_END_OF(imml_load_options, memory_limit)
+#define IMML_COLLECTIVE_SIZE_KNOWN IMML_END_OF(imml_collective, user_data)
+
 /* rng.c (METHOD.md section 6) */
 typedef struct imml_rng {
   uint64_t s[4];
@@ -212,6 +278,11 @@ void imml_rng_uniform_init(imml_rng *r, float *x, size_t n, int n_in);
  * size arithmetic. */
 imml_status imml_config_validate(const imml_config *cfg, imml_config *out,
                                  int *dims_out, char *err, size_t err_size);
+/* Refuses (IMML_ERR_TOO_LARGE, naming `field`) a model whose arena, as
+ * bounded from its config, plus `extra` bytes exceeds c->memory_limit:
+ * checked before anything is allocated. */
+imml_status imml_memory_check(const imml_config *c, double extra,
+                              const char *field, char *err, size_t n);
 imml_status imml_ft_validate(const imml_ft_ops *ft, imml_ft_ops *out, char *err,
                              size_t err_size);
 /* a += b, a *= b with overflow detection; return 0 on overflow. */
@@ -278,12 +349,20 @@ fdc_view fdc_batch_view(const imml_model *m, const float *const *z, int n);
 void fdc_forward(const imml_model *m, imml_acts *a, int p,
                  const float *const *z, float *const *slot, const fdc_view *v);
 void fdc_backward(imml_model *m, float *g);
-void fdc_push(imml_model *m, const float *const *z, int batch);
 
 /* model.c */
+/* limit_name names the memory limit's field in a refusal. */
 imml_status imml_model_build(const imml_config *cfg, const int *dims,
-                             const imml_ft_ops *ft, imml_model **out, char *err,
+                             const imml_ft_ops *ft, const char *limit_name,
+                             size_t extra_bytes, imml_model **out, char *err,
                              size_t n);
+/* Pushes n staged entries (M k floats each, from rows in ring order
+ * starting at first, ring of J) into the dictionary. */
+void fdc_push_entries(imml_model *m, const float *rows, int first, int n);
+/* Stages n rows of knowledge (M pointers (n, k)) for the next commit. */
+void imml_stage_rows(imml_model *m, const float *const *z, int n);
+/* A share reads its parent's dictionary and predominant state. */
+void imml_share_sync(imml_model *m);
 imml_status imml_check_batch(const imml_config *c, int batch,
                              const float *const *x, const int *labels,
                              int need_labels, char *err, size_t n);

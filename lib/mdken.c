@@ -25,7 +25,8 @@ void mdken_forward(const imml_model *m, imml_acts *a, const float *const *h) {
     k_linear_forward(B, k, C, a->z[mm], k, IMML_PARAM(m, P, mm, T_WC),
                      IMML_PARAM(m, P, mm, T_BC), a->o[mm]);
     if (a->has_labels) {
-      dis += k_xent_forward(B, C, a->o[mm], a->labels, a->po[mm]);
+      a->ce[mm] = k_xent_forward(B, C, a->o[mm], a->labels, a->po[mm]);
+      dis += a->ce[mm];
       a->correct[mm] = k_count_correct(B, C, a->o[mm], a->labels);
     }
   }

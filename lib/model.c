@@ -29,6 +29,7 @@ static void carve_model(imml_carver *c, imml_model *m) {
   if (!imml_size_mul(&dict_n, (size_t)cfg->dict_size, M * k))
     c->overflow = 1;
   m->dict = imml_carve(c, dict_n, sizeof(float));
+  m->acc.rows = imml_carve(c, dict_n, sizeof(float));
   imml_carve_acts(c, cfg, m->jmax, 1, &m->train);
   imml_carve_acts(c, cfg, m->jmax, 0, &m->eval);
   g->dlogits = imml_carve(c, B * C, sizeof(float));
@@ -50,7 +51,8 @@ static void carve_model(imml_carver *c, imml_model *m) {
 }
 
 imml_status imml_model_build(const imml_config *cfg, const int *dims,
-                             const imml_ft_ops *ft, imml_model **out, char *err,
+                             const imml_ft_ops *ft, const char *limit_name,
+                             size_t extra_bytes, imml_model **out, char *err,
                              size_t n) {
   imml_model *m = imml_alloc(&cfg->allocator, sizeof *m);
   if (!m) {
@@ -85,6 +87,15 @@ imml_status imml_model_build(const imml_config *cfg, const int *dims,
     return IMML_ERR_TOO_LARGE;
   }
   m->arena_bytes = c.used;
+  size_t total = c.used;
+  if (!imml_size_add(&total, extra_bytes) || total > cfg->memory_limit) {
+    imml_set_err(err, n,
+                 "%s = %zu bytes: the model needs %zu bytes (arena %zu, "
+                 "optimiser state %zu)",
+                 limit_name, cfg->memory_limit, total, c.used, extra_bytes);
+    imml_free(&m->alloc, m);
+    return IMML_ERR_TOO_LARGE;
+  }
   m->arena = imml_alloc(&m->alloc, c.used);
   if (!m->arena) {
     imml_set_err(err, n, "out of memory allocating the %zu-byte arena", c.used);
@@ -126,53 +137,35 @@ static void init_params(imml_model *m) {
   }
 }
 
-imml_status imml_model_create_ex(const imml_config *cfg, const imml_ft_ops *ft,
-                                 imml_model **out, char *err, size_t n) {
-  if (err && n)
-    err[0] = '\0';
-  if (!out) {
-    imml_set_err(err, n, "out is NULL: nowhere to return the model");
+imml_status imml_model_create(const imml_config *cfg, const imml_ft_ops *ft,
+                              imml_model **out) {
+  char err[IMML_ERRMSG_SIZE] = "";
+  if (!out)
     return IMML_ERR_NULL;
-  }
   *out = NULL;
   imml_config c;
   int dims[IMML_MAX_MODALITIES];
-  imml_status st = imml_config_validate(cfg, &c, dims, err, n);
-  if (st != IMML_OK)
-    return st;
+  imml_status st = imml_config_validate(cfg, &c, dims, err, sizeof err);
+  /* A failed handle uses the caller's allocator once it is known good. */
+  const imml_allocator *alloc = st == IMML_OK ? &c.allocator : NULL;
   imml_ft_ops ops;
-  if (ft) {
-    st = imml_ft_validate(ft, &ops, err, n);
-    if (st != IMML_OK)
-      return st;
-  }
-  imml_model *m;
-  st = imml_model_build(&c, dims, ft ? &ops : NULL, &m, err, n);
-  if (st != IMML_OK)
-    return st;
-  init_params(m);
-  *out = m;
-  return IMML_OK;
+  if (st == IMML_OK && ft)
+    st = imml_ft_validate(ft, &ops, err, sizeof err);
+  if (st == IMML_OK)
+    st = imml_memory_check(&c, 0.0, "config.memory_limit", err, sizeof err);
+  imml_model *m = NULL;
+  if (st == IMML_OK)
+    st = imml_model_build(&c, dims, ft ? &ops : NULL, "config.memory_limit", 0,
+                          &m, err, sizeof err);
+  if (st == IMML_OK)
+    init_params(m);
+  return imml_hand_out(st, m, alloc, err, out);
 }
 
-imml_status imml_model_create(const imml_config *cfg, const imml_ft_ops *ft,
-                              imml_model **out) {
-  return imml_model_create_ex(cfg, ft, out, NULL, 0);
-}
-
-void imml_model_free(imml_model *m) {
-  if (!m)
-    return;
-  const imml_allocator a = m->alloc;
-  imml_free(&a, m->opt.block);
-  imml_free(&a, m->coll.block);
-  imml_free(&a, m->arena);
-  imml_free(&a, m);
-}
-
-imml_status imml_model_config(const imml_model *m, imml_config *cfg) {
-  if (!m || !cfg)
-    return IMML_ERR_NULL;
+imml_status imml_model_get_config(imml_model *m, imml_config *cfg) {
+  IMML_ENTER(m);
+  if (!cfg)
+    return imml_fail(m, IMML_ERR_NULL, "cfg is NULL: nowhere to copy to");
   *cfg = m->cfg;
   return IMML_OK;
 }
@@ -237,9 +230,10 @@ static imml_status gather_batch(const imml_model *m, imml_acts *a, imml_coll *g,
   float *snd = g->send;
   memset(snd, 0, g->count * sizeof(float));
   snd[0] = (float)B;
+  snd[1] = (float)(m->p_fixed ? m->p : -1);
   for (int mm = 0; mm < M; mm++)
-    snd[1 + mm] = (float)a->correct[mm];
-  float *lab = snd + 1 + M;
+    snd[2 + mm] = (float)a->correct[mm];
+  float *lab = snd + 2 + M;
   for (int i = 0; i < B; i++)
     lab[i] = (float)a->labels[i];
   float *zz = lab + Bmax;
@@ -273,8 +267,16 @@ static imml_status gather_batch(const imml_model *m, imml_acts *a, imml_coll *g,
     }
     if (r == g->ops.rank)
       g->off = rows;
+    if (msg[1] != snd[1]) {
+      imml_set_err(err, n,
+                   "allgather: rank %d has predominant modality %g, this rank "
+                   "%g (-1: not fixed): every rank must fix the same p "
+                   "(imml_predominant_set) before the same step",
+                   r, (double)msg[1], (double)snd[1]);
+      return IMML_ERR_STATE;
+    }
     for (int mm = 0; mm < M; mm++) {
-      const float fc = msg[1 + mm];
+      const float fc = msg[2 + mm];
       if (!(fc >= 0.0f && fc <= fb) || fc != (float)(int)fc) {
         imml_set_err(err, n,
                      "allgather: rank %d sent %g correct predictions of "
@@ -284,7 +286,7 @@ static imml_status gather_batch(const imml_model *m, imml_acts *a, imml_coll *g,
       }
       g->correct[mm] += (int)fc;
     }
-    const float *rl = msg + 1 + M;
+    const float *rl = msg + 2 + M;
     for (int i = 0; i < br; i++) {
       const float fl = rl[i];
       if (!(fl >= 0.0f && fl < (float)c->n_classes) || fl != (float)(int)fl) {
@@ -382,19 +384,22 @@ imml_status imml_run_forward(const imml_model *m, imml_acts *a, int training,
 imml_status imml_forward(imml_model *m, imml_mode mode, int B,
                          const float *const *x, const int *labels,
                          float *logits, imml_losses *losses) {
-  if (!m)
-    return IMML_ERR_NULL;
-  m->errmsg[0] = '\0';
+  IMML_ENTER(m);
   if (mode != IMML_MODE_TRAIN && mode != IMML_MODE_EVAL)
     return imml_fail(m, IMML_ERR_INVALID_ARG,
                      "mode = %d: must be IMML_MODE_TRAIN (0) or "
                      "IMML_MODE_EVAL (1)",
                      (int)mode);
   const int training = mode == IMML_MODE_TRAIN;
+  if (training && m->parent)
+    return imml_fail(m, IMML_ERR_STATE,
+                     "a share of a model only evaluates: train the model "
+                     "itself");
   imml_status st = imml_check_batch(&m->cfg, B, x, labels, training, m->errmsg,
                                     sizeof m->errmsg);
   if (st != IMML_OK)
     return st;
+  imml_share_sync(m);
   imml_acts *a = training ? &m->train : &m->eval;
   const float *const *h = x;
   if (training) {
@@ -402,6 +407,8 @@ imml_status imml_forward(imml_model *m, imml_mode mode, int B,
     for (int mm = 0; mm < m->cfg.n_modalities; mm++)
       memcpy(a->h[mm], x[mm], (size_t)B * m->cfg.dims[mm] * sizeof(float));
     h = (const float *const *)a->h;
+  } else {
+    m->eval_valid = 0;
   }
   st = imml_run_forward(m, a, training, B, h, labels,
                         training && m->coll.active ? &m->coll : NULL, m->errmsg,
@@ -414,19 +421,43 @@ imml_status imml_forward(imml_model *m, imml_mode mode, int B,
     *losses = a->losses;
   if (training)
     m->pending = 1; /* an evaluation leaves a pending step pending */
+  else
+    m->eval_valid = 1;
   return IMML_OK;
 }
 
+/* Adds the finished micro-batch to the step: its knowledge rows (the
+ * global batch's in a collective step) wait for imml_commit, and so do its
+ * unimodal statistics. */
+static void stage_micro_batch(imml_model *m) {
+  const imml_acts *a = &m->train;
+  imml_accum *s = &m->acc;
+  const int M = m->cfg.n_modalities;
+  if (a->gathered) {
+    imml_stage_rows(m, (const float *const *)m->coll.z, m->coll.n);
+    s->seen += m->coll.n;
+    for (int mm = 0; mm < M; mm++)
+      s->correct[mm] += m->coll.correct[mm];
+  } else {
+    imml_stage_rows(m, (const float *const *)a->z, a->batch);
+    s->seen += a->batch;
+    for (int mm = 0; mm < M; mm++) {
+      s->correct[mm] += a->correct[mm];
+      s->ce[mm] += a->ce[mm] * a->batch;
+    }
+  }
+  s->micro++;
+}
+
 /* After the step that completes warm-up, p is the modality with the
- * highest EMA of unimodal batch accuracy (ties: lowest index). */
+ * highest EMA of unimodal batch accuracy (ties: lowest index); the step's
+ * batch is the union of its micro-batches. */
 static void advance_warmup(imml_model *m) {
   const int M = m->cfg.n_modalities;
   if (m->p_fixed)
     return;
   for (int mm = 0; mm < M; mm++) {
-    const float acc = m->train.gathered
-                          ? (float)m->coll.correct[mm] / (float)m->coll.n
-                          : (float)m->train.correct[mm] / (float)m->train.batch;
+    const float acc = (float)m->acc.correct[mm] / (float)m->acc.seen;
     m->ema[mm] = 0.9f * m->ema[mm] + 0.1f * acc;
   }
   m->steps++;
@@ -436,10 +467,19 @@ static void advance_warmup(imml_model *m) {
   }
 }
 
+/* Forgets the step's micro-batches (after a commit). */
+static void accum_reset(imml_accum *s) {
+  s->micro = 0;
+  s->n = 0;
+  s->pos = 0;
+  s->adv = 0;
+  s->seen = 0;
+  memset(s->correct, 0, sizeof s->correct);
+  memset(s->ce, 0, sizeof s->ce);
+}
+
 imml_status imml_backward(imml_model *m, float *const *dh) {
-  if (!m)
-    return IMML_ERR_NULL;
-  m->errmsg[0] = '\0';
+  IMML_ENTER_TRAIN(m);
   if (!m->pending)
     return imml_fail(m, IMML_ERR_STATE,
                      "imml_backward needs a successful training forward "
@@ -448,11 +488,11 @@ imml_status imml_backward(imml_model *m, float *const *dh) {
   imml_acts *a = &m->train;
   const int B = a->batch, M = c->n_modalities;
   const size_t np = m->n_params;
-  /* When the gradients are all +0.0 (the usual case after imml_zero_grad
-   * or imml_step), this step accumulates into them directly and a refused
-   * step restores them with one memset.  Otherwise it is computed in the
-   * staging buffer and added only once it has been checked.  The zeros
-   * are checked only if the host holds a pointer to the gradients. */
+  /* When the gradients are all +0.0 (the usual case after imml_grad_zero
+   * or imml_optim_step), this step accumulates into them directly and a
+   * refused step restores them with one memset.  Otherwise it is computed
+   * in the staging buffer and added only once it has been checked.  The
+   * zeros are checked only if the host holds a pointer to the gradients. */
   const int direct =
       m->grads_zero_hint &&
       (!(m->exposed & IMML_EXPOSED_GRADS) || imml_par_all_zero(np, m->grads));
@@ -502,8 +542,8 @@ imml_status imml_backward(imml_model *m, float *const *dh) {
       }
     }
     st = imml_fail(m, IMML_ERR_NONFINITE,
-                   "gradient of %s is not finite; the step was refused "
-                   "and nothing changed",
+                   "gradient of %s is not finite; the micro-batch was "
+                   "refused and nothing changed",
                    name);
     goto refuse;
   }
@@ -512,11 +552,7 @@ imml_status imml_backward(imml_model *m, float *const *dh) {
       m->grads[i] += G[i];
   m->grads_zero_hint = 0;
   m->max_g = direct ? gmax : NAN; /* a sum's maximum is not known */
-  if (gathered)
-    fdc_push(m, (const float *const *)m->coll.z, m->coll.n);
-  else
-    fdc_push(m, (const float *const *)a->z, B);
-  advance_warmup(m);
+  stage_micro_batch(m);
   m->pending = 0;
   return IMML_OK;
 refuse:
@@ -525,11 +561,27 @@ refuse:
   return st;
 }
 
+imml_status imml_commit(imml_model *m) {
+  IMML_ENTER_TRAIN(m);
+  imml_accum *s = &m->acc;
+  if (s->micro == 0)
+    return imml_fail(m, IMML_ERR_STATE,
+                     "imml_commit needs at least one successful imml_backward "
+                     "since the last commit");
+  /* The step's last min(n, J) rows, oldest first, written so that they
+   * end where K successive pushes would have left the ring. */
+  const int J = m->cfg.dict_size;
+  const int cnt = s->n <= (size_t)J ? (int)s->n : J;
+  m->dict_pos = (m->dict_pos + s->adv + J - cnt) % J;
+  fdc_push_entries(m, s->rows, s->n <= (size_t)J ? 0 : s->pos, cnt);
+  advance_warmup(m);
+  accum_reset(s);
+  return IMML_OK;
+}
+
 imml_status imml_fdc_adjust(imml_model *m, int B, const float *const *z,
                             float *const *slots) {
-  if (!m)
-    return IMML_ERR_NULL;
-  m->errmsg[0] = '\0';
+  IMML_ENTER(m);
   const imml_config *c = &m->cfg;
   const int k = c->knowledge_dim, M = c->n_modalities;
   if (B < 1 || B > c->max_batch)
@@ -546,7 +598,9 @@ imml_status imml_fdc_adjust(imml_model *m, int B, const float *const *z,
       return imml_fail(m, IMML_ERR_NONFINITE,
                        "knowledge[%d] holds NaN or infinity", mm);
   }
+  imml_share_sync(m);
   imml_acts *a = &m->eval;
+  m->eval_valid = 0; /* the attention scratch is about to change */
   a->batch = B;
   if (!m->p_fixed) {
     for (int mm = 0; mm < M; mm++)
@@ -560,20 +614,19 @@ imml_status imml_fdc_adjust(imml_model *m, int B, const float *const *z,
   return IMML_OK;
 }
 
+int imml_fdc_dict_fill(const imml_model *m) {
+  if (!m || m->failed)
+    return 0;
+  return m->parent ? m->parent->dict_fill : m->dict_fill;
+}
+
 /* ------------------------------------------------------------------ */
 
-int imml_param_count(const imml_model *m) { return m ? m->n_tensors : 0; }
+int imml_param_count(const imml_model *m) {
+  return m && !m->failed && !m->parent ? m->n_tensors : 0;
+}
 
-imml_status imml_param_info(imml_model *m, int i, imml_param_view *v) {
-  if (!m)
-    return IMML_ERR_NULL;
-  m->errmsg[0] = '\0';
-  if (!v)
-    return imml_fail(m, IMML_ERR_NULL, "view is NULL");
-  if (i < 0 || i >= m->n_tensors)
-    return imml_fail(m, IMML_ERR_INVALID_ARG,
-                     "parameter index %d: must be in 0..%d", i,
-                     m->n_tensors - 1);
+static void param_view(imml_model *m, int i, imml_param_view *v) {
   const imml_tensor *t = &m->tensors[i];
   v->name = t->name;
   v->rows = t->rows;
@@ -581,14 +634,40 @@ imml_status imml_param_info(imml_model *m, int i, imml_param_view *v) {
   v->data = m->params + t->offset;
   v->grad = m->grads + t->offset;
   m->exposed |= IMML_EXPOSED_PARAMS | IMML_EXPOSED_GRADS;
+}
+
+imml_status imml_param_get(imml_model *m, int i, imml_param_view *v) {
+  IMML_ENTER_TRAIN(m);
+  if (!v)
+    return imml_fail(m, IMML_ERR_NULL, "view is NULL");
+  if (i < 0 || i >= m->n_tensors)
+    return imml_fail(m, IMML_ERR_INVALID_ARG,
+                     "parameter index %d: must be in 0..%d", i,
+                     m->n_tensors - 1);
+  param_view(m, i, v);
   return IMML_OK;
 }
 
-imml_status imml_params_flat(imml_model *m, float **data, float **grad,
-                             size_t *count) {
-  if (!m)
-    return IMML_ERR_NULL;
-  m->errmsg[0] = '\0';
+imml_status imml_param_find(imml_model *m, const char *name,
+                            imml_param_view *v) {
+  IMML_ENTER_TRAIN(m);
+  if (!name || !v)
+    return imml_fail(m, IMML_ERR_NULL, "%s is NULL", name ? "view" : "name");
+  for (int i = 0; i < m->n_tensors; i++)
+    if (strcmp(m->tensors[i].name, name) == 0) {
+      param_view(m, i, v);
+      return IMML_OK;
+    }
+  return imml_fail(m, IMML_ERR_INVALID_ARG,
+                   "no parameter is called '%.40s' (names: m0.w1 .. m%d.bc, "
+                   "fdc.wq, fdc.wk%s)",
+                   name, m->cfg.n_modalities - 1,
+                   m->builtin_ft ? ", ft.w, ft.b" : "");
+}
+
+imml_status imml_param_flat(imml_model *m, float **data, float **grad,
+                            size_t *count) {
+  IMML_ENTER_TRAIN(m);
   if (data) {
     *data = m->params;
     m->exposed |= IMML_EXPOSED_PARAMS;
@@ -602,36 +681,54 @@ imml_status imml_params_flat(imml_model *m, float **data, float **grad,
   return IMML_OK;
 }
 
-imml_status imml_zero_grad(imml_model *m) {
-  if (!m)
-    return IMML_ERR_NULL;
-  m->errmsg[0] = '\0';
+imml_status imml_grad_zero(imml_model *m) {
+  IMML_ENTER_TRAIN(m);
   memset(m->grads, 0, m->n_params * sizeof(float));
   m->grads_zero_hint = 1;
   m->max_g = 0.0f;
   return IMML_OK;
 }
 
-imml_status imml_predominant(const imml_model *m, int *p, int *fixed) {
-  if (!m || !p)
-    return IMML_ERR_NULL;
+imml_status imml_predominant_get(imml_model *m, int *p, int *fixed) {
+  IMML_ENTER(m);
+  if (!p)
+    return imml_fail(m, IMML_ERR_NULL, "p is NULL");
+  imml_share_sync(m);
   *p = m->p_fixed ? m->p : -1;
   if (fixed)
     *fixed = m->p_fixed;
   return IMML_OK;
 }
 
-imml_status imml_warmup_state(const imml_model *m, int *steps, float *ema) {
-  if (!m)
-    return IMML_ERR_NULL;
+imml_status imml_predominant_set(imml_model *m, int p) {
+  IMML_ENTER_TRAIN(m);
+  const int M = m->cfg.n_modalities;
+  if (p < 0 || p >= M)
+    return imml_fail(m, IMML_ERR_INVALID_ARG,
+                     "p = %d: must be a modality in 0..%d", p, M - 1);
+  if (m->p_fixed)
+    return imml_fail(m, IMML_ERR_STATE,
+                     "the predominant modality is already fixed (p = %d)",
+                     m->p);
+  if (m->pending || m->acc.micro > 0)
+    return imml_fail(m, IMML_ERR_STATE,
+                     "a training step is under way (%s): fix p between steps",
+                     m->pending ? "a training forward awaits its backward"
+                                : "micro-batches are not committed");
+  m->p = p;
+  m->p_fixed = 1;
+  return IMML_OK;
+}
+
+imml_status imml_warmup_get(imml_model *m, int *steps, float *ema) {
+  IMML_ENTER(m);
+  imml_share_sync(m);
   if (steps)
     *steps = m->steps;
   if (ema)
     memcpy(ema, m->ema, (size_t)m->cfg.n_modalities * sizeof(float));
   return IMML_OK;
 }
-
-int imml_dict_fill(const imml_model *m) { return m ? m->dict_fill : 0; }
 
 /* ------------------------------------------------------------------ */
 
@@ -660,23 +757,25 @@ void imml_collective_init(imml_collective *c) {
   c->world_size = 1;
 }
 
-imml_status imml_set_collective(imml_model *m, const imml_collective *ops) {
-  if (!m)
-    return IMML_ERR_NULL;
-  m->errmsg[0] = '\0';
-  if (m->pending)
-    return imml_fail(m, IMML_ERR_STATE,
-                     "a training step is pending: call imml_backward first");
-  if (!ops) {
+imml_status imml_collective_set(imml_model *m, const imml_collective *in) {
+  IMML_ENTER_TRAIN(m);
+  if (m->pending || m->acc.micro > 0)
+    return imml_fail(
+        m, IMML_ERR_STATE, "a training step is under way: %s first",
+        m->pending ? "call imml_backward and imml_commit" : "call imml_commit");
+  if (!in) {
     coll_release(m);
     return IMML_OK;
   }
-  if (ops->struct_size < sizeof *ops)
-    return imml_fail(m, IMML_ERR_INVALID_ARG,
-                     "collective.struct_size = %zu: smaller than this "
-                     "library's imml_collective (%zu); call "
-                     "imml_collective_init()",
-                     ops->struct_size, sizeof *ops);
+  imml_collective cv_in;
+  imml_collective_init(&cv_in);
+  imml_status st_in =
+      imml_struct_in(&cv_in, sizeof cv_in, IMML_COLLECTIVE_SIZE_KNOWN,
+                     IMML_COLLECTIVE_SIZE_1_0, in, "imml_collective",
+                     "imml_collective_init", m->errmsg, sizeof m->errmsg);
+  if (st_in != IMML_OK)
+    return st_in;
+  const imml_collective *ops = &cv_in;
   if (!ops->allgather)
     return imml_fail(m, IMML_ERR_NULL, "collective.allgather is NULL");
   if (ops->world_size < 1 || ops->world_size > (1 << 16))
@@ -694,7 +793,7 @@ imml_status imml_set_collective(imml_model *m, const imml_collective *ops) {
   memset(&g, 0, sizeof g);
   g.ops = *ops;
   g.ops.struct_size = sizeof g.ops;
-  g.count = 1 + M + Bm * (1 + M * k);
+  g.count = 2 + M + Bm * (1 + M * k);
   imml_carver cv = {NULL, 0, 0};
   for (int pass = 0; pass < 2; pass++) {
     size_t G = 0, GG = 0, rk = 0;

@@ -7,14 +7,14 @@
 #include <math.h>
 #include <string.h>
 
-void imml_optim_config_init(imml_optim_config *cfg, imml_optimizer_kind kind) {
+void imml_optim_config_init(imml_optim_config *cfg, imml_optim_kind kind) {
   if (!cfg)
     return;
   memset(cfg, 0, sizeof *cfg);
   cfg->struct_size = sizeof *cfg;
   cfg->kind = kind;
   cfg->lr = 1e-3f;
-  cfg->weight_decay = kind == IMML_OPT_ADAMW ? 0.01f : 0.0f;
+  cfg->weight_decay = kind == IMML_OPTIM_ADAMW ? 0.01f : 0.0f;
   cfg->momentum = 0.0f;
   cfg->nesterov = 0;
   cfg->beta1 = 0.9f;
@@ -29,20 +29,19 @@ static int in_range(float v, float lo, float hi) {
 
 imml_status imml_optim_validate(const imml_optim_config *in,
                                 imml_optim_config *out, char *err, size_t n) {
-  if (in->struct_size < sizeof *in) {
-    imml_set_err(err, n,
-                 "optim.struct_size = %zu: smaller than this library's "
-                 "imml_optim_config (%zu); call imml_optim_config_init()",
-                 in->struct_size, sizeof *in);
-    return IMML_ERR_INVALID_ARG;
-  }
-  const imml_optim_config c = *in;
+  imml_optim_config c;
+  imml_optim_config_init(&c, IMML_OPTIM_ADAMW);
+  const imml_status st = imml_struct_in(
+      &c, sizeof c, IMML_OPTIM_CONFIG_SIZE_KNOWN, IMML_OPTIM_CONFIG_SIZE_1_0,
+      in, "imml_optim_config", "imml_optim_config_init", err, n);
+  if (st != IMML_OK)
+    return st;
   const char *bad = NULL;
   double v = 0.0;
-  if (c.kind != IMML_OPT_SGD && c.kind != IMML_OPT_ADAMW) {
+  if (c.kind != IMML_OPTIM_SGD && c.kind != IMML_OPTIM_ADAMW) {
     imml_set_err(err, n,
-                 "optim.kind = %d: must be IMML_OPT_SGD (0) or "
-                 "IMML_OPT_ADAMW (1)",
+                 "optim.kind = %d: must be IMML_OPTIM_SGD (0) or "
+                 "IMML_OPTIM_ADAMW (1)",
                  c.kind);
     return IMML_ERR_INVALID_ARG;
   }
@@ -67,7 +66,11 @@ imml_status imml_optim_validate(const imml_optim_config *in,
                  bad, v);
     return IMML_ERR_INVALID_ARG;
   }
-  if (c.nesterov && !(c.kind == IMML_OPT_SGD && c.momentum > 0.0f)) {
+  if (c.flags != 0) {
+    imml_set_err(err, n, "optim.flags = %d: must be 0 (reserved)", c.flags);
+    return IMML_ERR_INVALID_ARG;
+  }
+  if (c.nesterov && !(c.kind == IMML_OPTIM_SGD && c.momentum > 0.0f)) {
     imml_set_err(err, n, "optim.nesterov = %d needs SGD with momentum > 0",
                  c.nesterov);
     return IMML_ERR_INVALID_ARG;
@@ -81,6 +84,12 @@ imml_status imml_optim_alloc(imml_model *m, const imml_optim_config *c) {
   size_t bytes;
   if (!imml_size_mul(&bytes, m->n_params, 2 * sizeof(float)))
     return imml_fail(m, IMML_ERR_TOO_LARGE, "optimiser state overflows");
+  if (m->arena_bytes > m->cfg.memory_limit ||
+      bytes > m->cfg.memory_limit - m->arena_bytes)
+    return imml_fail(m, IMML_ERR_TOO_LARGE,
+                     "memory_limit = %zu bytes: the arena (%zu) and the "
+                     "optimiser state (%zu) would exceed it",
+                     m->cfg.memory_limit, m->arena_bytes, bytes);
   void *block = imml_alloc(&m->alloc, bytes);
   if (!block)
     return imml_fail(m, IMML_ERR_NOMEM,
@@ -99,9 +108,7 @@ imml_status imml_optim_alloc(imml_model *m, const imml_optim_config *c) {
 }
 
 imml_status imml_optim_setup(imml_model *m, const imml_optim_config *cfg) {
-  if (!m)
-    return IMML_ERR_NULL;
-  m->errmsg[0] = '\0';
+  IMML_ENTER_TRAIN(m);
   if (!cfg)
     return imml_fail(m, IMML_ERR_NULL, "optimiser config is NULL");
   imml_optim_config c;
@@ -112,9 +119,7 @@ imml_status imml_optim_setup(imml_model *m, const imml_optim_config *cfg) {
 }
 
 imml_status imml_optim_set_lr(imml_model *m, float lr) {
-  if (!m)
-    return IMML_ERR_NULL;
-  m->errmsg[0] = '\0';
+  IMML_ENTER_TRAIN(m);
   if (!m->opt.active)
     return imml_fail(m, IMML_ERR_STATE,
                      "no optimiser: call imml_optim_setup() first");
@@ -313,14 +318,22 @@ static uint32_t run_pass(step_job *j, size_t n, int pass) {
   return r[0];
 }
 
-imml_status imml_step(imml_model *m) {
-  if (!m)
-    return IMML_ERR_NULL;
-  m->errmsg[0] = '\0';
+imml_status imml_optim_step(imml_model *m) {
+  IMML_ENTER_TRAIN(m);
   imml_optim *o = &m->opt;
   if (!o->active)
     return imml_fail(m, IMML_ERR_STATE,
                      "no optimiser: call imml_optim_setup() first");
+  if (m->acc.micro > 0)
+    return imml_fail(m, IMML_ERR_STATE,
+                     "%d micro-batch(es) since the last imml_commit: commit "
+                     "the training step before its update",
+                     m->acc.micro);
+  if (o->t >= IMML_OPTIM_STEPS_MAX)
+    return imml_fail(m, IMML_ERR_STATE,
+                     "the optimiser has taken %lld steps, the most its bias "
+                     "corrections are exact for (2^53); nothing changed",
+                     (long long)o->t);
   const size_t n = m->n_params;
   float *P = m->params, *G = m->grads;
   /* The norm is needed only for clipping; a non-finite gradient is caught
@@ -354,7 +367,7 @@ imml_status imml_step(imml_model *m) {
   k.decay = (float)(1.0 - (double)k.lr * k.wd);
   k.step_size = (float)((double)k.lr / (1.0 - pow((double)k.b1, t)));
   k.bc2_sqrt = (float)sqrt(1.0 - pow((double)k.b2, t));
-  const int adamw = o->cfg.kind == IMML_OPT_ADAMW;
+  const int adamw = o->cfg.kind == IMML_OPTIM_ADAMW;
   step_job j;
   memset(&j, 0, sizeof j);
   j.k = &k;

@@ -3,12 +3,27 @@
  * its own: a pass long enough to pay for it starts short-lived helpers and
  * joins them before returning, so no thread outlives a call and nothing
  * needs shutting down.  The thread count follows the BLAS's own setting
- * (imml_blas_threads), which the host already sizes to its cores. */
+ * (imml_threads_set), which the host already sizes to its cores. */
 #include "internal.h"
 #include "kernels.h"
 
 #include <pthread.h>
 #include <signal.h>
+
+#ifdef IMML_HAVE_OPENBLAS_THREADS
+#include <cblas.h>
+#endif
+
+int imml_threads_set(int n) {
+#ifdef IMML_HAVE_OPENBLAS_THREADS
+  if (n > 0)
+    openblas_set_num_threads(n);
+  return openblas_get_num_threads();
+#else
+  (void)n;
+  return 0;
+#endif
+}
 
 /* A part shorter than this (in elements) is not worth a thread: starting
  * and joining one costs tens of microseconds, a pass over 512 Ki floats
@@ -29,7 +44,7 @@ static void *par_run(void *arg) {
 }
 
 int imml_par_parts(size_t n) {
-  int threads = imml_blas_threads(0);
+  int threads = imml_threads_set(0);
   if (threads > IMML_PAR_MAX)
     threads = IMML_PAR_MAX;
   size_t by_size = n / PAR_MIN_PART;

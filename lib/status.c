@@ -7,7 +7,7 @@ unsigned imml_version_number(void) { return IMML_VERSION_NUMBER; }
 
 const char *imml_version_string(void) { return IMML_VERSION_STRING; }
 
-const char *imml_strerror(imml_status status) {
+const char *imml_status_string(imml_status status) {
   switch (status) {
   case IMML_OK:
     return "success";
@@ -45,14 +45,12 @@ const char *imml_strerror(imml_status status) {
     return "model needs host F&T callbacks";
   case IMML_ERR_BUFFER_SMALL:
     return "caller buffer is too small";
+  case IMML_ERR_UNKNOWN_FIELD:
+    return "a struct sets a field this library does not know";
+  case IMML_ERR_UNSUPPORTED:
+    return "not supported by this build or this CPU";
   }
   return "unknown status";
-}
-
-const char *imml_errmsg(const imml_model *model) {
-  if (!model)
-    return "no model (NULL handle)";
-  return model->errmsg;
 }
 
 void imml_set_err(char *buf, size_t size, const char *fmt, ...) {

@@ -14,6 +14,7 @@
 #ifndef IMML_TESTS_COMMON_H
 #define IMML_TESTS_COMMON_H
 
+#define IMML_EXPERIMENTAL
 #include "imml.h"
 #include "internal.h"
 
@@ -219,7 +220,7 @@ static inline void write_file(const char *path, const void *buf, size_t size) {
 typedef struct snap {
   size_t n, ndict;
   float *params, *grads, *dict, *m1, *m2;
-  int fill, pos, p, fixed, steps, pending, opt_active, has_buf;
+  int fill, pos, p, fixed, steps, pending, staged, opt_active, has_buf;
   int64_t opt_t;
   imml_optim_config ocfg;
   float ema[IMML_MAX_MODALITIES];
@@ -227,11 +228,11 @@ typedef struct snap {
   const float *opt_m1, *opt_m2;
 } snap;
 
-/* The snapshot's own (successful) API calls clear imml_errmsg(m). */
+/* The snapshot's own (successful) API calls clear imml_model_errmsg(m). */
 static inline void snap_take(imml_model *m, snap *s) {
   float *d = NULL, *g = NULL;
   memset(s, 0, sizeof *s);
-  ck_assert_int_eq(imml_params_flat(m, &d, &g, &s->n), IMML_OK);
+  ck_assert_int_eq(imml_param_flat(m, &d, &g, &s->n), IMML_OK);
   s->params = xcalloc(s->n, sizeof(float));
   s->grads = xcalloc(s->n, sizeof(float));
   memcpy(s->params, d, s->n * sizeof(float));
@@ -240,11 +241,12 @@ static inline void snap_take(imml_model *m, snap *s) {
              (size_t)m->cfg.knowledge_dim;
   s->dict = xcalloc(s->ndict, sizeof(float));
   memcpy(s->dict, m->dict, s->ndict * sizeof(float));
-  s->fill = imml_dict_fill(m);
+  s->fill = imml_fdc_dict_fill(m);
   s->pos = m->dict_pos;
   s->pending = m->pending;
-  ck_assert_int_eq(imml_predominant(m, &s->p, &s->fixed), IMML_OK);
-  ck_assert_int_eq(imml_warmup_state(m, &s->steps, s->ema), IMML_OK);
+  s->staged = m->acc.micro;
+  ck_assert_int_eq(imml_predominant_get(m, &s->p, &s->fixed), IMML_OK);
+  ck_assert_int_eq(imml_warmup_get(m, &s->steps, s->ema), IMML_OK);
   s->opt_active = m->opt.active;
   s->opt_t = m->opt.t;
   s->has_buf = m->opt.has_buf;
@@ -292,6 +294,9 @@ static inline void snap_check(const snap *a, const snap *b, const char *what) {
                 "%s: warm-up EMAs changed", what);
   ck_assert_msg(a->pending == b->pending, "%s: pending step %d -> %d", what,
                 a->pending, b->pending);
+  ck_assert_msg(a->staged == b->staged,
+                "%s: uncommitted micro-batches %d -> %d", what, a->staged,
+                b->staged);
   ck_assert_msg(a->opt_active == b->opt_active,
                 "%s: optimiser presence %d -> %d", what, a->opt_active,
                 b->opt_active);
@@ -327,17 +332,43 @@ static inline void expect_unchanged(imml_model *m, const snap *before,
 static inline imml_model *create_ok(const imml_config *c,
                                     const imml_ft_ops *ft) {
   imml_model *m = NULL;
-  char err[256];
-  const imml_status st = imml_model_create_ex(c, ft, &m, err, sizeof err);
-  ck_assert_msg(st == IMML_OK, "imml_model_create_ex: %d %s", (int)st, err);
+  const imml_status st = imml_model_create(c, ft, &m);
+  ck_assert_msg(st == IMML_OK, "imml_model_create: %d %s", (int)st,
+                imml_model_errmsg(m));
   ck_assert_ptr_nonnull(m);
   return m;
 }
 
-/* imml_backward that must succeed. */
-static inline void backward_ok(imml_model *m, float *const *dh) {
+/* A create that must fail with `want`: returns the failed handle's message
+ * (copied into msg) after checking that the handle exists, then frees it. */
+static inline void create_fails(const imml_config *c, const imml_ft_ops *ft,
+                                imml_status want, char *msg, size_t n) {
+  imml_model *m = NULL;
+  const imml_status st = imml_model_create(c, ft, &m);
+  ck_assert_msg(st == want, "imml_model_create: %d, expected %d (%s)", (int)st,
+                (int)want, imml_model_errmsg(m));
+  ck_assert_msg(m != NULL || st == IMML_ERR_NOMEM,
+                "a failed create returned no handle");
+  ck_assert_msg(imml_model_errmsg(m)[0] != '\0',
+                "a failed create left no message");
+  if (msg && n)
+    snprintf(msg, n, "%s", imml_model_errmsg(m));
+  imml_model_free(m);
+}
+
+/* imml_backward that must succeed (one micro-batch, not committed). */
+static inline void backward_only_ok(imml_model *m, float *const *dh) {
   const imml_status st = imml_backward(m, dh);
-  ck_assert_msg(st == IMML_OK, "backward: %d %s", (int)st, imml_errmsg(m));
+  ck_assert_msg(st == IMML_OK, "backward: %d %s", (int)st,
+                imml_model_errmsg(m));
+}
+
+/* A whole K = 1 training step after its forward: imml_backward, then
+ * imml_commit (the 0.x imml_backward). */
+static inline void backward_ok(imml_model *m, float *const *dh) {
+  backward_only_ok(m, dh);
+  const imml_status st = imml_commit(m);
+  ck_assert_msg(st == IMML_OK, "commit: %d %s", (int)st, imml_model_errmsg(m));
 }
 
 #endif

@@ -1,7 +1,10 @@
 /* Checkpoints (lib/checkpoint.c): bit-exact round trips through files and
  * memory, exact resume of training, a loader that refuses every corrupted
- * or crafted input with its own status and a message naming the field,
- * atomic saves, and concurrent imml_predict on a loaded model.
+ * or crafted input with its own status and a message naming the field (in
+ * the failed handle it returns), atomic saves, saves refused while
+ * micro-batches are not committed, a predominant modality fixed by the
+ * host, the load options' memory_limit and struct_size rules, and
+ * concurrent imml_predict on shares of a loaded model.
  *
  * The test reads the format independently of the library: the byte layout
  * of write_model() (little-endian u32/u64/f32 fields, see walk_layout())
@@ -107,12 +110,16 @@ typedef struct counter {
   size_t limit;   /* requests above it are refused (NULL) */
   size_t max_req; /* largest request seen */
   long n_alloc, live;
+  size_t expected; /* a request size not counted in n_other */
+  long n_other;    /* requests neither for a handle nor `expected` bytes */
 } counter;
 
 static void *cnt_malloc(size_t size, void *ud) {
   counter *c = ud;
   if (size > c->max_req)
     c->max_req = size;
+  if (size != sizeof(struct imml_model) && size != c->expected)
+    c->n_other++;
   if (size > c->limit)
     return NULL;
   void *p = malloc(size);
@@ -129,18 +136,41 @@ static void cnt_free(void *p, void *ud) {
   free(p);
 }
 
-static void counting_options(imml_load_options *o, counter *c, char *err,
-                             size_t n) {
+static void counting_options(imml_load_options *o, counter *c) {
   memset(c, 0, sizeof *c);
   c->limit = BIG_ALLOC;
   imml_load_options_init(o);
   o->allocator.malloc_fn = cnt_malloc;
   o->allocator.free_fn = cnt_free;
   o->allocator.user_data = c;
-  o->errmsg = err;
-  o->errmsg_size = n;
+}
+
+/* A failed load's handle: it exists (the tests here never run out of
+ * memory for it), holds a message, which is copied into err, holds nothing
+ * but that (at most one block of the counting allocator, of at most the
+ * size of a handle, when c is given) and is freed, after which nothing of
+ * c's is left.  Every other call on it is refused. */
+static void failed_handle(imml_model *h, imml_status st, const counter *c,
+                          char *err, size_t n, const char *label) {
+  ck_assert_msg(h != NULL, "%s: status %d (%s) without a failed handle", label,
+                (int)st, imml_status_string(st));
+  const char *msg = imml_model_errmsg(h);
+  ck_assert_msg(msg[0] != '\0', "%s: no message for status %d (%s)", label,
+                (int)st, imml_status_string(st));
   if (err && n)
-    snprintf(err, n, "%s", "stale message");
+    snprintf(err, n, "%s", msg);
+  if (c)
+    ck_assert_msg(c->live <= 1, "%s: the failed handle holds %ld blocks", label,
+                  c->live);
+  ck_assert_int_eq(imml_param_count(h), 0);
+  size_t need = 0;
+  ck_assert_int_eq(imml_model_save_mem(h, NULL, 0, &need), IMML_ERR_STATE);
+  imml_model_free(h);
+  if (c)
+    ck_assert_msg(c->live == 0,
+                  "%s: %ld blocks left after freeing the failed "
+                  "handle",
+                  label, c->live);
 }
 
 /* ---- models ---------------------------------------------------------- */
@@ -152,7 +182,7 @@ typedef struct spec {
   int J; /* dict_size */
   int predominant;
   int warmup;
-  int opt; /* OPT_NONE, IMML_OPT_SGD (momentum/Nesterov), IMML_OPT_ADAMW */
+  int opt; /* OPT_NONE, IMML_OPTIM_SGD (momentum/Nesterov), IMML_OPTIM_ADAMW */
   int host_ft;
   int strict;
   int lr_change_at; /* training step before which imml_optim_set_lr runs */
@@ -176,15 +206,11 @@ static imml_model *make_model(const spec *sp) {
   cfg.slot_mode = sp->strict ? IMML_SLOT_STRICT : IMML_SLOT_CONDITIONAL;
   cfg.seed = sp->seed;
   imml_ft_ops ops = host_ops();
-  imml_model *m = NULL;
-  char err[256] = "";
-  const imml_status st = imml_model_create_ex(&cfg, sp->host_ft ? &ops : NULL,
-                                              &m, err, sizeof err);
-  ck_assert_msg(st == IMML_OK, "create: %s", err);
+  imml_model *m = create_ok(&cfg, sp->host_ft ? &ops : NULL);
   if (sp->opt != OPT_NONE) {
     imml_optim_config oc;
-    imml_optim_config_init(&oc, (imml_optimizer_kind)sp->opt);
-    if (sp->opt == IMML_OPT_ADAMW) {
+    imml_optim_config_init(&oc, (imml_optim_kind)sp->opt);
+    if (sp->opt == IMML_OPTIM_ADAMW) {
       oc.lr = 0.01f;
       oc.weight_decay = 0.01f;
       oc.clip_norm = 1.0f;
@@ -197,7 +223,7 @@ static imml_model *make_model(const spec *sp) {
       oc.lr = 0.05f;
     }
     ck_assert_msg(imml_optim_setup(m, &oc) == IMML_OK, "setup: %s",
-                  imml_errmsg(m));
+                  imml_model_errmsg(m));
   }
   return m;
 }
@@ -211,12 +237,16 @@ static void train(imml_model *m, const spec *sp, int from, int to) {
     make_batch(&b, (uint64_t)s, sp->B);
     imml_status st =
         imml_forward(m, IMML_MODE_TRAIN, sp->B, b.f, b.y, NULL, NULL);
-    ck_assert_msg(st == IMML_OK, "forward step %d: %s", s, imml_errmsg(m));
+    ck_assert_msg(st == IMML_OK, "forward step %d: %s", s,
+                  imml_model_errmsg(m));
     st = imml_backward(m, NULL);
-    ck_assert_msg(st == IMML_OK, "backward step %d: %s", s, imml_errmsg(m));
+    ck_assert_msg(st == IMML_OK, "backward step %d: %s", s,
+                  imml_model_errmsg(m));
+    st = imml_commit(m);
+    ck_assert_msg(st == IMML_OK, "commit step %d: %s", s, imml_model_errmsg(m));
     if (sp->opt != OPT_NONE) {
-      st = imml_step(m);
-      ck_assert_msg(st == IMML_OK, "step %d: %s", s, imml_errmsg(m));
+      st = imml_optim_step(m);
+      ck_assert_msg(st == IMML_OK, "step %d: %s", s, imml_model_errmsg(m));
     }
   }
 }
@@ -226,7 +256,7 @@ static void eval_logits(imml_model *m, int B, float *out) {
   make_batch(&b, 99991, B);
   const imml_status st =
       imml_forward(m, IMML_MODE_EVAL, B, b.f, NULL, out, NULL);
-  ck_assert_msg(st == IMML_OK, "eval forward: %s", imml_errmsg(m));
+  ck_assert_msg(st == IMML_OK, "eval forward: %s", imml_model_errmsg(m));
 }
 
 static int same_bits(const void *a, const void *b, size_t n) {
@@ -237,8 +267,8 @@ static int same_bits(const void *a, const void *b, size_t n) {
 static void assert_models_equal(imml_model *a, imml_model *b,
                                 const char *label) {
   imml_config ca, cb;
-  ck_assert_int_eq(imml_model_config(a, &ca), IMML_OK);
-  ck_assert_int_eq(imml_model_config(b, &cb), IMML_OK);
+  ck_assert_int_eq(imml_model_get_config(a, &ca), IMML_OK);
+  ck_assert_int_eq(imml_model_get_config(b, &cb), IMML_OK);
   ck_assert_msg(
       ca.n_modalities == cb.n_modalities &&
           same_bits(ca.dims, cb.dims, (size_t)ca.n_modalities * sizeof(int)) &&
@@ -255,22 +285,22 @@ static void assert_models_equal(imml_model *a, imml_model *b,
   /* parameters */
   float *pa, *pb;
   size_t na, nb;
-  ck_assert_int_eq(imml_params_flat(a, &pa, NULL, &na), IMML_OK);
-  ck_assert_int_eq(imml_params_flat(b, &pb, NULL, &nb), IMML_OK);
+  ck_assert_int_eq(imml_param_flat(a, &pa, NULL, &na), IMML_OK);
+  ck_assert_int_eq(imml_param_flat(b, &pb, NULL, &nb), IMML_OK);
   ck_assert_msg(na == nb, "%s: parameter counts differ", label);
   ck_assert_msg(same_bits(pa, pb, na * sizeof(float)), "%s: parameters differ",
                 label);
   ck_assert_int_eq(imml_param_count(a), imml_param_count(b));
   for (int i = 0; i < imml_param_count(a); i++) {
     imml_param_view va, vb;
-    ck_assert_int_eq(imml_param_info(a, i, &va), IMML_OK);
-    ck_assert_int_eq(imml_param_info(b, i, &vb), IMML_OK);
+    ck_assert_int_eq(imml_param_get(a, i, &va), IMML_OK);
+    ck_assert_int_eq(imml_param_get(b, i, &vb), IMML_OK);
     ck_assert_str_eq(va.name, vb.name);
     ck_assert(va.rows == vb.rows && va.cols == vb.cols);
   }
   /* dictionary */
   const size_t Mk = (size_t)ca.n_modalities * (size_t)ca.knowledge_dim;
-  ck_assert_msg(imml_dict_fill(a) == imml_dict_fill(b) &&
+  ck_assert_msg(imml_fdc_dict_fill(a) == imml_fdc_dict_fill(b) &&
                     a->dict_fill == b->dict_fill && a->dict_pos == b->dict_pos,
                 "%s: dictionary fill/pos %d/%d vs %d/%d", label, a->dict_fill,
                 a->dict_pos, b->dict_fill, b->dict_pos);
@@ -280,10 +310,10 @@ static void assert_models_equal(imml_model *a, imml_model *b,
   /* predominant state */
   int p1, p2, f1, f2, s1, s2;
   float e1[2], e2[2];
-  ck_assert_int_eq(imml_predominant(a, &p1, &f1), IMML_OK);
-  ck_assert_int_eq(imml_predominant(b, &p2, &f2), IMML_OK);
-  ck_assert_int_eq(imml_warmup_state(a, &s1, e1), IMML_OK);
-  ck_assert_int_eq(imml_warmup_state(b, &s2, e2), IMML_OK);
+  ck_assert_int_eq(imml_predominant_get(a, &p1, &f1), IMML_OK);
+  ck_assert_int_eq(imml_predominant_get(b, &p2, &f2), IMML_OK);
+  ck_assert_int_eq(imml_warmup_get(a, &s1, e1), IMML_OK);
+  ck_assert_int_eq(imml_warmup_get(b, &s2, e2), IMML_OK);
   ck_assert_msg(p1 == p2 && f1 == f2 && s1 == s2 &&
                     same_bits(e1, e2, sizeof e1),
                 "%s: predominant state (p %d/%d fixed %d/%d steps %d/%d) "
@@ -450,13 +480,13 @@ static void walk_layout(const unsigned char *b, size_t size, layout *L) {
 /* A heap copy of the model's checkpoint, with `extra` spare bytes. */
 static unsigned char *save_to_mem(imml_model *m, size_t *size, size_t extra) {
   size_t need = 0;
-  ck_assert_int_eq(imml_save_mem(m, NULL, 0, &need), IMML_OK);
+  ck_assert_int_eq(imml_model_save_mem(m, NULL, 0, &need), IMML_OK);
   ck_assert_uint_gt(need, 28);
   unsigned char *buf = malloc(need + extra);
   ck_assert_ptr_nonnull(buf);
   size_t got = 0;
-  const imml_status st = imml_save_mem(m, buf, need, &got);
-  ck_assert_msg(st == IMML_OK, "save_mem: %s", imml_errmsg(m));
+  const imml_status st = imml_model_save_mem(m, buf, need, &got);
+  ck_assert_msg(st == IMML_OK, "save_mem: %s", imml_model_errmsg(m));
   ck_assert_uint_eq(got, need);
   *size = need;
   return buf;
@@ -465,15 +495,37 @@ static unsigned char *save_to_mem(imml_model *m, size_t *size, size_t extra) {
 static imml_model *load_from_mem(const unsigned char *buf, size_t size,
                                  const imml_ft_ops *ft) {
   imml_model *m = NULL;
-  char err[256];
-  imml_load_options o;
-  imml_load_options_init(&o);
-  o.errmsg = err;
-  o.errmsg_size = sizeof err;
-  const imml_status st = imml_load_mem_ex(buf, size, ft, &o, &m);
-  ck_assert_msg(st == IMML_OK, "load_mem: %s (%s)", imml_strerror(st), err);
+  const imml_status st = imml_model_load_mem(buf, size, ft, NULL, &m);
+  ck_assert_msg(st == IMML_OK, "load_mem: %s (%s)", imml_status_string(st),
+                imml_model_errmsg(m));
   ck_assert_ptr_nonnull(m);
+  ck_assert_str_eq(imml_model_errmsg(m), "");
   return m;
+}
+
+/* A file load that must succeed. */
+static imml_model *load_file_ok(const char *path, const imml_ft_ops *ft,
+                                const imml_load_options *o) {
+  imml_model *m = NULL;
+  const imml_status st = imml_model_load(path, ft, o, &m);
+  ck_assert_msg(st == IMML_OK, "load %s: %s (%s)", path, imml_status_string(st),
+                imml_model_errmsg(m));
+  ck_assert_ptr_nonnull(m);
+  ck_assert_str_eq(imml_model_errmsg(m), "");
+  return m;
+}
+
+/* A file load that must fail with `want`; the failed handle's message is
+ * copied into err (when given). */
+static void load_file_fails(const char *path, const imml_ft_ops *ft,
+                            const imml_load_options *o, imml_status want,
+                            char *err, size_t n) {
+  imml_model *m = NULL;
+  const imml_status st = imml_model_load(path, ft, o, &m);
+  ck_assert_msg(st == want, "load %s: status %d (%s), expected %d: '%s'", path,
+                (int)st, imml_status_string(st), (int)want,
+                imml_model_errmsg(m));
+  failed_handle(m, st, NULL, err, n, path);
 }
 
 /* ---- directory listings (temporary directories: common.h) ---------- */
@@ -527,17 +579,17 @@ typedef struct rt_case {
 
 static const rt_case rt_cases[] = {
     /* AdamW, warm-up done, dictionary wrapped */
-    {{4, 3, -1, 2, IMML_OPT_ADAMW, 0, 0, 0, 0, 1}, 3},
+    {{4, 3, -1, 2, IMML_OPTIM_ADAMW, 0, 0, 0, 0, 1}, 3},
     /* AdamW, warm-up in flight, dictionary partly filled (6 of 8) */
-    {{3, 8, -1, 5, IMML_OPT_ADAMW, 0, 0, 0, 0, 2}, 2},
+    {{3, 8, -1, 5, IMML_OPTIM_ADAMW, 0, 0, 0, 0, 2}, 2},
     /* SGD Nesterov, predominant fixed by the config */
-    {{4, 3, 1, 100, IMML_OPT_SGD, 0, 0, 0, 0, 3}, 4},
+    {{4, 3, 1, 100, IMML_OPTIM_SGD, 0, 0, 0, 0, 3}, 4},
     /* no optimiser, never trained: empty dictionary */
     {{4, 3, -1, 3, OPT_NONE, 0, 0, 0, 0, 4}, 0},
     /* host F&T */
-    {{4, 3, -1, 1, IMML_OPT_ADAMW, 1, 0, 0, 0, 5}, 3},
+    {{4, 3, -1, 1, IMML_OPTIM_ADAMW, 1, 0, 0, 0, 5}, 3},
     /* warmup 0 (fixed at creation), plain SGD (no buffer), strict slots */
-    {{3, 8, -1, 0, IMML_OPT_SGD, 0, 1, 0, 1, 6}, 3},
+    {{3, 8, -1, 0, IMML_OPTIM_SGD, 0, 1, 0, 1, 6}, 3},
     /* no optimiser but trained (gradients accumulated, not saved) */
     {{2, 5, -1, 1, OPT_NONE, 0, 0, 0, 0, 7}, 2},
 };
@@ -551,22 +603,22 @@ START_TEST(test_roundtrip_mem) {
   const imml_ft_ops *ft = rc->sp.host_ft ? &ops : NULL;
 
   size_t need = 0;
-  ck_assert_int_eq(imml_save_mem(m, NULL, 12345, &need), IMML_OK);
-  ck_assert_str_eq(imml_errmsg(m), "");
+  ck_assert_int_eq(imml_model_save_mem(m, NULL, 12345, &need), IMML_OK);
+  ck_assert_str_eq(imml_model_errmsg(m), "");
   unsigned char *buf = malloc(need + 64);
   ck_assert_ptr_nonnull(buf);
   /* too small: refused, nothing written */
   memset(buf, 0xA5, need + 64);
   size_t got = 0;
-  ck_assert_int_eq(imml_save_mem(m, buf, need - 1, &got),
+  ck_assert_int_eq(imml_model_save_mem(m, buf, need - 1, &got),
                    IMML_ERR_BUFFER_SMALL);
-  ck_assert_str_ne(imml_errmsg(m), "");
-  ck_assert_int_eq(imml_save_mem(m, buf, 0, &got), IMML_ERR_BUFFER_SMALL);
+  ck_assert_str_ne(imml_model_errmsg(m), "");
+  ck_assert_int_eq(imml_model_save_mem(m, buf, 0, &got), IMML_ERR_BUFFER_SMALL);
   for (size_t i = 0; i < need + 64; i++)
     ck_assert_msg(buf[i] == 0xA5, "byte %zu written by a refused save", i);
-  ck_assert_int_eq(imml_save_mem(m, buf, need, NULL), IMML_ERR_NULL);
+  ck_assert_int_eq(imml_model_save_mem(m, buf, need, NULL), IMML_ERR_NULL);
   /* larger than needed: writes exactly need bytes */
-  ck_assert_int_eq(imml_save_mem(m, buf, need + 64, &got), IMML_OK);
+  ck_assert_int_eq(imml_model_save_mem(m, buf, need + 64, &got), IMML_OK);
   ck_assert_uint_eq(got, need);
   for (size_t i = need; i < need + 64; i++)
     ck_assert(buf[i] == 0xA5);
@@ -580,7 +632,7 @@ START_TEST(test_roundtrip_mem) {
   /* a loaded model starts with zero gradients */
   float *g;
   size_t n;
-  ck_assert_int_eq(imml_params_flat(r, NULL, &g, &n), IMML_OK);
+  ck_assert_int_eq(imml_param_flat(r, NULL, &g, &n), IMML_OK);
   for (size_t i = 0; i < n; i++)
     ck_assert(g[i] == 0.0f);
   /* saving the loaded model reproduces the bytes */
@@ -610,9 +662,9 @@ START_TEST(test_roundtrip_file) {
   char dir[512], path[600], names[1024];
   make_tmpdir(dir, sizeof dir, "imml-ckpt-");
   snprintf(path, sizeof path, "%s/model.imml", dir);
-  const imml_status st = imml_save(m, path);
-  ck_assert_msg(st == IMML_OK, "save: %s", imml_errmsg(m));
-  ck_assert_str_eq(imml_errmsg(m), "");
+  const imml_status st = imml_model_save(m, path);
+  ck_assert_msg(st == IMML_OK, "save: %s", imml_model_errmsg(m));
+  ck_assert_str_eq(imml_model_errmsg(m), "");
   ck_assert_int_eq(list_dir(dir, names, sizeof names), 1);
   ck_assert_str_eq(names, "model.imml,");
   /* the file holds exactly the bytes imml_save_mem produces */
@@ -622,21 +674,17 @@ START_TEST(test_roundtrip_file) {
   ck_assert_uint_eq(fsize, msize);
   ck_assert(memcmp(fbytes, mbytes, msize) == 0);
 
-  imml_model *r = NULL;
-  ck_assert_int_eq(imml_load(path, ft, &r), IMML_OK);
+  imml_model *r = load_file_ok(path, ft, NULL);
   assert_models_equal(m, r, "file round trip");
   imml_model_free(r);
 
-  /* through the _ex entry point, every allocation via the caller's hooks */
+  /* with options, every allocation via the caller's hooks */
   counter cnt;
   imml_load_options o;
-  char err[256];
-  counting_options(&o, &cnt, err, sizeof err);
-  r = NULL;
-  ck_assert_int_eq(imml_load_ex(path, ft, &o, &r), IMML_OK);
-  ck_assert_str_eq(err, "");
+  counting_options(&o, &cnt);
+  r = load_file_ok(path, ft, &o);
   ck_assert_int_gt(cnt.n_alloc, 0);
-  assert_models_equal(m, r, "file round trip (_ex)");
+  assert_models_equal(m, r, "file round trip (options)");
   imml_model_free(r);
   ck_assert_int_eq(cnt.live, 0);
 
@@ -658,17 +706,17 @@ typedef struct resume_case {
 
 static const resume_case resume_cases[] = {
     /* AdamW, warm-up (5 steps) in flight at save, finishes after load */
-    {{4, 3, -1, 5, IMML_OPT_ADAMW, 0, 0, 0, 0, 11}, 3, 4, 1, 0},
+    {{4, 3, -1, 5, IMML_OPTIM_ADAMW, 0, 0, 0, 0, 11}, 3, 4, 1, 0},
     /* AdamW, warm-up done; lr changed before the save */
-    {{4, 3, -1, 2, IMML_OPT_ADAMW, 0, 0, 1, 0, 12}, 4, 3, 0, 1},
+    {{4, 3, -1, 2, IMML_OPTIM_ADAMW, 0, 0, 1, 0, 12}, 4, 3, 0, 1},
     /* SGD momentum + Nesterov, in flight, dictionary partly filled */
-    {{2, 5, -1, 3, IMML_OPT_SGD, 0, 0, 0, 0, 13}, 2, 4, 1, 0},
+    {{2, 5, -1, 3, IMML_OPTIM_SGD, 0, 0, 0, 0, 13}, 2, 4, 1, 0},
     /* SGD momentum, predominant fixed by the config */
-    {{4, 3, 1, 10, IMML_OPT_SGD, 0, 0, 0, 0, 14}, 3, 3, 0, 1},
+    {{4, 3, 1, 10, IMML_OPTIM_SGD, 0, 0, 0, 0, 14}, 3, 3, 0, 1},
     /* AdamW with host F&T, in flight */
-    {{4, 3, -1, 2, IMML_OPT_ADAMW, 1, 0, 0, 0, 15}, 1, 4, 1, 0},
+    {{4, 3, -1, 2, IMML_OPTIM_ADAMW, 1, 0, 0, 0, 15}, 1, 4, 1, 0},
     /* plain SGD, strict slots, lr changed after the resume */
-    {{3, 4, -1, 1, IMML_OPT_SGD, 0, 1, 4, 1, 16}, 2, 4, 0, 0},
+    {{3, 4, -1, 1, IMML_OPTIM_SGD, 0, 1, 4, 1, 16}, 2, 4, 0, 0},
 };
 #define N_RESUME (int)(sizeof resume_cases / sizeof resume_cases[0])
 
@@ -684,10 +732,10 @@ START_TEST(test_exact_resume) {
   imml_model *m = make_model(sp);
   train(m, sp, 0, rc->n_before);
   int p, fixed;
-  ck_assert_int_eq(imml_predominant(m, &p, &fixed), IMML_OK);
+  ck_assert_int_eq(imml_predominant_get(m, &p, &fixed), IMML_OK);
   if (rc->warm_in_flight) {
     int steps;
-    ck_assert_int_eq(imml_warmup_state(m, &steps, NULL), IMML_OK);
+    ck_assert_int_eq(imml_warmup_get(m, &steps, NULL), IMML_OK);
     ck_assert_msg(!fixed && steps == rc->n_before,
                   "warm-up should be in flight at save");
   } else {
@@ -699,9 +747,9 @@ START_TEST(test_exact_resume) {
     char path[600];
     make_tmpdir(dir, sizeof dir, "imml-ckpt-");
     snprintf(path, sizeof path, "%s/resume.imml", dir);
-    ck_assert_int_eq(imml_save(m, path), IMML_OK);
+    ck_assert_int_eq(imml_model_save(m, path), IMML_OK);
     imml_model_free(m);
-    ck_assert_int_eq(imml_load(path, ft, &r), IMML_OK);
+    r = load_file_ok(path, ft, NULL);
   } else {
     size_t size;
     unsigned char *buf = save_to_mem(m, &size, 0);
@@ -712,13 +760,13 @@ START_TEST(test_exact_resume) {
   train(r, sp, rc->n_before, rc->n_before + rc->n_after);
   float *pa, *pb;
   size_t na, nb;
-  ck_assert_int_eq(imml_params_flat(ref, &pa, NULL, &na), IMML_OK);
-  ck_assert_int_eq(imml_params_flat(r, &pb, NULL, &nb), IMML_OK);
+  ck_assert_int_eq(imml_param_flat(ref, &pa, NULL, &na), IMML_OK);
+  ck_assert_int_eq(imml_param_flat(r, &pb, NULL, &nb), IMML_OK);
   ck_assert_uint_eq(na, nb);
   ck_assert_msg(memcmp(pa, pb, na * sizeof(float)) == 0,
                 "resumed parameters differ from the uninterrupted run");
   assert_models_equal(ref, r, "resume");
-  ck_assert_int_eq(imml_predominant(r, &p, &fixed), IMML_OK);
+  ck_assert_int_eq(imml_predominant_get(r, &p, &fixed), IMML_OK);
   if (rc->warm_in_flight && sp->warmup <= rc->n_before + rc->n_after)
     ck_assert_msg(fixed, "warm-up should have finished after the resume");
   imml_model_free(r);
@@ -732,7 +780,7 @@ END_TEST
 
 /* The small model of the corruption tests: M = 2, dims {3, 2}, H = 4, k = 2,
  * C = 2, J = 3, B = 2, AdamW, warm-up finished, dictionary full. */
-static const spec small_spec = {2, 3, -1, 2, IMML_OPT_ADAMW, 0, 0, 0, 0, 21};
+static const spec small_spec = {2, 3, -1, 2, IMML_OPTIM_ADAMW, 0, 0, 0, 0, 21};
 
 static unsigned char *small_checkpoint(size_t *size, size_t extra,
                                        imml_model **keep) {
@@ -747,24 +795,23 @@ static unsigned char *small_checkpoint(size_t *size, size_t extra,
 }
 
 /* Loads through the counting allocator and checks the failure contract:
- * status, no model, nothing left allocated, no huge allocation, a
- * message.  Returns the status. */
+ * status, a failed handle holding only the message (copied into err),
+ * nothing left allocated once it is freed, no huge allocation.  Returns
+ * the status. */
 static imml_status load_refused(const unsigned char *buf, size_t size,
                                 const imml_ft_ops *ft, char *err, size_t n,
                                 const char *label) {
   counter cnt;
   imml_load_options o;
-  counting_options(&o, &cnt, err, n);
-  imml_model *m = (imml_model *)&cnt; /* must be overwritten with NULL */
-  const imml_status st = imml_load_mem_ex(buf, size, ft, &o, &m);
+  counting_options(&o, &cnt);
+  imml_model *m = (imml_model *)&cnt; /* must be overwritten */
+  const imml_status st = imml_model_load_mem(buf, size, ft, &o, &m);
   ck_assert_msg(st != IMML_OK, "%s: a corrupted checkpoint was loaded", label);
-  ck_assert_msg(m == NULL, "%s: *out not NULL after a failure", label);
-  ck_assert_msg(cnt.live == 0, "%s: %ld allocations leaked", label, cnt.live);
+  ck_assert_msg(m != (imml_model *)&cnt, "%s: *out not written", label);
+  failed_handle(m, st, &cnt, err, n, label);
   ck_assert_msg(cnt.max_req <= BIG_ALLOC,
                 "%s: allocation of %zu bytes before the refusal", label,
                 cnt.max_req);
-  ck_assert_msg(err[0] != '\0' && strcmp(err, "stale message") != 0,
-                "%s: no message for status %d", label, (int)st);
   return st;
 }
 
@@ -797,9 +844,9 @@ START_TEST(test_every_byte_flip_rejected) {
     snprintf(label, sizeof label, "byte %zu ^ 0x%02x", pos, mask);
     counter cnt;
     imml_load_options o;
-    counting_options(&o, &cnt, err, sizeof err);
+    counting_options(&o, &cnt);
     imml_model *m = NULL;
-    const imml_status st = imml_load_mem_ex(copy, size, NULL, &o, &m);
+    const imml_status st = imml_model_load_mem(copy, size, NULL, &o, &m);
     if (st == IMML_OK) {
       /* Only acceptable if nothing observable changed; the CRC covers
        * every byte, so this must not happen at all. */
@@ -807,14 +854,12 @@ START_TEST(test_every_byte_flip_rejected) {
       imml_model_free(m);
       ck_abort_msg("%s: loaded despite the CRC", label);
     }
-    ck_assert_msg(m == NULL && cnt.live == 0 && cnt.max_req <= BIG_ALLOC,
-                  "%s: failure contract (live %ld, max %zu)", label, cnt.live,
-                  cnt.max_req);
-    ck_assert_msg(err[0] && strcmp(err, "stale message") != 0, "%s: no message",
-                  label);
+    failed_handle(m, st, &cnt, err, sizeof err, label);
+    ck_assert_msg(cnt.max_req <= BIG_ALLOC,
+                  "%s: failure contract (max request %zu)", label, cnt.max_req);
     ck_assert_msg(expected_for_position(pos, size, st),
                   "%s: status %d (%s), message '%s'", label, (int)st,
-                  imml_strerror(st), err);
+                  imml_status_string(st), err);
   }
   free(copy);
   free(buf);
@@ -834,7 +879,7 @@ START_TEST(test_every_truncation_rejected) {
     snprintf(label, sizeof label, "truncated to %zu", len);
     const imml_status st = load_refused(t, len, NULL, err, sizeof err, label);
     ck_assert_msg(st == IMML_ERR_TRUNCATED, "%s: status %d (%s) '%s'", label,
-                  (int)st, imml_strerror(st), err);
+                  (int)st, imml_status_string(st), err);
     free(t);
   }
   free(buf);
@@ -1222,7 +1267,7 @@ START_TEST(test_crafted_with_valid_crc) {
   char err[256];
   const imml_status st = load_refused(buf, n, NULL, err, sizeof err, e.what);
   ck_assert_msg((e.allowed >> st) & 1u, "%s: status %d (%s), message '%s'",
-                e.what, (int)st, imml_strerror(st), err);
+                e.what, (int)st, imml_status_string(st), err);
   if (e.needle)
     ck_assert_msg(strstr(err, e.needle) != NULL,
                   "%s: message does not name '%s': '%s'", e.what, e.needle,
@@ -1254,15 +1299,12 @@ START_TEST(test_crafted_huge_batch_fails_cleanly) {
   fix_crc(buf, size);
   counter cnt;
   imml_load_options o;
-  char err[256];
-  counting_options(&o, &cnt, err, sizeof err);
+  counting_options(&o, &cnt);
   imml_model *m = NULL;
-  const imml_status st = imml_load_mem_ex(buf, size, NULL, &o, &m);
+  const imml_status st = imml_model_load_mem(buf, size, NULL, &o, &m);
   ck_assert_msg(st != IMML_OK, "loaded a 2^20 %s model under a 1 MB cap",
                 _i == 0 ? "max_batch" : "dict_size");
-  ck_assert_ptr_null(m);
-  ck_assert_int_eq(cnt.live, 0);
-  ck_assert_str_ne(err, "");
+  failed_handle(m, st, &cnt, NULL, 0, "2^20 max_batch or dict_size");
   free(buf);
 }
 END_TEST
@@ -1306,11 +1348,12 @@ START_TEST(test_callbacks_required_and_refused) {
   char dir[512], path[600];
   make_tmpdir(dir, sizeof dir, "imml-ckpt-");
   snprintf(path, sizeof path, "%s/host.imml", dir);
-  ck_assert_int_eq(imml_save(host, path), IMML_OK);
-  r = NULL;
-  ck_assert_int_eq(imml_load(path, NULL, &r), IMML_ERR_NEED_CALLBACKS);
-  ck_assert_ptr_null(r);
-  ck_assert_int_eq(imml_load(path, &ops, &r), IMML_OK);
+  ck_assert_int_eq(imml_model_save(host, path), IMML_OK);
+  load_file_fails(path, NULL, NULL, IMML_ERR_NEED_CALLBACKS, err, sizeof err);
+  ck_assert_msg(strstr(err, "imml_ft_ops") || strstr(err, "callback"), "'%s'",
+                err);
+  r = load_file_ok(path, &ops, NULL);
+  assert_models_equal(host, r, "host F&T (file)");
   imml_model_free(r);
   remove_tree(dir);
   free(hbuf);
@@ -1325,15 +1368,15 @@ START_TEST(test_load_io_errors) {
   char dir[512], path[600], err[256];
   make_tmpdir(dir, sizeof dir, "imml-ckpt-");
   snprintf(path, sizeof path, "%s/does-not-exist.imml", dir);
+  counter cnt;
   imml_load_options o;
-  imml_load_options_init(&o);
-  o.errmsg = err;
-  o.errmsg_size = sizeof err;
+  counting_options(&o, &cnt);
   imml_model *m = NULL;
-  ck_assert_int_eq(imml_load_ex(path, NULL, &o, &m), IMML_ERR_IO);
-  ck_assert_ptr_null(m);
+  ck_assert_int_eq(imml_model_load(path, NULL, &o, &m), IMML_ERR_IO);
+  failed_handle(m, IMML_ERR_IO, &cnt, err, sizeof err, "missing file");
   ck_assert_msg(strstr(err, "does-not-exist.imml") != NULL, "'%s'", err);
-  ck_assert_int_eq(imml_load(path, NULL, &m), IMML_ERR_IO);
+  load_file_fails(path, NULL, NULL, IMML_ERR_IO, err, sizeof err);
+  ck_assert_msg(strstr(err, "does-not-exist.imml") != NULL, "'%s'", err);
   /* truncated and empty files report like memory */
   size_t size;
   unsigned char *buf = small_checkpoint(&size, 0, NULL);
@@ -1341,24 +1384,34 @@ START_TEST(test_load_io_errors) {
   snprintf(path, sizeof path, "%s/short.imml", dir);
   for (size_t i = 0; i < sizeof lens / sizeof lens[0]; i++) {
     write_file(path, buf, lens[i]);
-    ck_assert_int_eq(imml_load_ex(path, NULL, &o, &m), IMML_ERR_TRUNCATED);
-    ck_assert_str_ne(err, "");
+    m = NULL;
+    ck_assert_int_eq(imml_model_load(path, NULL, &o, &m), IMML_ERR_TRUNCATED);
+    failed_handle(m, IMML_ERR_TRUNCATED, &cnt, NULL, 0, "short file");
   }
   write_file(path, buf, size);
-  ck_assert_int_eq(imml_load_ex(path, NULL, &o, &m), IMML_OK);
-  ck_assert_str_eq(err, "");
+  m = load_file_ok(path, NULL, &o);
   imml_model_free(m);
+  ck_assert_int_eq(cnt.live, 0);
+  /* NULL arguments: a failed handle when there is somewhere to put it */
   m = NULL;
-  /* NULL arguments */
-  ck_assert_int_eq(imml_load(NULL, NULL, &m), IMML_ERR_NULL);
-  ck_assert_int_eq(imml_load(path, NULL, NULL), IMML_ERR_NULL);
-  ck_assert_int_eq(imml_load_mem(NULL, 10, NULL, &m), IMML_ERR_NULL);
-  ck_assert_int_eq(imml_load_mem(buf, size, NULL, NULL), IMML_ERR_NULL);
-  /* options too old */
+  ck_assert_int_eq(imml_model_load(NULL, NULL, NULL, &m), IMML_ERR_NULL);
+  failed_handle(m, IMML_ERR_NULL, NULL, NULL, 0, "load(NULL path)");
+  ck_assert_int_eq(imml_model_load(path, NULL, NULL, NULL), IMML_ERR_NULL);
+  m = NULL;
+  ck_assert_int_eq(imml_model_load_mem(NULL, 10, NULL, NULL, &m),
+                   IMML_ERR_NULL);
+  failed_handle(m, IMML_ERR_NULL, NULL, NULL, 0, "load_mem(NULL buffer)");
+  ck_assert_int_eq(imml_model_load_mem(buf, size, NULL, NULL, NULL),
+                   IMML_ERR_NULL);
+  /* options too old: refused without using their allocator */
   o.struct_size = sizeof o - 1;
-  ck_assert_int_eq(imml_load_mem_ex(buf, size, NULL, &o, &m),
+  const long calls = cnt.n_alloc;
+  m = NULL;
+  ck_assert_int_eq(imml_model_load_mem(buf, size, NULL, &o, &m),
                    IMML_ERR_INVALID_ARG);
-  ck_assert_ptr_null(m);
+  ck_assert_int_eq(cnt.n_alloc, calls);
+  failed_handle(m, IMML_ERR_INVALID_ARG, &cnt, err, sizeof err, "old options");
+  ck_assert_msg(strstr(err, "struct_size") != NULL, "'%s'", err);
   free(buf);
   remove_tree(dir);
 }
@@ -1371,23 +1424,22 @@ START_TEST(test_load_directory_is_io_error) {
   make_tmpdir(dir, sizeof dir, "imml-ckpt-");
   counter cnt;
   imml_load_options o;
-  counting_options(&o, &cnt, err, sizeof err);
+  counting_options(&o, &cnt);
   imml_model *m = NULL;
-  const imml_status st = imml_load_ex(dir, NULL, &o, &m);
-  ck_assert_ptr_null(m);
-  ck_assert_int_eq(cnt.live, 0);
+  const imml_status st = imml_model_load(dir, NULL, &o, &m);
   remove_tree(dir);
+  ck_assert_msg(st == IMML_ERR_IO, "loading a directory: status %d (%s) '%s'",
+                (int)st, imml_status_string(st), imml_model_errmsg(m));
+  failed_handle(m, st, &cnt, err, sizeof err, "directory");
   ck_assert_msg(cnt.max_req <= BIG_ALLOC,
                 "loading a directory requested %zu bytes", cnt.max_req);
-  ck_assert_msg(st == IMML_ERR_IO, "loading a directory: status %d (%s) '%s'",
-                (int)st, imml_strerror(st), err);
 }
 END_TEST
 
-/* imml_load_ex must check its options before it uses them: an allocator
+/* imml_model_load must check its options before it uses them: an allocator
  * with only one hook, or fields beyond a too-small struct_size, are refused
- * before any allocation goes through them. */
-START_TEST(test_load_ex_validates_options_first) {
+ * before any allocation goes through them (the failed handle included). */
+START_TEST(test_load_validates_options_first) {
   char dir[512], path[600], err[256];
   make_tmpdir(dir, sizeof dir, "imml-ckpt-");
   snprintf(path, sizeof path, "%s/model.imml", dir);
@@ -1396,18 +1448,16 @@ START_TEST(test_load_ex_validates_options_first) {
   write_file(path, buf, size);
   counter cnt;
   imml_load_options o;
-  counting_options(&o, &cnt, err, sizeof err);
+  counting_options(&o, &cnt);
   imml_model *m = NULL;
   imml_status st;
   if (_i == 0) {
     o.allocator.free_fn = NULL; /* malloc_fn without free_fn */
-    st = imml_load_ex(path, NULL, &o, &m);
-    ck_assert_msg(strstr(err, "allocator") != NULL, "'%s'", err);
+    st = imml_model_load(path, NULL, &o, &m);
   } else {
     o.struct_size = sizeof(size_t); /* the allocator is not covered */
-    st = imml_load_ex(path, NULL, &o, &m);
+    st = imml_model_load(path, NULL, &o, &m);
   }
-  ck_assert_ptr_null(m);
   free(buf);
   remove_tree(dir);
   ck_assert_int_eq(st, IMML_ERR_INVALID_ARG);
@@ -1415,6 +1465,11 @@ START_TEST(test_load_ex_validates_options_first) {
                 "case %d: the unvalidated allocator was used (%ld calls, "
                 "largest %zu bytes)",
                 _i, cnt.n_alloc, cnt.max_req);
+  failed_handle(m, st, NULL, err, sizeof err, "invalid options");
+  if (_i == 0)
+    ck_assert_msg(strstr(err, "allocator") != NULL, "'%s'", err);
+  else
+    ck_assert_msg(strstr(err, "struct_size") != NULL, "'%s'", err);
 }
 END_TEST
 
@@ -1431,20 +1486,19 @@ START_TEST(test_atomic_save) {
   train(b, &sb, 0, 3);
 
   /* first save: exactly one file, no temporary left over */
-  ck_assert_int_eq(imml_save(a, path), IMML_OK);
+  ck_assert_int_eq(imml_model_save(a, path), IMML_OK);
   ck_assert_int_eq(list_dir(dir, names, sizeof names), 1);
   ck_assert_str_eq(names, "model.imml,");
   /* saving over it replaces it */
-  ck_assert_int_eq(imml_save(b, path), IMML_OK);
+  ck_assert_int_eq(imml_model_save(b, path), IMML_OK);
   ck_assert_int_eq(list_dir(dir, names, sizeof names), 1);
   ck_assert_str_eq(names, "model.imml,");
-  imml_model *r = NULL;
-  ck_assert_int_eq(imml_load(path, NULL, &r), IMML_OK);
+  imml_model *r = load_file_ok(path, NULL, NULL);
   assert_models_equal(b, r, "overwritten checkpoint");
   imml_model_free(r);
   /* over an unrelated file too */
   write_file(path, "not a checkpoint at all", 23);
-  ck_assert_int_eq(imml_save(a, path), IMML_OK);
+  ck_assert_int_eq(imml_model_save(a, path), IMML_OK);
   size_t fsize, msize;
   unsigned char *fb = read_file(path, &fsize);
   unsigned char *mb = save_to_mem(a, &msize, 0);
@@ -1456,29 +1510,29 @@ START_TEST(test_atomic_save) {
   /* into a directory that does not exist: IO, nothing created */
   char missing[700];
   snprintf(missing, sizeof missing, "%s/no-such-dir/model.imml", dir);
-  ck_assert_int_eq(imml_save(a, missing), IMML_ERR_IO);
-  ck_assert_msg(strstr(imml_errmsg(a), "no-such-dir") != NULL, "'%s'",
-                imml_errmsg(a));
+  ck_assert_int_eq(imml_model_save(a, missing), IMML_ERR_IO);
+  ck_assert_msg(strstr(imml_model_errmsg(a), "no-such-dir") != NULL, "'%s'",
+                imml_model_errmsg(a));
   ck_assert_int_eq(list_dir(dir, names, sizeof names), 1);
   ck_assert_str_eq(names, "model.imml,");
   /* onto a path that is a directory: IO, the temporary file removed */
   char sub[700];
   snprintf(sub, sizeof sub, "%s/sub", dir);
   ck_assert_int_eq(mkdir(sub, 0700), 0);
-  ck_assert_int_eq(imml_save(a, sub), IMML_ERR_IO);
-  ck_assert_str_ne(imml_errmsg(a), "");
+  ck_assert_int_eq(imml_model_save(a, sub), IMML_ERR_IO);
+  ck_assert_str_ne(imml_model_errmsg(a), "");
   ck_assert_int_eq(list_dir(dir, names, sizeof names), 2);
   ck_assert_str_eq(names, "model.imml,sub,");
   ck_assert_int_eq(list_dir(sub, names, sizeof names), 0);
   /* the existing checkpoint is untouched by the failures */
-  ck_assert_int_eq(imml_load(path, NULL, &r), IMML_OK);
+  r = load_file_ok(path, NULL, NULL);
   assert_models_equal(a, r, "after failed saves");
   imml_model_free(r);
   /* NULL arguments */
-  ck_assert_int_eq(imml_save(a, NULL), IMML_ERR_NULL);
-  ck_assert_int_eq(imml_save(NULL, path), IMML_ERR_NULL);
+  ck_assert_int_eq(imml_model_save(a, NULL), IMML_ERR_NULL);
+  ck_assert_int_eq(imml_model_save(NULL, path), IMML_ERR_NULL);
   size_t sz;
-  ck_assert_int_eq(imml_save_mem(NULL, NULL, 0, &sz), IMML_ERR_NULL);
+  ck_assert_int_eq(imml_model_save_mem(NULL, NULL, 0, &sz), IMML_ERR_NULL);
 
   imml_model_free(a);
   imml_model_free(b);
@@ -1501,37 +1555,31 @@ typedef struct predict_out {
 } predict_out;
 
 typedef struct worker {
-  const imml_model *m;
+  imml_model *share; /* this thread's share of the model */
   const predict_out *expect;
   fixed_batch in[N_PBATCH];
   int errors, mismatches;
 } worker;
 
-static int predict_all(const imml_model *m, imml_workspace *ws,
-                       const fixed_batch *in, predict_out *out) {
+/* Every batch through imml_predict on h (a model or a share). */
+static int predict_all(imml_model *h, const fixed_batch *in, predict_out *out) {
   for (int b = 0; b < N_PBATCH; b++)
-    if (imml_predict(m, ws, pbatch_size[b], in[b].f, out->logits[b],
-                     out->probs[b], out->classes[b]) != IMML_OK)
+    if (imml_predict(h, pbatch_size[b], in[b].f, out->logits[b], out->probs[b],
+                     out->classes[b]) != IMML_OK)
       return 1;
   return 0;
 }
 
 static void *worker_main(void *arg) {
   worker *w = arg;
-  imml_workspace *ws = NULL;
-  if (imml_workspace_create(w->m, &ws) != IMML_OK) {
-    w->errors++;
-    return NULL;
-  }
   predict_out *got = malloc(sizeof *got);
   if (!got) {
     w->errors++;
-    imml_workspace_free(ws);
     return NULL;
   }
   for (int r = 0; r < N_REPEAT; r++) {
     memset(got, 0, sizeof *got);
-    if (predict_all(w->m, ws, w->in, got)) {
+    if (predict_all(w->share, w->in, got)) {
       w->errors++;
       continue;
     }
@@ -1545,38 +1593,52 @@ static void *worker_main(void *arg) {
     }
   }
   free(got);
-  imml_workspace_free(ws);
   return NULL;
 }
 
+static imml_model *share_ok(imml_model *m) {
+  imml_model *s = NULL;
+  const imml_status st = imml_model_share(m, &s);
+  ck_assert_msg(st == IMML_OK, "imml_model_share: %d %s", (int)st,
+                imml_model_errmsg(s));
+  ck_assert_ptr_nonnull(s);
+  return s;
+}
+
 START_TEST(test_concurrent_predict) {
-  spec sp = {MAXB, 6, -1, 2, IMML_OPT_ADAMW, 0, 0, 0, 0, 31};
+  spec sp = {MAXB, 6, -1, 2, IMML_OPTIM_ADAMW, 0, 0, 0, 0, 31};
   imml_model *orig = make_model(&sp);
   train(orig, &sp, 0, 4);
   int p, fixed;
-  ck_assert_int_eq(imml_predominant(orig, &p, &fixed), IMML_OK);
+  ck_assert_int_eq(imml_predominant_get(orig, &p, &fixed), IMML_OK);
   ck_assert(fixed); /* predictions go through the front-door adjustment */
   size_t size;
   unsigned char *buf = save_to_mem(orig, &size, 0);
   imml_model *m = load_from_mem(buf, size, NULL);
 
+  /* one share per thread, taken before the threads start (a handle is used
+   * by one thread at a time, and imml_model_share is a call on m) */
   static worker w[N_THREADS];
   for (int t = 0; t < N_THREADS; t++) {
     memset(&w[t], 0, sizeof w[t]);
-    w[t].m = m;
+    w[t].share = share_ok(m);
     for (int b = 0; b < N_PBATCH; b++)
       make_batch(&w[t].in[b], 500 + (uint64_t)b, pbatch_size[b]);
   }
-  /* single-threaded expectations, on the loaded and the original model */
+  /* single-threaded expectations: a share of the loaded model, a share of
+   * the original, the loaded model itself and the original's evaluation
+   * forwards all agree */
   static predict_out expect, check;
-  imml_workspace *ws = NULL;
-  ck_assert_int_eq(imml_workspace_create(m, &ws), IMML_OK);
-  ck_assert_int_eq(predict_all(m, ws, w[0].in, &expect), 0);
-  imml_workspace *ws2 = NULL;
-  ck_assert_int_eq(imml_workspace_create(orig, &ws2), IMML_OK);
-  ck_assert_int_eq(predict_all(orig, ws2, w[0].in, &check), 0);
+  imml_model *ws = share_ok(m);
+  ck_assert_int_eq(predict_all(ws, w[0].in, &expect), 0);
+  imml_model *ws2 = share_ok(orig);
+  ck_assert_int_eq(predict_all(ws2, w[0].in, &check), 0);
   ck_assert_msg(memcmp(&expect, &check, sizeof expect) == 0,
                 "loaded model predicts differently from the original");
+  memset(&check, 0, sizeof check);
+  ck_assert_int_eq(predict_all(m, w[0].in, &check), 0);
+  ck_assert_msg(memcmp(&expect, &check, sizeof expect) == 0,
+                "the loaded model predicts differently from its share");
   for (int b = 0; b < N_PBATCH; b++) {
     float lg[MAXB * NCLS];
     ck_assert_int_eq(imml_forward(orig, IMML_MODE_EVAL, pbatch_size[b],
@@ -1585,18 +1647,18 @@ START_TEST(test_concurrent_predict) {
     ck_assert(memcmp(lg, expect.logits[b],
                      (size_t)pbatch_size[b] * NCLS * sizeof(float)) == 0);
   }
-  imml_workspace_free(ws2);
+  imml_model_free(ws2);
 
   pthread_t th[N_THREADS];
   for (int t = 0; t < N_THREADS; t++) {
     w[t].expect = &expect;
     ck_assert_int_eq(pthread_create(&th[t], NULL, worker_main, &w[t]), 0);
   }
-  /* the main thread predicts too, with its own workspace */
+  /* the main thread predicts too, with its own share */
   int main_mismatch = 0;
   for (int r = 0; r < N_REPEAT / 4; r++) {
     memset(&check, 0, sizeof check);
-    ck_assert_int_eq(predict_all(m, ws, w[0].in, &check), 0);
+    ck_assert_int_eq(predict_all(ws, w[0].in, &check), 0);
     main_mismatch += memcmp(&check, &expect, sizeof check) != 0;
   }
   for (int t = 0; t < N_THREADS; t++)
@@ -1611,9 +1673,304 @@ START_TEST(test_concurrent_predict) {
   unsigned char *buf2 = save_to_mem(m, &size2, 0);
   ck_assert(size2 == size && memcmp(buf, buf2, size) == 0);
   free(buf2);
-  imml_workspace_free(ws);
+  for (int t = 0; t < N_THREADS; t++)
+    imml_model_free(w[t].share);
+  imml_model_free(ws);
   free(buf);
   imml_model_free(m);
+  imml_model_free(orig);
+}
+END_TEST
+
+/* ---- 1.0: commit, host-fixed p, memory_limit, newer options ------- */
+
+/* Saving is refused (IMML_ERR_STATE, naming the commit) while micro-batches
+ * are not committed: one, or two accumulated, after a save-able state.
+ * Nothing is written -- the existing file stays as it was, no temporary
+ * file is left, the caller's buffer is untouched -- and the model is
+ * unchanged.  After imml_commit the save goes through and loads as the
+ * model.  _i: 1 or 2 uncommitted micro-batches. */
+START_TEST(test_save_refused_uncommitted) {
+  const int K = 1 + _i;
+  spec sp = small_spec;
+  sp.B = 4;
+  imml_model *m = make_model(&sp);
+  train(m, &sp, 0, 2);
+  char dir[512], path[600], names[1024];
+  make_tmpdir(dir, sizeof dir, "imml-ckpt-");
+  snprintf(path, sizeof path, "%s/model.imml", dir);
+  ck_assert_int_eq(imml_model_save(m, path), IMML_OK);
+  size_t before_size;
+  unsigned char *before = read_file(path, &before_size);
+  /* a pending training forward alone does not stop a save */
+  fixed_batch b;
+  make_batch(&b, 777, sp.B);
+  ck_assert_int_eq(imml_forward(m, IMML_MODE_TRAIN, sp.B, b.f, b.y, NULL, NULL),
+                   IMML_OK);
+  size_t need = 0;
+  ck_assert_int_eq(imml_model_save_mem(m, NULL, 0, &need), IMML_OK);
+  for (int k = 0; k < K; k++) {
+    if (k > 0) {
+      make_batch(&b, 778 + (uint64_t)k, sp.B);
+      ck_assert_int_eq(
+          imml_forward(m, IMML_MODE_TRAIN, sp.B, b.f, b.y, NULL, NULL),
+          IMML_OK);
+    }
+    backward_only_ok(m, NULL);
+  }
+  ck_assert_int_eq(m->acc.micro, K);
+  snap s0;
+  snap_take(m, &s0);
+  /* to a file */
+  imml_status st = imml_model_save(m, path);
+  ck_assert_msg(st == IMML_ERR_STATE, "save with %d uncommitted: %d (%s)", K,
+                (int)st, imml_status_string(st));
+  ck_assert_msg(strstr(imml_model_errmsg(m), "commit") != NULL, "'%s'",
+                imml_model_errmsg(m));
+  ck_assert_int_eq(list_dir(dir, names, sizeof names), 1);
+  ck_assert_str_eq(names, "model.imml,");
+  size_t after_size;
+  unsigned char *after = read_file(path, &after_size);
+  ck_assert_msg(after_size == before_size &&
+                    memcmp(after, before, before_size) == 0,
+                "a refused save changed the file");
+  free(after);
+  /* to a new file: not created */
+  char fresh[700];
+  snprintf(fresh, sizeof fresh, "%s/fresh.imml", dir);
+  ck_assert_int_eq(imml_model_save(m, fresh), IMML_ERR_STATE);
+  ck_assert_int_eq(list_dir(dir, names, sizeof names), 1);
+  /* to memory: neither the size query nor the save answers, nothing is
+   * written */
+  unsigned char *buf = malloc(need + 64);
+  ck_assert_ptr_nonnull(buf);
+  memset(buf, 0xA5, need + 64);
+  size_t got = 12345;
+  ck_assert_int_eq(imml_model_save_mem(m, NULL, 0, &got), IMML_ERR_STATE);
+  ck_assert_int_eq(imml_model_save_mem(m, buf, need + 64, &got),
+                   IMML_ERR_STATE);
+  ck_assert_msg(strstr(imml_model_errmsg(m), "commit") != NULL, "'%s'",
+                imml_model_errmsg(m));
+  for (size_t i = 0; i < need + 64; i++)
+    ck_assert_msg(buf[i] == 0xA5, "byte %zu written by a refused save", i);
+  expect_unchanged(m, &s0, "refused saves");
+  snap_free(&s0);
+  /* committed: the save goes through, and the file loads as the model */
+  ck_assert_int_eq(imml_commit(m), IMML_OK);
+  ck_assert_int_eq(m->acc.micro, 0);
+  ck_assert_int_eq(imml_model_save(m, path), IMML_OK);
+  free(buf);
+  buf = save_to_mem(m, &got, 0);
+  imml_model *r = load_file_ok(path, NULL, NULL);
+  assert_models_equal(m, r, "saved after the commit");
+  size_t fsize;
+  unsigned char *fb = read_file(path, &fsize);
+  ck_assert(fsize == got && memcmp(fb, buf, got) == 0);
+  free(fb);
+  imml_model_free(r);
+  free(buf);
+  free(before);
+  imml_model_free(m);
+  remove_tree(dir);
+}
+END_TEST
+
+/* A predominant modality fixed by the host (imml_predominant_set) before
+ * the warm-up chose one is part of the checkpoint: the loaded model has p
+ * fixed, the same p, the same warm-up state, refuses another
+ * imml_predominant_set, and trains on exactly like the original.  The
+ * config's predominant stays -1.  _i: 0 saved right after the set (never
+ * trained), 1 after training steps; bit 1: through a file. */
+START_TEST(test_predominant_set_saved) {
+  const int trained = _i & 1, via_file = _i >> 1;
+  spec sp = {4, 3, -1, 50, IMML_OPTIM_ADAMW, 0, 0, 0, 0, 41};
+  imml_model *m = make_model(&sp);
+  if (trained)
+    train(m, &sp, 0, 2); /* warm-up in flight, p not chosen */
+  int p = 7, fixed = 7;
+  ck_assert_int_eq(imml_predominant_get(m, &p, &fixed), IMML_OK);
+  ck_assert_int_eq(fixed, 0);
+  ck_assert_int_eq(p, -1);
+  ck_assert_int_eq(imml_predominant_set(m, 1), IMML_OK);
+  ck_assert_int_eq(imml_predominant_get(m, &p, &fixed), IMML_OK);
+  ck_assert(p == 1 && fixed == 1);
+  if (trained)
+    train(m, &sp, 2, 4); /* steps with p fixed by the host */
+  size_t size;
+  unsigned char *buf = save_to_mem(m, &size, 0);
+  layout L;
+  walk_layout(buf, size, &L);
+  ck_assert_uint_eq(rd32(buf, L.p_fixed), 1);
+  ck_assert_uint_eq(rd32(buf, L.p), 1);
+  ck_assert_uint_eq(rd32(buf, L.predominant), 0xFFFFFFFFu); /* -1 */
+  imml_model *r;
+  char dir[512] = "";
+  if (via_file) {
+    char path[600];
+    make_tmpdir(dir, sizeof dir, "imml-ckpt-");
+    snprintf(path, sizeof path, "%s/p.imml", dir);
+    ck_assert_int_eq(imml_model_save(m, path), IMML_OK);
+    r = load_file_ok(path, NULL, NULL);
+  } else {
+    r = load_from_mem(buf, size, NULL);
+  }
+  p = fixed = 7;
+  ck_assert_int_eq(imml_predominant_get(r, &p, &fixed), IMML_OK);
+  ck_assert_msg(p == 1 && fixed == 1, "loaded: p %d fixed %d", p, fixed);
+  imml_config rc;
+  ck_assert_int_eq(imml_model_get_config(r, &rc), IMML_OK);
+  ck_assert_int_eq(rc.predominant, -1);
+  assert_models_equal(m, r, "p fixed by the host");
+  /* fixed for good, in the loaded model as in the original */
+  ck_assert_int_eq(imml_predominant_set(r, 0), IMML_ERR_STATE);
+  ck_assert_int_eq(imml_predominant_set(m, 0), IMML_ERR_STATE);
+  ck_assert_int_eq(imml_predominant_get(r, &p, &fixed), IMML_OK);
+  ck_assert(p == 1 && fixed == 1);
+  /* it re-saves to the same bytes and trains on like the original */
+  size_t size2;
+  unsigned char *buf2 = save_to_mem(r, &size2, 0);
+  ck_assert(size2 == size && memcmp(buf, buf2, size) == 0);
+  free(buf2);
+  train(m, &sp, 4, 6);
+  train(r, &sp, 4, 6);
+  assert_models_equal(m, r, "trained after the load, p fixed by the host");
+  free(buf);
+  imml_model_free(r);
+  imml_model_free(m);
+  if (dir[0])
+    remove_tree(dir);
+}
+END_TEST
+
+/* imml_load_options.memory_limit: a checkpoint whose model needs more
+ * (its arena, and its optimiser state when it has one) is refused with
+ * IMML_ERR_TOO_LARGE and a message naming memory_limit before anything
+ * but a handle is allocated; with a limit comfortably above what it needs
+ * it loads, and takes no more than the limit.  (The library may check an
+ * upper bound of the arena rather than its exact size, so the exact
+ * boundary is not tested.)  _i: 0 memory, no optimiser; 1 file, no
+ * optimiser; 2 memory, AdamW; 3 file, AdamW. */
+START_TEST(test_load_memory_limit) {
+  const int via_file = _i & 1, with_opt = _i >> 1;
+  spec sp = small_spec;
+  sp.opt = with_opt ? IMML_OPTIM_ADAMW : OPT_NONE;
+  imml_model *m = make_model(&sp);
+  train(m, &sp, 0, 3);
+  const size_t arena = m->arena_bytes;
+  const size_t opt_bytes = with_opt ? 2 * m->n_params * sizeof(float) : 0;
+  const size_t need = arena + opt_bytes;
+  ck_assert_uint_gt(arena, 0);
+  size_t size;
+  unsigned char *buf = save_to_mem(m, &size, 0);
+  char dir[512], path[600], err[256];
+  make_tmpdir(dir, sizeof dir, "imml-ckpt-");
+  snprintf(path, sizeof path, "%s/model.imml", dir);
+  write_file(path, buf, size);
+  const size_t limits[] = {1, arena / 2, need - 1};
+  for (size_t i = 0; i < sizeof limits / sizeof limits[0]; i++) {
+    counter cnt;
+    imml_load_options o;
+    counting_options(&o, &cnt);
+    cnt.expected = via_file ? size : 0;
+    o.memory_limit = limits[i];
+    imml_model *r = NULL;
+    const imml_status st = via_file
+                               ? imml_model_load(path, NULL, &o, &r)
+                               : imml_model_load_mem(buf, size, NULL, &o, &r);
+    char label[64];
+    snprintf(label, sizeof label, "memory_limit %zu (needs %zu)", limits[i],
+             need);
+    ck_assert_msg(st == IMML_ERR_TOO_LARGE, "%s: status %d (%s) '%s'", label,
+                  (int)st, imml_status_string(st), imml_model_errmsg(r));
+    /* handles, and the file's bytes (read first), but nothing of the
+     * model's memory (arena, optimiser state) */
+    ck_assert_msg(cnt.n_other == 0,
+                  "%s: %ld allocations other than handles before the "
+                  "refusal (largest %zu bytes)",
+                  label, cnt.n_other, cnt.max_req);
+    failed_handle(r, st, &cnt, err, sizeof err, label);
+    ck_assert_msg(strstr(err, "memory_limit") != NULL, "%s: '%s'", label, err);
+  }
+  /* under a limit it fits in, it loads, and keeps to it */
+  imml_load_options o;
+  imml_load_options_init(&o);
+  o.memory_limit = 2 * need + ((size_t)64 << 10);
+  imml_model *r = via_file ? load_file_ok(path, NULL, &o) : NULL;
+  if (!via_file) {
+    const imml_status st = imml_model_load_mem(buf, size, NULL, &o, &r);
+    ck_assert_msg(st == IMML_OK, "memory_limit %zu (needs %zu): %s",
+                  o.memory_limit, need, imml_model_errmsg(r));
+  }
+  assert_models_equal(m, r, "loaded under a memory_limit");
+  ck_assert_uint_eq(r->arena_bytes, arena);
+  ck_assert_uint_le(r->arena_bytes + (r->opt.active ? opt_bytes : 0),
+                    o.memory_limit);
+  ck_assert_int_eq(r->opt.active, with_opt);
+  imml_model_free(r);
+  free(buf);
+  imml_model_free(m);
+  remove_tree(dir);
+}
+END_TEST
+
+/* imml_load_options from a newer header: a struct_size beyond this
+ * library's struct is accepted when every extra byte is zero, and refused
+ * with IMML_ERR_UNKNOWN_FIELD (a message naming the struct) when any is
+ * not -- before the options' allocator is used for anything.  _i: the
+ * extra byte set (0..15), or 16: every extra byte zero. */
+typedef struct newer_options {
+  imml_load_options o;
+  unsigned char tail[16];
+} newer_options;
+
+START_TEST(test_load_options_newer_struct) {
+  size_t size;
+  imml_model *orig = NULL;
+  unsigned char *buf = small_checkpoint(&size, 0, &orig);
+  newer_options big;
+  memset(&big, 0, sizeof big);
+  counter cnt;
+  counting_options(&big.o, &cnt);
+  big.o.struct_size = sizeof big;
+  ck_assert_uint_eq(sizeof big, sizeof(imml_load_options) + 16);
+  imml_model *m = NULL;
+  if (_i == 16) {
+    const imml_status st = imml_model_load_mem(buf, size, NULL, &big.o, &m);
+    ck_assert_msg(st == IMML_OK, "zero tail: %d %s", (int)st,
+                  imml_model_errmsg(m));
+    ck_assert_int_gt(cnt.n_alloc, 0); /* the options were read */
+    assert_models_equal(orig, m, "options with a zero tail");
+    imml_model_free(m);
+    ck_assert_int_eq(cnt.live, 0);
+    /* a memory_limit in them is honoured too */
+    big.o.memory_limit = 1;
+    m = NULL;
+    ck_assert_int_eq(imml_model_load_mem(buf, size, NULL, &big.o, &m),
+                     IMML_ERR_TOO_LARGE);
+    failed_handle(m, IMML_ERR_TOO_LARGE, &cnt, NULL, 0, "zero tail, limit 1");
+  } else {
+    big.tail[_i] = (unsigned char)(_i == 15 ? 0x80 : 1 + _i);
+    char dir[512], path[600], err[256];
+    make_tmpdir(dir, sizeof dir, "imml-ckpt-");
+    snprintf(path, sizeof path, "%s/model.imml", dir);
+    write_file(path, buf, size);
+    for (int via_file = 0; via_file < 2; via_file++) {
+      m = NULL;
+      const imml_status st =
+          via_file ? imml_model_load(path, NULL, &big.o, &m)
+                   : imml_model_load_mem(buf, size, NULL, &big.o, &m);
+      ck_assert_msg(st == IMML_ERR_UNKNOWN_FIELD,
+                    "tail byte %d set (%s): status %d (%s) '%s'", _i,
+                    via_file ? "file" : "memory", (int)st,
+                    imml_status_string(st), imml_model_errmsg(m));
+      ck_assert_msg(cnt.n_alloc == 0 && cnt.max_req == 0,
+                    "the refused options' allocator was used");
+      failed_handle(m, st, &cnt, err, sizeof err, "unknown field");
+      ck_assert_msg(strstr(err, "imml_load_options") != NULL, "'%s'", err);
+    }
+    remove_tree(dir);
+  }
+  free(buf);
   imml_model_free(orig);
 }
 END_TEST
@@ -1637,8 +1994,14 @@ static Suite *checkpoint_suite(void) {
   tc = tcase_create("files");
   tcase_add_test(tc, test_load_io_errors);
   tcase_add_test(tc, test_load_directory_is_io_error);
-  tcase_add_loop_test(tc, test_load_ex_validates_options_first, 0, 2);
+  tcase_add_loop_test(tc, test_load_validates_options_first, 0, 2);
   tcase_add_test(tc, test_atomic_save);
+  suite_add_tcase(s, tc);
+  tc = tcase_create("api_1_0");
+  tcase_add_loop_test(tc, test_save_refused_uncommitted, 0, 2);
+  tcase_add_loop_test(tc, test_predominant_set_saved, 0, 4);
+  tcase_add_loop_test(tc, test_load_memory_limit, 0, 4);
+  tcase_add_loop_test(tc, test_load_options_newer_struct, 0, 17);
   suite_add_tcase(s, tc);
   tc = tcase_create("threads");
   tcase_add_test(tc, test_concurrent_predict);

@@ -1,10 +1,14 @@
-/* Data-parallel training (imml_set_collective, doc/DISTRIBUTED.md): R ranks
- * simulated in one process with threads, the allgather given through shared
- * memory and a barrier, the gradient allreduce done by the "host" (sum over
- * ranks in rank order, divided by R).  Every rank must end with the
+/* Data-parallel training (imml_collective_set, experimental,
+ * doc/DISTRIBUTED.md): R ranks simulated in one process with threads, the
+ * allgather given through shared memory and a barrier, the gradient
+ * allreduce done by the "host" (sum over ranks in rank order, divided by
+ * R).  A step is forward, backward (K micro-batches), commit, then the
+ * allreduce and the optimiser step.  Every rank must end with the
  * parameters, strata dictionary, predominant-modality state and losses of
- * one model trained on the whole global batch; and the collective's errors
- * (failing or inconsistent allgather, arguments, state) change nothing.
+ * one model trained on the whole global batch, with gradient accumulation
+ * too; ranks must agree on a predominant modality the host fixes; and the
+ * collective's errors (failing or inconsistent allgather, arguments, state)
+ * change nothing.
  *
  * Tolerance.  A rank sums over its own rows (B_r of them) where the single
  * process sums over all G rows, and the host then adds R partial sums: the
@@ -74,13 +78,24 @@ static double rel_err_d(double a, double b) {
  * rank that stopped would leave the others waiting at a barrier. */
 static void die_rank(int rank, const char *what, imml_status st,
                      const imml_model *m) {
-  fprintf(stderr, "rank %d: %s: %s: %s\n", rank, what, imml_strerror(st),
-          imml_errmsg(m));
+  fprintf(stderr, "rank %d: %s: %s: %s\n", rank, what, imml_status_string(st),
+          imml_model_errmsg(m));
   fflush(stderr);
   _Exit(3);
 }
 
 static const int k_dims[3] = {5, 7, 4};
+
+/* The allgather message of one rank (lib/model.c, gather_batch): its batch
+ * size, its fixed p (-1: not fixed), M unimodal correct counts, max_batch
+ * labels, then M blocks of max_batch x k knowledge. */
+#define MSG_B 0
+#define MSG_P 1
+#define MSG_HEAD 2
+
+static size_t msg_floats(int M, int max_batch, int k) {
+  return MSG_HEAD + (size_t)M + (size_t)max_batch * (1 + (size_t)M * k);
+}
 
 /* ------------------------------------------------------------------ */
 /* Scenarios                                                           */
@@ -119,7 +134,7 @@ static scen scen_get(int i) {
   s.slot_mode = (v & 1) ? IMML_SLOT_STRICT : IMML_SLOT_CONDITIONAL;
   s.predominant = (v & 2) ? -1 : 1;
   s.M = (v & 4) ? 3 : 2;
-  s.optimizer = (v & 4) ? IMML_OPT_ADAMW : IMML_OPT_SGD;
+  s.optimizer = (v & 4) ? IMML_OPTIM_ADAMW : IMML_OPTIM_SGD;
   /* J >= G so that the first step's transient strata (the gathered G rows)
    * fit the attention scratch of a rank whose max_batch is its shard (see
    * test_known_bug_gathered_strata_exceed_jmax); with M = 3 the ring wraps
@@ -147,18 +162,12 @@ static void scen_config(const scen *s, int max_batch, imml_config *c) {
   c->seed = 11;
 }
 
-static imml_model *mk(const imml_config *c) {
-  imml_model *m = NULL;
-  char err[256];
-  imml_status st = imml_model_create_ex(c, NULL, &m, err, sizeof err);
-  ck_assert_msg(st == IMML_OK, "imml_model_create_ex: %d %s", (int)st, err);
-  return m;
-}
+static imml_model *mk(const imml_config *c) { return create_ok(c, NULL); }
 
 static imml_status optim(imml_model *m, int kind) {
   imml_optim_config oc;
-  imml_optim_config_init(&oc, (imml_optimizer_kind)kind);
-  if (kind == IMML_OPT_SGD) {
+  imml_optim_config_init(&oc, (imml_optim_kind)kind);
+  if (kind == IMML_OPTIM_SGD) {
     oc.lr = 0.05f;
     oc.momentum = 0.9f;
   } else {
@@ -214,13 +223,13 @@ static size_t dict_floats(const imml_model *m) {
 static void state_take(mstate *s, imml_model *m) {
   float *data;
   size_t n;
-  imml_params_flat(m, &data, NULL, &n);
+  imml_param_flat(m, &data, NULL, &n);
   s->params = xmemdup(data, n * sizeof(float));
   s->dict = xmemdup(m->dict, dict_floats(m) * sizeof(float));
-  s->fill = imml_dict_fill(m);
+  s->fill = imml_fdc_dict_fill(m);
   s->pos = m->dict_pos;
-  imml_predominant(m, &s->p, &s->fixed);
-  imml_warmup_state(m, &s->steps, s->ema);
+  imml_predominant_get(m, &s->p, &s->fixed);
+  imml_warmup_get(m, &s->steps, s->ema);
 }
 
 /* Puts a state into a fresh model (same configuration up to max_batch). */
@@ -242,10 +251,20 @@ static void state_free(mstate *s) {
   memset(s, 0, sizeof *s);
 }
 
+/* imml_predominant_get reports (want_p, want_fixed). */
+static void expect_predominant(imml_model *m, int want_p, int want_fixed,
+                               const char *what) {
+  int p = -7, fixed = -7;
+  ck_assert_int_eq(imml_predominant_get(m, &p, &fixed), IMML_OK);
+  ck_assert_msg(p == want_p && fixed == want_fixed,
+                "%s: predominant (%d, fixed %d), want (%d, fixed %d)", what, p,
+                fixed, want_p, want_fixed);
+}
+
 /* What one run (the reference, the oracle, or one rank) leaves behind. */
 typedef struct record {
   imml_losses loss[N_STEPS];
-  float *grad[N_STEPS]; /* reduced gradients fed to imml_step */
+  float *grad[N_STEPS]; /* reduced gradients fed to imml_optim_step */
   float *dh[N_STEPS][IMML_MAX_MODALITIES];
   mstate pre[N_STEPS]; /* state before each step (ranks) */
   mstate fin;          /* state after the last step */
@@ -273,12 +292,17 @@ static void single_step(imml_model *m, const gdata *d, int st, record *rec) {
   imml_status e =
       imml_forward(m, IMML_MODE_TRAIN, G_ROWS, (const float *const *)d->x[st],
                    d->y[st], NULL, &rec->loss[st]);
-  ck_assert_msg(e == IMML_OK, "single-process forward: %s", imml_errmsg(m));
+  ck_assert_msg(e == IMML_OK, "single-process forward: %s",
+                imml_model_errmsg(m));
   e = imml_backward(m, dh);
-  ck_assert_msg(e == IMML_OK, "single-process backward: %s", imml_errmsg(m));
+  ck_assert_msg(e == IMML_OK, "single-process backward: %s",
+                imml_model_errmsg(m));
+  e = imml_commit(m);
+  ck_assert_msg(e == IMML_OK, "single-process commit: %s",
+                imml_model_errmsg(m));
   float *g;
   size_t n;
-  imml_params_flat(m, NULL, &g, &n);
+  imml_param_flat(m, NULL, &g, &n);
   rec->n_params = n;
   rec->grad[st] = xmemdup(g, n * sizeof(float));
 }
@@ -292,8 +316,8 @@ static void run_reference(const scen *s, const gdata *d, record *rec) {
   memset(rec, 0, sizeof *rec);
   for (int st = 0; st < N_STEPS; st++) {
     single_step(m, d, st, rec);
-    const imml_status e = imml_step(m);
-    ck_assert_msg(e == IMML_OK, "reference step: %s", imml_errmsg(m));
+    const imml_status e = imml_optim_step(m);
+    ck_assert_msg(e == IMML_OK, "reference step: %s", imml_model_errmsg(m));
   }
   state_take(&rec->fin, m);
   imml_model_free(m);
@@ -322,6 +346,7 @@ struct world {
   rank_ctx ctx[MAX_R];
   record rec[MAX_R];
   imml_model *model[MAX_R];
+  void *arg; /* what a test's own rank threads need */
 };
 
 /* The imml_collective callback: every rank writes its message into the
@@ -386,15 +411,64 @@ static void *rank_main(void *arg) {
     e = imml_backward(m, dh);
     if (e != IMML_OK)
       die_rank(r, "imml_backward", e, m);
+    e = imml_commit(m);
+    if (e != IMML_OK)
+      die_rank(r, "imml_commit", e, m);
     float *g;
-    imml_params_flat(m, NULL, &g, NULL);
+    imml_param_flat(m, NULL, &g, NULL);
     thread_allreduce_mean(w, r, g);
     memcpy(rec->grad[st], g, w->n_params * sizeof(float));
-    e = imml_step(m);
+    e = imml_optim_step(m);
     if (e != IMML_OK)
-      die_rank(r, "imml_step", e, m);
+      die_rank(r, "imml_optim_step", e, m);
   }
   return NULL;
+}
+
+/* R models of configuration c, each attached to the world's collective as
+ * rank r, and the buffers the ranks share. */
+static void world_open(world *w, int R, const imml_config *c) {
+  w->R = R;
+  w->gcap =
+      msg_floats(c->n_modalities, c->max_batch, c->knowledge_dim) * (size_t)R;
+  w->gbuf = xcalloc(w->gcap, sizeof(float));
+  ck_assert_int_eq(pthread_barrier_init(&w->bar, NULL, (unsigned)R), 0);
+  for (int r = 0; r < R; r++) {
+    w->model[r] = mk(c);
+    w->ctx[r].w = w;
+    w->ctx[r].rank = r;
+    imml_collective col;
+    imml_collective_init(&col);
+    col.world_size = R;
+    col.rank = r;
+    col.allgather = thread_allgather;
+    col.user_data = &w->ctx[r];
+    ck_assert_int_eq(imml_collective_set(w->model[r], &col), IMML_OK);
+    ck_assert_int_eq(imml_param_flat(w->model[r], NULL, NULL, &w->n_params),
+                     IMML_OK);
+  }
+  w->rbuf = xcalloc(w->n_params * (size_t)R, sizeof(float));
+}
+
+/* Runs fn(&ctx[r]) on one thread per rank and waits for all of them. */
+static void world_run(world *w, void *(*fn)(void *)) {
+  pthread_t th[MAX_R];
+  for (int r = 0; r < w->R; r++)
+    ck_assert_int_eq(pthread_create(&th[r], NULL, fn, &w->ctx[r]), 0);
+  for (int r = 0; r < w->R; r++)
+    ck_assert_int_eq(pthread_join(th[r], NULL), 0);
+}
+
+/* Frees the models still open and the shared buffers. */
+static void world_close(world *w) {
+  for (int r = 0; r < w->R; r++) {
+    imml_model_free(w->model[r]);
+    w->model[r] = NULL;
+  }
+  pthread_barrier_destroy(&w->bar);
+  free(w->gbuf);
+  free(w->rbuf);
+  w->gbuf = w->rbuf = NULL;
 }
 
 /* Trains the scenario on R threads; rec[r] holds rank r's record. */
@@ -402,7 +476,6 @@ static void run_world(world *w, const scen *s, const gdata *d) {
   memset(w, 0, sizeof *w);
   w->s = s;
   w->d = d;
-  w->R = s->R;
   int bmax = s->rank_max_batch;
   if (bmax == 0)
     for (int r = 0; r < s->R; r++)
@@ -410,24 +483,9 @@ static void run_world(world *w, const scen *s, const gdata *d) {
         bmax = s->shard[r];
   imml_config c;
   scen_config(s, bmax, &c);
-  const size_t count =
-      1 + (size_t)s->M + (size_t)bmax * (1 + (size_t)s->M * c.knowledge_dim);
-  w->gcap = count * (size_t)s->R;
-  w->gbuf = xcalloc(w->gcap, sizeof(float));
-  ck_assert_int_eq(pthread_barrier_init(&w->bar, NULL, (unsigned)s->R), 0);
+  world_open(w, s->R, &c);
   for (int r = 0; r < s->R; r++) {
-    w->model[r] = mk(&c);
     ck_assert_int_eq(optim(w->model[r], s->optimizer), IMML_OK);
-    w->ctx[r].w = w;
-    w->ctx[r].rank = r;
-    imml_collective col;
-    imml_collective_init(&col);
-    col.world_size = s->R;
-    col.rank = r;
-    col.allgather = thread_allgather;
-    col.user_data = &w->ctx[r];
-    ck_assert_int_eq(imml_set_collective(w->model[r], &col), IMML_OK);
-    imml_params_flat(w->model[r], NULL, NULL, &w->n_params);
     record *rec = &w->rec[r];
     for (int st = 0; st < N_STEPS; st++) {
       rec->grad[st] = xcalloc(w->n_params, sizeof(float));
@@ -436,21 +494,12 @@ static void run_world(world *w, const scen *s, const gdata *d) {
             xcalloc((size_t)s->shard[r] * (size_t)k_dims[mm], sizeof(float));
     }
   }
-  w->rbuf = xcalloc(w->n_params * (size_t)s->R, sizeof(float));
-  pthread_t th[MAX_R];
-  for (int r = 0; r < s->R; r++)
-    ck_assert_int_eq(pthread_create(&th[r], NULL, rank_main, &w->ctx[r]), 0);
-  for (int r = 0; r < s->R; r++)
-    ck_assert_int_eq(pthread_join(th[r], NULL), 0);
+  world_run(w, rank_main);
   for (int r = 0; r < s->R; r++) {
     w->rec[r].n_params = w->n_params;
     state_take(&w->rec[r].fin, w->model[r]);
-    imml_model_free(w->model[r]);
-    w->model[r] = NULL;
   }
-  pthread_barrier_destroy(&w->bar);
-  free(w->gbuf);
-  free(w->rbuf);
+  world_close(w);
 }
 
 static void world_free(world *w) {
@@ -520,7 +569,7 @@ static void compare_world(const scen *s, const world *w, const gdata *d,
   record orc;
   memset(&orc, 0, sizeof orc);
   for (int st = 0; st < N_STEPS; st++) {
-    imml_zero_grad(oracle);
+    imml_grad_zero(oracle);
     state_put(oracle, &q0->pre[st]);
     single_step(oracle, d, st, &orc);
     double e = tensor_err(oracle, q0->grad[st], orc.grad[st], &worst);
@@ -588,7 +637,7 @@ static void compare_world(const scen *s, const world *w, const gdata *d,
   /* 3. The whole trajectory: N_STEPS steps of R ranks against one process
    *    trained alone from the same seed.  The per-step differences of 2
    *    are carried through the optimiser (see TOL_ADAMW). */
-  const double tol = s->optimizer == IMML_OPT_ADAMW ? TOL_ADAMW : TOL;
+  const double tol = s->optimizer == IMML_OPTIM_ADAMW ? TOL_ADAMW : TOL;
   const mstate *a = &q0->fin, *b = &ref->fin;
   ck_assert_int_eq(a->fill, b->fill);
   ck_assert_int_eq(a->pos, b->pos);
@@ -692,6 +741,463 @@ START_TEST(test_one_rank_bit_identical) {
 END_TEST
 
 /* ------------------------------------------------------------------ */
+/* Tests: gradient accumulation                                        */
+/* ------------------------------------------------------------------ */
+
+#define K_MICRO 2
+#define ACC_STEPS 5
+
+/* Every step is K_MICRO micro-batches then one commit.  Micro-batch k of
+ * rank r has shard[k][r] rows; the global micro-batch k is the
+ * concatenation of every rank's micro-batch k in rank order: the first rows
+ * of that step's batch of data set k. */
+typedef struct acc_case {
+  int R, M, predominant, slot_mode, dict_size;
+  int shard[K_MICRO][MAX_R];
+} acc_case;
+
+static const acc_case k_acc[] = {
+    /* p chosen after the 3-step warm-up; 2 x 5 rows a step into J = 16 */
+    {2, 3, -1, IMML_SLOT_CONDITIONAL, 16, {{3, 2}, {1, 4}}},
+    /* p given: both micro-batches of the first step attend over their own
+     * gathered rows (the dictionary fills only at the commit) */
+    {3, 2, 1, IMML_SLOT_STRICT, 16, {{2, 2, 2}, {4, 1, 1}}},
+    /* 12 rows a step into J = 8: a commit keeps the step's last 8 */
+    {4, 2, -1, IMML_SLOT_CONDITIONAL, 8, {{1, 2, 1, 2}, {3, 1, 1, 1}}},
+};
+#define N_ACC ((int)(sizeof k_acc / sizeof k_acc[0]))
+
+/* Rows of the global micro-batch k. */
+static int acc_rows(const acc_case *a, int k) {
+  int n = 0;
+  for (int r = 0; r < a->R; r++)
+    n += a->shard[k][r];
+  return n;
+}
+
+/* First row of rank r's part of the global micro-batch k. */
+static int acc_offset(const acc_case *a, int k, int rank) {
+  int off = 0;
+  for (int r = 0; r < rank; r++)
+    off += a->shard[k][r];
+  return off;
+}
+
+static void acc_config(const acc_case *a, int max_batch, imml_config *c) {
+  scen s;
+  memset(&s, 0, sizeof s);
+  s.R = a->R;
+  s.M = a->M;
+  s.slot_mode = a->slot_mode;
+  s.predominant = a->predominant;
+  s.optimizer = IMML_OPTIM_SGD;
+  s.dict_size = a->dict_size;
+  scen_config(&s, max_batch, c);
+}
+
+/* What a run (the single process, or one rank) leaves after every step. */
+typedef struct acc_out {
+  /* the step's accumulated gradients (a rank's: their mean over ranks) */
+  float *grad[ACC_STEPS];
+  mstate post[ACC_STEPS]; /* the state after the step */
+  imml_losses loss[ACC_STEPS][K_MICRO];
+} acc_out;
+
+static void acc_out_free(acc_out *o) {
+  for (int st = 0; st < ACC_STEPS; st++) {
+    free(o->grad[st]);
+    state_free(&o->post[st]);
+  }
+  memset(o, 0, sizeof *o);
+}
+
+typedef struct acc_world {
+  const acc_case *a;
+  gdata d[K_MICRO];
+  acc_out out[MAX_R];
+} acc_world;
+
+/* The end of step st, after its commit (and a rank's allreduce): records
+ * the gradients, then zeroes them, except after the last step, which is an
+ * SGD update (so the parameters, and with them every comparison, stay
+ * exact until then), and records the state. */
+static imml_status acc_step_end(imml_model *m, int st, acc_out *o) {
+  float *g = NULL;
+  size_t n = 0;
+  imml_param_flat(m, NULL, &g, &n);
+  o->grad[st] = xmemdup(g, n * sizeof(float));
+  const imml_status e =
+      st == ACC_STEPS - 1 ? imml_optim_step(m) : imml_grad_zero(m);
+  state_take(&o->post[st], m);
+  return e;
+}
+
+static void *acc_rank_main(void *arg) {
+  rank_ctx *c = arg;
+  world *w = c->w;
+  acc_world *aw = w->arg;
+  const acc_case *a = aw->a;
+  const int r = c->rank;
+  imml_model *m = w->model[r];
+  acc_out *o = &aw->out[r];
+  float *g = NULL;
+  imml_param_flat(m, NULL, &g, NULL);
+  for (int st = 0; st < ACC_STEPS; st++) {
+    imml_status e;
+    for (int k = 0; k < K_MICRO; k++) {
+      const int off = acc_offset(a, k, r);
+      const float *x[IMML_MAX_MODALITIES];
+      for (int mm = 0; mm < a->M; mm++)
+        x[mm] = aw->d[k].x[st][mm] + (size_t)off * (size_t)k_dims[mm];
+      e = imml_forward(m, IMML_MODE_TRAIN, a->shard[k][r], x,
+                       aw->d[k].y[st] + off, NULL, &o->loss[st][k]);
+      if (e != IMML_OK)
+        die_rank(r, "imml_forward", e, m);
+      e = imml_backward(m, NULL);
+      if (e != IMML_OK)
+        die_rank(r, "imml_backward", e, m);
+    }
+    e = imml_commit(m);
+    if (e != IMML_OK)
+      die_rank(r, "imml_commit", e, m);
+    thread_allreduce_mean(w, r, g);
+    e = acc_step_end(m, st, o);
+    if (e != IMML_OK)
+      die_rank(r, "end of step", e, m);
+  }
+  return NULL;
+}
+
+/* The single process: each step, the K_MICRO global micro-batches, one
+ * commit. */
+static void acc_single(const acc_world *aw, acc_out *o) {
+  const acc_case *a = aw->a;
+  imml_config c;
+  acc_config(a, G_ROWS, &c);
+  imml_model *m = mk(&c);
+  ck_assert_int_eq(optim(m, IMML_OPTIM_SGD), IMML_OK);
+  memset(o, 0, sizeof *o);
+  for (int st = 0; st < ACC_STEPS; st++) {
+    for (int k = 0; k < K_MICRO; k++) {
+      ck_assert_int_eq(imml_forward(m, IMML_MODE_TRAIN, acc_rows(a, k),
+                                    (const float *const *)aw->d[k].x[st],
+                                    aw->d[k].y[st], NULL, &o->loss[st][k]),
+                       IMML_OK);
+      backward_only_ok(m, NULL);
+    }
+    ck_assert_int_eq(m->acc.micro, K_MICRO);
+    ck_assert_int_eq(imml_commit(m), IMML_OK);
+    ck_assert_int_eq(acc_step_end(m, st, o), IMML_OK);
+  }
+  imml_model_free(m);
+}
+
+/* Gradient accumulation with the collective: on R ranks, K = 2
+ * micro-batches per rank and one commit give every rank the same
+ * dictionary and warm-up state (bit for bit), equal to those of a single
+ * process doing K = 2 micro-batches whose micro-batch k is the
+ * concatenation of every rank's micro-batch k: integer state (fill, ring
+ * position, warm-up steps and EMAs, p) exactly, the dictionary within TOL
+ * (a rank's knowledge rows come from products over its own rows); and the
+ * mean over ranks of the accumulated gradients equals the single process's
+ * accumulated gradients within TOL, per tensor, every step.  The last step
+ * applies an SGD update on both sides. */
+START_TEST(test_accumulation_ranks_match_single_process) {
+  const acc_case *a = &k_acc[_i];
+  acc_world *aw = xcalloc(1, sizeof *aw);
+  aw->a = a;
+  for (int k = 0; k < K_MICRO; k++)
+    gdata_make(&aw->d[k], a->M, 3000 + 10 * (uint64_t)_i + (uint64_t)k);
+  acc_out ref;
+  acc_single(aw, &ref);
+
+  int bmax = 0;
+  for (int k = 0; k < K_MICRO; k++)
+    for (int r = 0; r < a->R; r++)
+      bmax = a->shard[k][r] > bmax ? a->shard[k][r] : bmax;
+  imml_config c;
+  acc_config(a, bmax, &c);
+  world *w = xcalloc(1, sizeof *w);
+  w->arg = aw;
+  world_open(w, a->R, &c);
+  for (int r = 0; r < a->R; r++)
+    ck_assert_int_eq(optim(w->model[r], IMML_OPTIM_SGD), IMML_OK);
+  world_run(w, acc_rank_main);
+
+  const imml_model *layout = w->model[0];
+  const size_t np = w->n_params, dict_n = dict_floats(layout);
+  const acc_out *q = &aw->out[0];
+  for (int st = 0; st < ACC_STEPS; st++) {
+    char what[64];
+    /* 1. every rank holds the same bits */
+    for (int r = 1; r < a->R; r++) {
+      snprintf(what, sizeof what, "rank %d vs rank 0 after step %d", r, st);
+      state_same(&aw->out[r].post[st], &q->post[st], np, dict_n, a->M, what);
+      ck_assert_msg(
+          memcmp(aw->out[r].grad[st], q->grad[st], np * sizeof(float)) == 0,
+          "%s: reduced gradients differ", what);
+    }
+    /* 2. the mean over ranks of the accumulated gradients */
+    const char *worst = "";
+    double e = tensor_err(layout, q->grad[st], ref.grad[st], &worst);
+    ck_assert_msg(e <= TOL,
+                  "step %d: accumulated gradient of %s: relative error %g", st,
+                  worst, e);
+    /* 3. dictionary and warm-up state */
+    const mstate *x = &q->post[st], *y = &ref.post[st];
+    ck_assert_msg(x->fill == y->fill && x->pos == y->pos && x->p == y->p &&
+                      x->fixed == y->fixed && x->steps == y->steps,
+                  "step %d: fill %d/%d pos %d/%d p %d/%d fixed %d/%d steps "
+                  "%d/%d (ranks/single)",
+                  st, x->fill, y->fill, x->pos, y->pos, x->p, y->p, x->fixed,
+                  y->fixed, x->steps, y->steps);
+    ck_assert_msg(memcmp(x->ema, y->ema, (size_t)a->M * sizeof(float)) == 0,
+                  "step %d: warm-up EMAs differ from the single process's", st);
+    e = rel_err(x->dict, y->dict, dict_n);
+    ck_assert_msg(e <= TOL, "step %d: dictionary: relative error %g", st, e);
+    /* one commit pushed both micro-batches (the step's last J rows when
+     * it has more), leaving the ring where two successive pushes would (a
+     * push of more than J rows moves it by J), and advanced the warm-up
+     * once */
+    const int J = a->dict_size, r0 = acc_rows(a, 0), r1 = acc_rows(a, 1);
+    const int pushed = (st + 1) * (r0 + r1);
+    const int moved = (st + 1) * ((r0 < J ? r0 : J) + (r1 < J ? r1 : J));
+    ck_assert_int_eq(y->fill, pushed < J ? pushed : J);
+    ck_assert_int_eq(y->pos, moved % J);
+    if (a->predominant < 0)
+      ck_assert_int_eq(y->steps,
+                       st + 1 < c.warmup_steps ? st + 1 : c.warmup_steps);
+    if (st < ACC_STEPS - 1) {
+      ck_assert_msg(memcmp(x->params, y->params, np * sizeof(float)) == 0,
+                    "step %d: parameters changed without an update", st);
+    } else {
+      e = tensor_err(layout, x->params, y->params, &worst);
+      ck_assert_msg(e <= TOL, "after the update: %s: relative error %g", worst,
+                    e);
+    }
+    /* 4. the losses of every global micro-batch: con on every rank, ce as
+     *    the B_r/G-weighted sum of the ranks' own means */
+    for (int k = 0; k < K_MICRO; k++) {
+      const imml_losses *L = &ref.loss[st][k];
+      double ce = 0.0;
+      for (int r = 0; r < a->R; r++) {
+        const imml_losses *l = &aw->out[r].loss[st][k];
+        ce += l->ce * a->shard[k][r] / acc_rows(a, k);
+        if (L->con == 0.0)
+          ck_assert_msg(l->con == 0.0, "step %d.%d rank %d: con %g in warm-up",
+                        st, k, r, l->con);
+        e = rel_err_d(l->con, L->con);
+        ck_assert_msg(e <= TOL, "step %d.%d rank %d: con %.9g vs %.9g", st, k,
+                      r, l->con, L->con);
+      }
+      e = rel_err_d(ce, L->ce);
+      ck_assert_msg(e <= TOL, "step %d.%d: ce %.9g vs %.9g", st, k, ce, L->ce);
+    }
+  }
+  /* p is fixed (given, or chosen by the warm-up) and the last step used the
+   * front door */
+  const mstate *fin = &ref.post[ACC_STEPS - 1];
+  ck_assert_int_eq(fin->fixed, 1);
+  if (a->predominant >= 0)
+    ck_assert_int_eq(fin->p, a->predominant);
+  ck_assert_msg(ref.loss[ACC_STEPS - 1][0].con > 0.0,
+                "no L_con after the warm-up");
+  world_close(w);
+  for (int r = 0; r < a->R; r++)
+    acc_out_free(&aw->out[r]);
+  acc_out_free(&ref);
+  for (int k = 0; k < K_MICRO; k++)
+    gdata_free(&aw->d[k]);
+  free(aw);
+  free(w);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* Tests: a predominant modality fixed by the host                     */
+/* ------------------------------------------------------------------ */
+
+#define PS_ROWS 3 /* rows of every rank's shard */
+
+typedef struct pset_case {
+  int R;
+  int pre;         /* collective warm-up steps before the ranks fix p */
+  int setp[MAX_R]; /* the p each rank fixes, -1: none */
+} pset_case;
+
+static const pset_case k_pset[] = {
+    {2, 0, {1, 1}},      /* all agree, fresh models */
+    {3, 1, {0, 0, 0}},   /* all agree, after a warm-up step */
+    {2, 0, {0, 1}},      /* two different p */
+    {2, 1, {1, -1}},     /* one fixes p, the other does not */
+    {3, 1, {1, 1, 0}},   /* two agree, one differs */
+    {3, 0, {-1, -1, 1}}, /* only the last rank fixes p */
+};
+#define N_PSET ((int)(sizeof k_pset / sizeof k_pset[0]))
+
+/* Every rank fixes the same p. */
+static int pset_agree(const pset_case *pc) {
+  for (int r = 0; r < pc->R; r++)
+    if (pc->setp[r] < 0 || pc->setp[r] != pc->setp[0])
+      return 0;
+  return 1;
+}
+
+typedef struct pset_world {
+  const pset_case *pc;
+  gdata d;
+  int phase; /* 0: the warm-up steps; 1: the training step after the set */
+  imml_status st[MAX_R];
+  imml_losses loss[MAX_R];
+} pset_world;
+
+static void *pset_rank_main(void *arg) {
+  rank_ctx *c = arg;
+  world *w = c->w;
+  pset_world *pw = w->arg;
+  const int r = c->rank, M = pw->d.M;
+  imml_model *m = w->model[r];
+  const int first = pw->phase == 0 ? 0 : pw->pc->pre;
+  const int last = pw->phase == 0 ? pw->pc->pre : pw->pc->pre + 1;
+  for (int st = first; st < last; st++) {
+    const float *x[IMML_MAX_MODALITIES];
+    for (int mm = 0; mm < M; mm++)
+      x[mm] = pw->d.x[st][mm] + (size_t)r * PS_ROWS * (size_t)k_dims[mm];
+    imml_status e = imml_forward(m, IMML_MODE_TRAIN, PS_ROWS, x,
+                                 pw->d.y[st] + r * PS_ROWS, NULL, &pw->loss[r]);
+    if (pw->phase == 1) {
+      pw->st[r] = e; /* refusals are the main thread's to judge */
+      if (e != IMML_OK)
+        return NULL;
+    } else if (e != IMML_OK) {
+      die_rank(r, "imml_forward", e, m);
+    }
+    e = imml_backward(m, NULL);
+    if (e != IMML_OK)
+      die_rank(r, "imml_backward", e, m);
+    e = imml_commit(m);
+    if (e != IMML_OK)
+      die_rank(r, "imml_commit", e, m);
+  }
+  return NULL;
+}
+
+/* imml_predominant_set with a collective.  When every rank fixes the same
+ * p, the next training step proceeds with that p on every rank (the
+ * front-door forward, L_con > 0, equal to a single process that fixed the
+ * same p) and the ranks stay identical.  When the ranks fix different p,
+ * or one fixes p and another does not, the next training forward is
+ * refused on every rank with IMML_ERR_STATE and no model changes. */
+START_TEST(test_predominant_set_collective) {
+  const pset_case *pc = &k_pset[_i];
+  const int M = 2, G = pc->R * PS_ROWS;
+  scen s;
+  memset(&s, 0, sizeof s);
+  s.R = pc->R;
+  s.M = M;
+  s.predominant = -1;
+  s.dict_size = 16;
+  imml_config c;
+  scen_config(&s, PS_ROWS, &c);
+  pset_world *pw = xcalloc(1, sizeof *pw);
+  pw->pc = pc;
+  gdata_make(&pw->d, M, 5000 + (uint64_t)_i);
+  world *w = xcalloc(1, sizeof *w);
+  w->arg = pw;
+  world_open(w, pc->R, &c);
+  pw->phase = 0;
+  world_run(w, pset_rank_main);
+
+  /* the hosts fix p (a local call: no collective) */
+  snap before[MAX_R];
+  for (int r = 0; r < pc->R; r++) {
+    imml_model *m = w->model[r];
+    if (pc->setp[r] >= 0) {
+      ck_assert_int_eq(imml_predominant_set(m, pc->setp[r]), IMML_OK);
+      expect_predominant(m, pc->setp[r], 1, "after imml_predominant_set");
+    } else {
+      expect_predominant(m, -1, 0, "a rank that fixes nothing");
+    }
+    snap_take(m, &before[r]);
+  }
+  pw->phase = 1;
+  world_run(w, pset_rank_main);
+
+  if (pset_agree(pc)) {
+    const int p = pc->setp[0];
+    for (int r = 0; r < pc->R; r++) {
+      imml_model *m = w->model[r];
+      ck_assert_msg(pw->st[r] == IMML_OK, "rank %d: forward %d (%s)", r,
+                    (int)pw->st[r], imml_model_errmsg(m));
+      ck_assert_int_eq(m->train.warm, 0);
+      ck_assert_int_eq(m->train.p, p);
+      ck_assert_msg(pw->loss[r].con > 0.0, "rank %d: L_con = %g", r,
+                    pw->loss[r].con);
+      expect_predominant(m, p, 1, "after the step");
+    }
+    mstate s0;
+    state_take(&s0, w->model[0]);
+    for (int r = 1; r < pc->R; r++) {
+      mstate sr;
+      state_take(&sr, w->model[r]);
+      state_same(&sr, &s0, w->n_params, dict_floats(w->model[0]), M,
+                 "ranks after the step with the fixed p");
+      state_free(&sr);
+    }
+    /* the single process that fixed the same p at the same point */
+    imml_config cs;
+    scen_config(&s, G_ROWS, &cs);
+    imml_model *one = mk(&cs);
+    imml_losses l;
+    for (int st = 0; st <= pc->pre; st++) {
+      if (st == pc->pre)
+        ck_assert_int_eq(imml_predominant_set(one, p), IMML_OK);
+      ck_assert_int_eq(imml_forward(one, IMML_MODE_TRAIN, G,
+                                    (const float *const *)pw->d.x[st],
+                                    pw->d.y[st], NULL, &l),
+                       IMML_OK);
+      backward_ok(one, NULL);
+    }
+    for (int r = 0; r < pc->R; r++) {
+      const double e = rel_err_d(pw->loss[r].con, l.con);
+      ck_assert_msg(e <= TOL, "rank %d: con %.9g, single process %.9g", r,
+                    pw->loss[r].con, l.con);
+    }
+    mstate so;
+    state_take(&so, one);
+    ck_assert_int_eq(so.fill, s0.fill);
+    ck_assert_int_eq(so.pos, s0.pos);
+    ck_assert(so.p == s0.p && so.fixed == s0.fixed);
+    const double e = rel_err(s0.dict, so.dict, dict_floats(one));
+    ck_assert_msg(e <= TOL, "dictionary: relative error %g", e);
+    state_free(&so);
+    state_free(&s0);
+    imml_model_free(one);
+  } else {
+    for (int r = 0; r < pc->R; r++) {
+      imml_model *m = w->model[r];
+      ck_assert_msg(pw->st[r] == IMML_ERR_STATE,
+                    "rank %d (p %d): forward %d, want IMML_ERR_STATE (%s)", r,
+                    pc->setp[r], (int)pw->st[r], imml_model_errmsg(m));
+      ck_assert_msg(strstr(imml_model_errmsg(m), "predominant") != NULL,
+                    "rank %d: message '%s' does not name the predominant "
+                    "modality",
+                    r, imml_model_errmsg(m));
+      expect_unchanged(m, &before[r], "refused forward");
+      ck_assert_int_eq(imml_backward(m, NULL), IMML_ERR_STATE);
+      expect_unchanged(m, &before[r], "backward after the refused forward");
+    }
+  }
+  for (int r = 0; r < pc->R; r++)
+    snap_free(&before[r]);
+  world_close(w);
+  gdata_free(&pw->d);
+  free(pw);
+  free(w);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
 /* Tests: errors                                                       */
 /* ------------------------------------------------------------------ */
 
@@ -714,6 +1220,7 @@ enum {
   DMG_LABEL,       /* rank 1 label out of range */
   DMG_LABEL_FRAC,  /* rank 1 label 0.5 */
   DMG_NAN,         /* rank 1 knowledge NaN */
+  DMG_P,           /* rank 1 has fixed another predominant modality */
   DMG_COUNT
 };
 
@@ -727,30 +1234,34 @@ static int fake_allgather(void *user_data, const float *send, size_t count,
   memcpy(recv, send, count * sizeof(float));
   memcpy(recv + count, send, count * sizeof(float));
   float *m1 = recv + count;
-  const int B = (int)send[0];
-  /* layout: B, M counts, max_batch labels, knowledge */
+  const int B = (int)send[MSG_B];
+  /* small_cfg's layout (msg_floats): M = 2, max_batch = 6, k = 6 */
+  const size_t labels = MSG_HEAD + 2, knowledge = labels + 6;
   switch (f->damage) {
   case DMG_B_ZERO:
-    m1[0] = 0.0f;
+    m1[MSG_B] = 0.0f;
     break;
   case DMG_B_FRACTION:
-    m1[0] = 2.5f;
+    m1[MSG_B] = 2.5f;
     break;
   case DMG_B_TOO_LARGE:
-    m1[0] = 1e6f;
+    m1[MSG_B] = 1e6f;
     break;
   case DMG_OWN_B:
-    recv[0] = (float)(B == 1 ? 2 : B - 1);
+    recv[MSG_B] = (float)(B == 1 ? 2 : B - 1);
     break;
   case DMG_LABEL:
-    m1[1 + 2] = (float)N_CLASSES;
+    m1[labels] = (float)N_CLASSES;
     break;
   case DMG_LABEL_FRAC:
-    m1[1 + 2] = 0.5f;
+    m1[labels] = 0.5f;
     break;
   case DMG_NAN:
     m1[count - 1 - 0] = NAN; /* the last modality's padding row: unread */
-    m1[1 + 2 + 6 + 1] = NAN; /* first knowledge row of modality 0 */
+    m1[knowledge + 1] = NAN; /* first knowledge row of modality 0 */
+    break;
+  case DMG_P:
+    m1[MSG_P] = send[MSG_P] == 0.0f ? 1.0f : 0.0f;
     break;
   default:
     break;
@@ -780,19 +1291,21 @@ static void attach_fake(imml_model *m, fake *f) {
   col.rank = 0;
   col.allgather = fake_allgather;
   col.user_data = f;
-  ck_assert_int_eq(imml_set_collective(m, &col), IMML_OK);
+  ck_assert_int_eq(imml_collective_set(m, &col), IMML_OK);
 }
 
 /* A failing allgather (loop 0: dictionary empty, p given; 1: during
  * warm-up; 2: after warm-up with a filled dictionary) or a damaged
  * gathered message (loops 3..): the forward fails with the status the
- * damage calls for and changes nothing; the step is not pending. */
+ * damage calls for and changes nothing; the step is not pending.  In even
+ * loops from 2 on, the failing forward is the step's second micro-batch:
+ * the first one stays staged, and the step can still be committed. */
 START_TEST(test_allgather_failure_changes_nothing) {
   const int damage = _i < 3 ? DMG_NONE : _i - 3 + 1;
   imml_config c;
   small_cfg(&c, _i == 0 ? 0 : -1);
   imml_model *m = mk(&c);
-  ck_assert_int_eq(optim(m, IMML_OPT_ADAMW), IMML_OK);
+  ck_assert_int_eq(optim(m, IMML_OPTIM_ADAMW), IMML_OK);
   fake f = {0, DMG_NONE, 0, 0};
   attach_fake(m, &f);
   gdata d;
@@ -805,12 +1318,22 @@ START_TEST(test_allgather_failure_changes_nothing) {
                                   NULL),
                      IMML_OK);
     ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
-    ck_assert_int_eq(imml_step(m), IMML_OK);
+    ck_assert_int_eq(imml_commit(m), IMML_OK);
+    ck_assert_int_eq(imml_optim_step(m), IMML_OK);
   }
   ck_assert_int_eq(f.calls, pre);
   /* Two ranks with the same rows: the gathered batch holds them twice. */
-  ck_assert_int_eq(imml_dict_fill(m),
+  ck_assert_int_eq(imml_fdc_dict_fill(m),
                    pre * 2 * B < c.dict_size ? pre * 2 * B : c.dict_size);
+  const int staged = _i >= 2 && _i % 2 == 0;
+  if (staged) {
+    ck_assert_int_eq(imml_forward(m, IMML_MODE_TRAIN, B,
+                                  (const float *const *)d.x[4], d.y[4], NULL,
+                                  NULL),
+                     IMML_OK);
+    ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
+    ck_assert_int_eq(m->acc.micro, 1);
+  }
   snap s;
   snap_take(m, &s);
   f.fail = damage == DMG_NONE ? 5 : 0;
@@ -822,12 +1345,13 @@ START_TEST(test_allgather_failure_changes_nothing) {
       [DMG_B_FRACTION] = IMML_ERR_SHAPE, [DMG_B_TOO_LARGE] = IMML_ERR_SHAPE,
       [DMG_OWN_B] = IMML_ERR_CALLBACK,   [DMG_LABEL] = IMML_ERR_LABEL,
       [DMG_LABEL_FRAC] = IMML_ERR_LABEL, [DMG_NAN] = IMML_ERR_NONFINITE,
+      [DMG_P] = IMML_ERR_STATE,
   };
   ck_assert_msg(st == want[damage], "damage %d: status %d (%s), want %d",
-                damage, (int)st, imml_errmsg(m), (int)want[damage]);
-  ck_assert(imml_errmsg(m)[0] != '\0');
+                damage, (int)st, imml_model_errmsg(m), (int)want[damage]);
+  ck_assert(imml_model_errmsg(m)[0] != '\0');
   if (damage == DMG_NONE)
-    ck_assert_ptr_nonnull(strstr(imml_errmsg(m), "allgather"));
+    ck_assert_ptr_nonnull(strstr(imml_model_errmsg(m), "allgather"));
   expect_unchanged(m, &s, "failed collective forward");
   ck_assert_int_eq(imml_backward(m, NULL), IMML_ERR_STATE);
   expect_unchanged(m, &s, "backward after the failed forward");
@@ -839,6 +1363,11 @@ START_TEST(test_allgather_failure_changes_nothing) {
                                 NULL),
                    IMML_OK);
   ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
+  ck_assert_int_eq(m->acc.micro, 1 + staged);
+  ck_assert_int_eq(imml_commit(m), IMML_OK);
+  const int rows = (pre + 1 + staged) * 2 * B;
+  ck_assert_int_eq(imml_fdc_dict_fill(m),
+                   rows < c.dict_size ? rows : c.dict_size);
   snap_free(&s);
   gdata_free(&d);
   imml_model_free(m);
@@ -863,44 +1392,65 @@ START_TEST(test_set_collective_arguments) {
   ck_assert(col.allgather == NULL);
   ck_assert_ptr_null(col.user_data);
   imml_collective_init(NULL); /* no-op */
-  ck_assert_int_eq(imml_set_collective(NULL, &col), IMML_ERR_NULL);
+  ck_assert_int_eq(imml_collective_set(NULL, &col), IMML_ERR_NULL);
   /* allgather missing */
-  ck_assert_int_eq(imml_set_collective(m, &col), IMML_ERR_NULL);
-  ck_assert(imml_errmsg(m)[0] != '\0');
+  ck_assert_int_eq(imml_collective_set(m, &col), IMML_ERR_NULL);
+  ck_assert(imml_model_errmsg(m)[0] != '\0');
   col.allgather = dummy_allgather;
   col.struct_size = sizeof col - 1;
-  ck_assert_int_eq(imml_set_collective(m, &col), IMML_ERR_INVALID_ARG);
+  ck_assert_int_eq(imml_collective_set(m, &col), IMML_ERR_INVALID_ARG);
   col.struct_size = 0;
-  ck_assert_int_eq(imml_set_collective(m, &col), IMML_ERR_INVALID_ARG);
+  ck_assert_int_eq(imml_collective_set(m, &col), IMML_ERR_INVALID_ARG);
   col.struct_size = sizeof col;
   static const int bad[][2] = {{0, 0}, {-1, 0}, {65537, 0},
                                {2, 2}, {2, -1}, {1, 1}};
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     col.world_size = bad[i][0];
     col.rank = bad[i][1];
-    ck_assert_msg(imml_set_collective(m, &col) == IMML_ERR_INVALID_ARG,
+    ck_assert_msg(imml_collective_set(m, &col) == IMML_ERR_INVALID_ARG,
                   "world_size %d rank %d accepted", bad[i][0], bad[i][1]);
-    ck_assert(imml_errmsg(m)[0] != '\0');
+    ck_assert(imml_model_errmsg(m)[0] != '\0');
   }
   ck_assert_int_eq(m->coll.active, 0);
   col.world_size = 3;
   col.rank = 2;
-  ck_assert_int_eq(imml_set_collective(m, &col), IMML_OK);
-  ck_assert_str_eq(imml_errmsg(m), "");
+  ck_assert_int_eq(imml_collective_set(m, &col), IMML_OK);
+  ck_assert_str_eq(imml_model_errmsg(m), "");
   ck_assert_int_eq(m->coll.active, 1);
   /* Replacing and detaching. */
   col.world_size = 1;
   col.rank = 0;
-  ck_assert_int_eq(imml_set_collective(m, &col), IMML_OK);
-  ck_assert_int_eq(imml_set_collective(m, NULL), IMML_OK);
+  ck_assert_int_eq(imml_collective_set(m, &col), IMML_OK);
+  ck_assert_int_eq(imml_collective_set(m, NULL), IMML_OK);
   ck_assert_int_eq(m->coll.active, 0);
-  ck_assert_int_eq(imml_set_collective(m, NULL), IMML_OK);
+  ck_assert_int_eq(imml_collective_set(m, NULL), IMML_OK);
+  /* A struct from a newer header: accepted when every byte this library
+   * does not know is zero, else IMML_ERR_UNKNOWN_FIELD and the collective
+   * in place stays. */
+  struct {
+    imml_collective c;
+    unsigned char tail[16];
+  } big;
+  memset(&big, 0, sizeof big);
+  big.c = col;
+  big.c.struct_size = sizeof big;
+  big.c.world_size = 2;
+  big.c.rank = 1;
+  ck_assert_int_eq(imml_collective_set(m, &big.c), IMML_OK);
+  ck_assert_int_eq(m->coll.ops.world_size, 2);
+  big.c.world_size = 3;
+  big.tail[5] = 1;
+  ck_assert_int_eq(imml_collective_set(m, &big.c), IMML_ERR_UNKNOWN_FIELD);
+  ck_assert(imml_model_errmsg(m)[0] != '\0');
+  ck_assert_int_eq(m->coll.active, 1);
+  ck_assert_int_eq(m->coll.ops.world_size, 2);
   imml_model_free(m);
 }
 END_TEST
 
-/* imml_set_collective between a training forward and its backward would
- * change the meaning of the pending step: refused, pending step kept. */
+/* imml_collective_set between a training forward and the step's commit
+ * would change the meaning of the step under way: refused, the pending
+ * forward and then the uncommitted micro-batch kept. */
 START_TEST(test_set_collective_while_pending) {
   imml_config c;
   small_cfg(&c, 1);
@@ -917,26 +1467,36 @@ START_TEST(test_set_collective_while_pending) {
   imml_collective col;
   imml_collective_init(&col);
   col.allgather = dummy_allgather;
-  ck_assert_int_eq(imml_set_collective(m, &col), IMML_ERR_STATE);
-  ck_assert(imml_errmsg(m)[0] != '\0');
-  ck_assert_int_eq(imml_set_collective(m, NULL), IMML_ERR_STATE);
+  ck_assert_int_eq(imml_collective_set(m, &col), IMML_ERR_STATE);
+  ck_assert(imml_model_errmsg(m)[0] != '\0');
+  ck_assert_int_eq(imml_collective_set(m, NULL), IMML_ERR_STATE);
   ck_assert_int_eq(m->coll.active, _i == 1);
   /* An evaluation forward keeps the step pending and is local. */
   ck_assert_int_eq(imml_forward(m, IMML_MODE_EVAL, 4,
                                 (const float *const *)d.x[1], NULL, NULL, NULL),
                    IMML_OK);
   ck_assert_int_eq(f.calls, _i == 1 ? 1 : 0);
-  ck_assert_int_eq(imml_set_collective(m, &col), IMML_ERR_STATE);
+  ck_assert_int_eq(imml_collective_set(m, &col), IMML_ERR_STATE);
   ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
-  ck_assert_int_eq(imml_dict_fill(m), _i == 1 ? 8 : 4);
-  ck_assert_int_eq(imml_set_collective(m, &col), IMML_OK);
-  ck_assert_int_eq(imml_set_collective(m, NULL), IMML_OK);
+  snap s;
+  snap_take(m, &s);
+  ck_assert_int_eq(imml_collective_set(m, &col), IMML_ERR_STATE);
+  ck_assert(imml_model_errmsg(m)[0] != '\0');
+  ck_assert_int_eq(imml_collective_set(m, NULL), IMML_ERR_STATE);
+  expect_unchanged(m, &s, "imml_collective_set before the commit");
+  snap_free(&s);
+  ck_assert_int_eq(m->coll.active, _i == 1);
+  ck_assert_int_eq(imml_fdc_dict_fill(m), 0);
+  ck_assert_int_eq(imml_commit(m), IMML_OK);
+  ck_assert_int_eq(imml_fdc_dict_fill(m), _i == 1 ? 8 : 4);
+  ck_assert_int_eq(imml_collective_set(m, &col), IMML_OK);
+  ck_assert_int_eq(imml_collective_set(m, NULL), IMML_OK);
   gdata_free(&d);
   imml_model_free(m);
 }
 END_TEST
 
-/* An allocator that can be told to fail: imml_set_collective then reports
+/* An allocator that can be told to fail: imml_collective_set then reports
  * IMML_ERR_NOMEM and keeps the collective it had. */
 typedef struct fail_alloc {
   int fail;
@@ -967,7 +1527,7 @@ START_TEST(test_set_collective_nomem) {
   col.allgather = dummy_allgather;
   col.world_size = 4;
   fa.fail = 1;
-  ck_assert_int_eq(imml_set_collective(m, &col), IMML_ERR_NOMEM);
+  ck_assert_int_eq(imml_collective_set(m, &col), IMML_ERR_NOMEM);
   fa.fail = 0;
   ck_assert_int_eq(m->coll.active, 1);
   ck_assert_int_eq(m->coll.ops.world_size, 2);
@@ -978,15 +1538,17 @@ START_TEST(test_set_collective_nomem) {
                                 NULL),
                    IMML_OK);
   ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
+  ck_assert_int_eq(imml_commit(m), IMML_OK);
   ck_assert_int_eq(f.calls, 1);
-  ck_assert_int_eq(imml_dict_fill(m), 6);
+  ck_assert_int_eq(imml_fdc_dict_fill(m), 6);
   gdata_free(&d);
   imml_model_free(m);
 }
 END_TEST
 
 /* After detaching, training is local and bit-identical to a model that
- * never had a collective; evaluation and imml_predict never gather. */
+ * never had a collective; evaluation and imml_predict (on the model and on
+ * a share of it) never gather. */
 START_TEST(test_detach_and_local_evaluation) {
   imml_config c;
   small_cfg(&c, -1);
@@ -999,14 +1561,19 @@ START_TEST(test_detach_and_local_evaluation) {
   ck_assert_int_eq(imml_forward(a, IMML_MODE_EVAL, 4,
                                 (const float *const *)d.x[0], d.y[0], la, NULL),
                    IMML_OK);
-  imml_workspace *ws;
-  ck_assert_int_eq(imml_workspace_create(a, &ws), IMML_OK);
+  imml_model *ws = NULL;
+  ck_assert_int_eq(imml_model_share(a, &ws), IMML_OK);
   ck_assert_int_eq(
-      imml_predict(a, ws, 4, (const float *const *)d.x[0], lb, NULL, NULL),
+      imml_predict(ws, 4, (const float *const *)d.x[0], lb, NULL, NULL),
       IMML_OK);
+  ck_assert(memcmp(la, lb, sizeof la) == 0);
+  ck_assert_int_eq(
+      imml_predict(a, 4, (const float *const *)d.x[0], lb, NULL, NULL),
+      IMML_OK);
+  ck_assert(memcmp(la, lb, sizeof la) == 0);
   ck_assert_int_eq(f.calls, 0);
-  imml_workspace_free(ws);
-  ck_assert_int_eq(imml_set_collective(a, NULL), IMML_OK);
+  imml_model_free(ws);
+  ck_assert_int_eq(imml_collective_set(a, NULL), IMML_OK);
   for (int st = 0; st < 5; st++) {
     imml_losses l1, l2;
     ck_assert_int_eq(imml_forward(a, IMML_MODE_TRAIN, 4,
@@ -1021,12 +1588,14 @@ START_TEST(test_detach_and_local_evaluation) {
     ck_assert(memcmp(&l1, &l2, sizeof l1) == 0);
     ck_assert_int_eq(imml_backward(a, NULL), IMML_OK);
     ck_assert_int_eq(imml_backward(b, NULL), IMML_OK);
+    ck_assert_int_eq(imml_commit(a), IMML_OK);
+    ck_assert_int_eq(imml_commit(b), IMML_OK);
     ck_assert(memcmp(a->grads, b->grads, a->n_params * sizeof(float)) == 0);
-    imml_zero_grad(a);
-    imml_zero_grad(b);
+    imml_grad_zero(a);
+    imml_grad_zero(b);
   }
   ck_assert_int_eq(f.calls, 0);
-  ck_assert_int_eq(imml_dict_fill(a), imml_dict_fill(b));
+  ck_assert_int_eq(imml_fdc_dict_fill(a), imml_fdc_dict_fill(b));
   gdata_free(&d);
   imml_model_free(a);
   imml_model_free(b);
@@ -1035,7 +1604,7 @@ END_TEST
 
 /* Regression: p given, empty dictionary, G = 12 gathered rows > max(J = 8,
  * max_batch = 3) strata; the attention scratch sized for the model's own
- * max(J, max_batch) rows was overrun before imml_set_collective sized it
+ * max(J, max_batch) rows was overrun before imml_collective_set sized it
  * for the gathered batch. */
 START_TEST(test_gathered_strata_exceed_jmax) {
   scen s = scen_get(5); /* R = 4, shards 3+3+3+3, p given */
@@ -1063,6 +1632,9 @@ static Suite *distributed_suite(void) {
   tcase_add_loop_test(tc, test_ranks_small_dictionary, 0, 2);
   tcase_add_loop_test(tc, test_one_rank_bit_identical, 0, 2);
   tcase_add_test(tc, test_gathered_strata_exceed_jmax);
+  tcase_add_loop_test(tc, test_accumulation_ranks_match_single_process, 0,
+                      N_ACC);
+  tcase_add_loop_test(tc, test_predominant_set_collective, 0, N_PSET);
   suite_add_tcase(s, tc);
   tc = tcase_create("errors");
   tcase_add_loop_test(tc, test_allgather_failure_changes_nothing, 0,
@@ -1078,6 +1650,6 @@ static Suite *distributed_suite(void) {
 int main(void) {
   /* One BLAS thread: the rank threads call BLAS concurrently, and the sums
    * must not depend on how BLAS splits them. */
-  imml_blas_threads(1);
+  imml_threads_set(1);
   return imml_run_suite(distributed_suite());
 }

@@ -56,12 +56,7 @@ static imml_model *tiny_model_ft(uint64_t seed, const imml_ft_ops *ft) {
   cfg.dict_size = 3;
   cfg.predominant = 0;
   cfg.seed = seed;
-  imml_model *m = NULL;
-  char err[256] = "";
-  const imml_status st = imml_model_create_ex(&cfg, ft, &m, err, sizeof err);
-  ck_assert_msg(st == IMML_OK, "create: %s", err);
-  ck_assert_ptr_nonnull(m);
-  return m;
+  return create_ok(&cfg, ft);
 }
 
 static imml_model *tiny_model(uint64_t seed) {
@@ -70,7 +65,7 @@ static imml_model *tiny_model(uint64_t seed) {
 
 static size_t flat(imml_model *m, float **p, float **g) {
   size_t n = 0;
-  ck_assert_int_eq(imml_params_flat(m, p, g, &n), IMML_OK);
+  ck_assert_int_eq(imml_param_flat(m, p, g, &n), IMML_OK);
   ck_assert_uint_gt(n, 0);
   return n;
 }
@@ -85,14 +80,14 @@ static void fill_grads(imml_model *m, uint64_t seed, float scale) {
 
 static void setup_ok(imml_model *m, const imml_optim_config *c) {
   const imml_status st = imml_optim_setup(m, c);
-  ck_assert_msg(st == IMML_OK, "imml_optim_setup: %s (%s)", imml_strerror(st),
-                imml_errmsg(m));
+  ck_assert_msg(st == IMML_OK, "imml_optim_setup: %s (%s)",
+                imml_status_string(st), imml_model_errmsg(m));
 }
 
 static void step_ok(imml_model *m) {
-  const imml_status st = imml_step(m);
-  ck_assert_msg(st == IMML_OK, "imml_step: %s (%s)", imml_strerror(st),
-                imml_errmsg(m));
+  const imml_status st = imml_optim_step(m);
+  ck_assert_msg(st == IMML_OK, "imml_optim_step: %s (%s)",
+                imml_status_string(st), imml_model_errmsg(m));
 }
 
 static float *copy_f(const float *x, size_t n) {
@@ -159,7 +154,7 @@ static double ref_step(ref_state *r, const imml_optim_config *c,
   const double bc2 = 1.0 - pow(b2, (double)r->t);
   for (size_t i = 0; i < r->n; i++) {
     const double gi = (double)g[i] * clip;
-    if (c->kind == IMML_OPT_SGD) {
+    if (c->kind == IMML_OPTIM_SGD) {
       double d = gi + wd * r->p[i];
       if (mom != 0.0) {
         r->m1[i] = r->has_buf ? mom * r->m1[i] + d : d;
@@ -173,7 +168,7 @@ static double ref_step(ref_state *r, const imml_optim_config *c,
       r->p[i] -= (lr / bc1) * r->m1[i] / (sqrt(r->m2[i]) / sqrt(bc2) + eps);
     }
   }
-  if (c->kind == IMML_OPT_SGD && mom != 0.0)
+  if (c->kind == IMML_OPTIM_SGD && mom != 0.0)
     r->has_buf = 1;
   return clip;
 }
@@ -209,12 +204,12 @@ static void check_against_ref(imml_model *m, const ref_state *r,
   const double ep = rel_err(p, r->p, n);
   ck_assert_msg(ep <= TOL, "%s step %d: parameters rel. error %.3g > %.1g",
                 label, step, ep, TOL);
-  if (c->kind == IMML_OPT_ADAMW || c->momentum != 0.0f) {
+  if (c->kind == IMML_OPTIM_ADAMW || c->momentum != 0.0f) {
     const double e1 = rel_err(m->opt.m1, r->m1, n);
     ck_assert_msg(e1 <= TOL, "%s step %d: first moment rel. error %.3g", label,
                   step, e1);
   }
-  if (c->kind == IMML_OPT_ADAMW) {
+  if (c->kind == IMML_OPTIM_ADAMW) {
     const double e2 = rel_err(m->opt.m2, r->m2, n);
     ck_assert_msg(e2 <= TOL, "%s step %d: second moment rel. error %.3g", label,
                   step, e2);
@@ -236,38 +231,39 @@ typedef struct opt_case {
 } opt_case;
 
 static const opt_case adamw_cases[] = {
-    {"adamw wd=0", IMML_OPT_ADAMW, 0.02f, 0.0f, 0, 0, 0.9f, 0.999f, 1e-8f, 0},
-    {"adamw wd=0.1", IMML_OPT_ADAMW, 0.02f, 0.1f, 0, 0, 0.9f, 0.999f, 1e-8f, 0},
-    {"adamw wd=0.1 clip inactive", IMML_OPT_ADAMW, 0.02f, 0.1f, 0, 0, 0.9f,
+    {"adamw wd=0", IMML_OPTIM_ADAMW, 0.02f, 0.0f, 0, 0, 0.9f, 0.999f, 1e-8f, 0},
+    {"adamw wd=0.1", IMML_OPTIM_ADAMW, 0.02f, 0.1f, 0, 0, 0.9f, 0.999f, 1e-8f,
+     0},
+    {"adamw wd=0.1 clip inactive", IMML_OPTIM_ADAMW, 0.02f, 0.1f, 0, 0, 0.9f,
      0.999f, 1e-8f, 1},
-    {"adamw wd=0.1 clip active", IMML_OPT_ADAMW, 0.02f, 0.1f, 0, 0, 0.9f,
+    {"adamw wd=0.1 clip active", IMML_OPTIM_ADAMW, 0.02f, 0.1f, 0, 0, 0.9f,
      0.999f, 1e-8f, 2},
-    {"adamw wd=0 clip active", IMML_OPT_ADAMW, 0.02f, 0.0f, 0, 0, 0.9f, 0.999f,
-     1e-8f, 2},
+    {"adamw wd=0 clip active", IMML_OPTIM_ADAMW, 0.02f, 0.0f, 0, 0, 0.9f,
+     0.999f, 1e-8f, 2},
     /* eps large enough to matter, non-default betas */
-    {"adamw b1=.8 b2=.99 eps=.1", IMML_OPT_ADAMW, 0.05f, 0.05f, 0, 0, 0.8f,
+    {"adamw b1=.8 b2=.99 eps=.1", IMML_OPTIM_ADAMW, 0.05f, 0.05f, 0, 0, 0.8f,
      0.99f, 0.1f, 2},
-    {"adamw b1=0", IMML_OPT_ADAMW, 0.02f, 0.01f, 0, 0, 0.0f, 0.9f, 1e-3f, 0},
+    {"adamw b1=0", IMML_OPTIM_ADAMW, 0.02f, 0.01f, 0, 0, 0.0f, 0.9f, 1e-3f, 0},
 };
 
 static const opt_case sgd_cases[] = {
-    {"sgd plain", IMML_OPT_SGD, 0.05f, 0.0f, 0.0f, 0, 0, 0, 0, 0},
-    {"sgd momentum", IMML_OPT_SGD, 0.05f, 0.0f, 0.9f, 0, 0, 0, 0, 0},
-    {"sgd nesterov", IMML_OPT_SGD, 0.05f, 0.0f, 0.9f, 1, 0, 0, 0, 0},
-    {"sgd weight decay", IMML_OPT_SGD, 0.05f, 0.1f, 0.0f, 0, 0, 0, 0, 0},
-    {"sgd momentum + wd", IMML_OPT_SGD, 0.05f, 0.1f, 0.5f, 0, 0, 0, 0, 0},
-    {"sgd nesterov + wd", IMML_OPT_SGD, 0.05f, 0.1f, 0.9f, 1, 0, 0, 0, 0},
-    {"sgd momentum clip active", IMML_OPT_SGD, 0.05f, 0.0f, 0.9f, 0, 0, 0, 0,
+    {"sgd plain", IMML_OPTIM_SGD, 0.05f, 0.0f, 0.0f, 0, 0, 0, 0, 0},
+    {"sgd momentum", IMML_OPTIM_SGD, 0.05f, 0.0f, 0.9f, 0, 0, 0, 0, 0},
+    {"sgd nesterov", IMML_OPTIM_SGD, 0.05f, 0.0f, 0.9f, 1, 0, 0, 0, 0},
+    {"sgd weight decay", IMML_OPTIM_SGD, 0.05f, 0.1f, 0.0f, 0, 0, 0, 0, 0},
+    {"sgd momentum + wd", IMML_OPTIM_SGD, 0.05f, 0.1f, 0.5f, 0, 0, 0, 0, 0},
+    {"sgd nesterov + wd", IMML_OPTIM_SGD, 0.05f, 0.1f, 0.9f, 1, 0, 0, 0, 0},
+    {"sgd momentum clip active", IMML_OPTIM_SGD, 0.05f, 0.0f, 0.9f, 0, 0, 0, 0,
      2},
-    {"sgd nesterov clip inactive", IMML_OPT_SGD, 0.05f, 0.01f, 0.9f, 1, 0, 0, 0,
-     1},
+    {"sgd nesterov clip inactive", IMML_OPTIM_SGD, 0.05f, 0.01f, 0.9f, 1, 0, 0,
+     0, 1},
 };
 
 static void case_config(const opt_case *k, imml_optim_config *c) {
-  imml_optim_config_init(c, (imml_optimizer_kind)k->kind);
+  imml_optim_config_init(c, (imml_optim_kind)k->kind);
   c->lr = k->lr;
   c->weight_decay = k->wd;
-  if (k->kind == IMML_OPT_SGD) {
+  if (k->kind == IMML_OPTIM_SGD) {
     c->momentum = k->mom;
     c->nesterov = k->nesterov;
   } else {
@@ -358,8 +354,9 @@ static void make_batch(uint64_t seed, float *x0, float *x1, int *y, int B) {
 
 /* ---- blocks the host holds no pointer to ----------------------------- */
 
-/* A training forward on make_batch(seed), then imml_backward, whose
- * status is returned. */
+/* A training forward on make_batch(seed), then imml_backward and, when it
+ * succeeded, imml_commit (a whole K = 1 step); the first failure's status
+ * is returned. */
 static imml_status forward_backward(imml_model *m, uint64_t seed) {
   float x0[4 * 3], x1[4 * 2];
   int y[4];
@@ -367,29 +364,30 @@ static imml_status forward_backward(imml_model *m, uint64_t seed) {
   const float *x[2] = {x0, x1};
   ck_assert_int_eq(imml_forward(m, IMML_MODE_TRAIN, 4, x, y, NULL, NULL),
                    IMML_OK);
-  return imml_backward(m, NULL);
+  const imml_status st = imml_backward(m, NULL);
+  return st == IMML_OK ? imml_commit(m) : st;
 }
 
 /* One training step from the model's own forward/backward on batch s. */
 static imml_status train_step(imml_model *m, uint64_t s) {
   ck_assert_int_eq(forward_backward(m, 900 + s), IMML_OK);
-  return imml_step(m);
+  return imml_optim_step(m);
 }
 
 static void *save_bytes(imml_model *m, size_t *len) {
-  ck_assert_int_eq(imml_save_mem(m, NULL, 0, len), IMML_OK);
+  ck_assert_int_eq(imml_model_save_mem(m, NULL, 0, len), IMML_OK);
   void *buf = malloc(*len);
   ck_assert_ptr_nonnull(buf);
-  ck_assert_int_eq(imml_save_mem(m, buf, *len, len), IMML_OK);
+  ck_assert_int_eq(imml_model_save_mem(m, buf, *len, len), IMML_OK);
   return buf;
 }
 
-/* imml_step is refused as non-finite and the saved model (parameters,
+/* imml_optim_step is refused as non-finite and the saved model (parameters,
  * moments, dictionary, ...) is byte for byte what it was. */
 static void step_refused_unchanged(imml_model *m) {
   size_t l0, l1;
   void *s0 = save_bytes(m, &l0);
-  ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE);
+  ck_assert_int_eq(imml_optim_step(m), IMML_ERR_NONFINITE);
   void *s1 = save_bytes(m, &l1);
   ck_assert(l0 == l1 && memcmp(s0, s1, l0) == 0);
   free(s0);
@@ -405,7 +403,7 @@ static void step_refused_unchanged(imml_model *m) {
 START_TEST(test_bound_quotient_overflow_refused) {
   imml_model *m = tiny_model(23);
   imml_optim_config c;
-  imml_optim_config_init(&c, IMML_OPT_ADAMW);
+  imml_optim_config_init(&c, IMML_OPTIM_ADAMW);
   if (_i == 1)
     c.lr = 0.0f;
   if (_i == 3) {
@@ -434,7 +432,7 @@ END_TEST
 /* While the host holds no pointer to the parameters or gradients, the
  * library keeps their maxima and an AdamW step proves itself finite
  * without reading either block; a model whose blocks were handed out
- * (imml_params_flat) reads them.  Both must end bit-identical, and the
+ * (imml_param_flat) reads them.  Both must end bit-identical, and the
  * kept maxima must be the blocks' true maxima after every call. */
 START_TEST(test_unexposed_blocks_same_steps) {
   imml_model *a = tiny_model(21), *b = tiny_model(21);
@@ -481,7 +479,7 @@ END_TEST
 START_TEST(test_unexposed_overflow_refused) {
   imml_model *m = tiny_model(22);
   imml_optim_config c;
-  imml_optim_config_init(&c, IMML_OPT_ADAMW);
+  imml_optim_config_init(&c, IMML_OPTIM_ADAMW);
   setup_ok(m, &c);
   ck_assert_int_eq(train_step(m, 1), IMML_OK);
   /* decay 1 - lr wd = -1e39: -inf in float, while step / eps stays far
@@ -525,11 +523,11 @@ START_TEST(test_exposed_gradients_written_after_step) {
   ops.backward = fail_backward;
   imml_model *m = tiny_model_ft(24, &ops);
   imml_optim_config c;
-  imml_optim_config_init(&c, IMML_OPT_SGD);
+  imml_optim_config_init(&c, IMML_OPTIM_SGD);
   setup_ok(m, &c);
   float *p, *g;
   const size_t n = flat(m, &p, &g);
-  ck_assert_int_eq(imml_step(m), IMML_OK); /* zeroes the gradients */
+  ck_assert_int_eq(imml_optim_step(m), IMML_OK); /* zeroes the gradients */
   g[0] = 5.0f;
   g[n - 1] = -2.0f;
   ck_assert_int_eq(forward_backward(m, 78), IMML_ERR_CALLBACK);
@@ -560,6 +558,7 @@ static void run_backprop(const opt_case *k) {
     ck_assert_int_eq(imml_forward(m, IMML_MODE_TRAIN, 4, feats, y, NULL, NULL),
                      IMML_OK);
     ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
+    ck_assert_int_eq(imml_commit(m), IMML_OK);
     double gn = 0.0;
     for (size_t i = 0; i < n; i++)
       gn += (double)g[i] * g[i];
@@ -578,11 +577,12 @@ static void run_backprop(const opt_case *k) {
 
 START_TEST(test_backprop_gradients_match_reference) {
   static const opt_case cases[] = {
-      {"backprop adamw", IMML_OPT_ADAMW, 0.02f, 0.1f, 0, 0, 0.9f, 0.999f, 1e-8f,
-       0},
-      {"backprop adamw clip", IMML_OPT_ADAMW, 0.02f, 0.1f, 0, 0, 0.9f, 0.999f,
+      {"backprop adamw", IMML_OPTIM_ADAMW, 0.02f, 0.1f, 0, 0, 0.9f, 0.999f,
+       1e-8f, 0},
+      {"backprop adamw clip", IMML_OPTIM_ADAMW, 0.02f, 0.1f, 0, 0, 0.9f, 0.999f,
        1e-8f, 2},
-      {"backprop sgd nesterov", IMML_OPT_SGD, 0.1f, 0.05f, 0.9f, 1, 0, 0, 0, 0},
+      {"backprop sgd nesterov", IMML_OPTIM_SGD, 0.1f, 0.05f, 0.9f, 1, 0, 0, 0,
+       0},
   };
   run_backprop(&cases[_i]);
 }
@@ -591,11 +591,11 @@ END_TEST
 /* ---- API contract --------------------------------------------------- */
 
 START_TEST(test_step_zeroes_gradients) {
-  const int kinds[2] = {IMML_OPT_SGD, IMML_OPT_ADAMW};
+  const int kinds[2] = {IMML_OPTIM_SGD, IMML_OPTIM_ADAMW};
   for (int i = 0; i < 2; i++) {
     imml_model *m = tiny_model(3);
     imml_optim_config c;
-    imml_optim_config_init(&c, (imml_optimizer_kind)kinds[i]);
+    imml_optim_config_init(&c, (imml_optim_kind)kinds[i]);
     setup_ok(m, &c);
     float *p, *g;
     const size_t n = flat(m, &p, &g);
@@ -605,10 +605,10 @@ START_TEST(test_step_zeroes_gradients) {
     step_ok(m);
     ck_assert_msg(all_zero_bits(g, n), "kind %d: gradients not zeroed",
                   kinds[i]);
-    /* The views of imml_param_info see the same zeroed block. */
+    /* The views of imml_param_get see the same zeroed block. */
     for (int t = 0; t < imml_param_count(m); t++) {
       imml_param_view v;
-      ck_assert_int_eq(imml_param_info(m, t, &v), IMML_OK);
+      ck_assert_int_eq(imml_param_get(m, t, &v), IMML_OK);
       ck_assert(all_zero_bits(v.grad, (size_t)v.rows * (size_t)v.cols));
     }
     imml_model_free(m);
@@ -617,15 +617,15 @@ START_TEST(test_step_zeroes_gradients) {
 END_TEST
 
 START_TEST(test_set_lr_takes_effect_next_step) {
-  const int kinds[2] = {IMML_OPT_SGD, IMML_OPT_ADAMW};
+  const int kinds[2] = {IMML_OPTIM_SGD, IMML_OPTIM_ADAMW};
   for (int i = 0; i < 2; i++) {
     imml_model *m = tiny_model(4);
     float *p, *g;
     const size_t n = flat(m, &p, &g);
     imml_optim_config c;
-    imml_optim_config_init(&c, (imml_optimizer_kind)kinds[i]);
+    imml_optim_config_init(&c, (imml_optim_kind)kinds[i]);
     c.lr = 0.1f;
-    c.momentum = kinds[i] == IMML_OPT_SGD ? 0.9f : 0.0f;
+    c.momentum = kinds[i] == IMML_OPTIM_SGD ? 0.9f : 0.0f;
     setup_ok(m, &c);
     ref_state r;
     ref_init(&r, p, n);
@@ -635,7 +635,7 @@ START_TEST(test_set_lr_takes_effect_next_step) {
     check_against_ref(m, &r, &c, "before set_lr", 1);
 
     ck_assert_int_eq(imml_optim_set_lr(m, 0.003f), IMML_OK);
-    ck_assert_str_eq(imml_errmsg(m), "");
+    ck_assert_str_eq(imml_model_errmsg(m), "");
     c.lr = 0.003f;
     fill_grads(m, 22, 1.0f);
     ref_step(&r, &c, g);
@@ -646,8 +646,8 @@ START_TEST(test_set_lr_takes_effect_next_step) {
     const float badv[] = {-1e-3f, NAN, INFINITY, 1e38f};
     for (size_t b = 0; b < sizeof badv / sizeof badv[0]; b++) {
       ck_assert_int_eq(imml_optim_set_lr(m, badv[b]), IMML_ERR_INVALID_ARG);
-      ck_assert_msg(strstr(imml_errmsg(m), "lr") != NULL,
-                    "message does not name lr: '%s'", imml_errmsg(m));
+      ck_assert_msg(strstr(imml_model_errmsg(m), "lr") != NULL,
+                    "message does not name lr: '%s'", imml_model_errmsg(m));
     }
     fill_grads(m, 23, 1.0f);
     ref_step(&r, &c, g);
@@ -665,23 +665,23 @@ START_TEST(test_no_optimiser_is_state_error) {
   const size_t n = flat(m, &p, &g);
   fill_grads(m, 5, 1.0f);
   float *p0 = copy_f(p, n), *g0 = copy_f(g, n);
-  ck_assert_int_eq(imml_step(m), IMML_ERR_STATE);
-  ck_assert_msg(strstr(imml_errmsg(m), "imml_optim_setup") != NULL,
-                "message: '%s'", imml_errmsg(m));
+  ck_assert_int_eq(imml_optim_step(m), IMML_ERR_STATE);
+  ck_assert_msg(strstr(imml_model_errmsg(m), "imml_optim_setup") != NULL,
+                "message: '%s'", imml_model_errmsg(m));
   ck_assert_int_eq(memcmp(p, p0, n * sizeof *p), 0);
   ck_assert_int_eq(memcmp(g, g0, n * sizeof *g), 0);
   ck_assert_int_eq(imml_optim_set_lr(m, 0.1f), IMML_ERR_STATE);
-  ck_assert_str_ne(imml_errmsg(m), "");
+  ck_assert_str_ne(imml_model_errmsg(m), "");
   ck_assert_int_eq(memcmp(p, p0, n * sizeof *p), 0);
   /* NULL arguments */
-  ck_assert_int_eq(imml_step(NULL), IMML_ERR_NULL);
+  ck_assert_int_eq(imml_optim_step(NULL), IMML_ERR_NULL);
   ck_assert_int_eq(imml_optim_set_lr(NULL, 0.1f), IMML_ERR_NULL);
   imml_optim_config c;
-  imml_optim_config_init(&c, IMML_OPT_SGD);
+  imml_optim_config_init(&c, IMML_OPTIM_SGD);
   ck_assert_int_eq(imml_optim_setup(NULL, &c), IMML_ERR_NULL);
   ck_assert_int_eq(imml_optim_setup(m, NULL), IMML_ERR_NULL);
-  ck_assert_str_ne(imml_errmsg(m), "");
-  ck_assert_int_eq(imml_step(m), IMML_ERR_STATE);
+  ck_assert_str_ne(imml_model_errmsg(m), "");
+  ck_assert_int_eq(imml_optim_step(m), IMML_ERR_STATE);
   free(p0);
   free(g0);
   imml_model_free(m);
@@ -690,24 +690,24 @@ END_TEST
 
 START_TEST(test_config_defaults) {
   imml_optim_config c;
-  imml_optim_config_init(&c, IMML_OPT_ADAMW);
+  imml_optim_config_init(&c, IMML_OPTIM_ADAMW);
   ck_assert_uint_eq(c.struct_size, sizeof c);
-  ck_assert_int_eq(c.kind, IMML_OPT_ADAMW);
+  ck_assert_int_eq(c.kind, IMML_OPTIM_ADAMW);
   ck_assert(c.lr == 1e-3f && c.weight_decay == 0.01f && c.beta1 == 0.9f &&
             c.beta2 == 0.999f && c.eps == 1e-8f && c.clip_norm == 0.0f &&
             c.momentum == 0.0f && c.nesterov == 0);
-  imml_optim_config_init(&c, IMML_OPT_SGD);
-  ck_assert_int_eq(c.kind, IMML_OPT_SGD);
+  imml_optim_config_init(&c, IMML_OPTIM_SGD);
+  ck_assert_int_eq(c.kind, IMML_OPTIM_SGD);
   ck_assert(c.lr == 1e-3f && c.weight_decay == 0.0f && c.momentum == 0.0f &&
             c.nesterov == 0 && c.clip_norm == 0.0f);
-  imml_optim_config_init(NULL, IMML_OPT_SGD); /* no crash */
+  imml_optim_config_init(NULL, IMML_OPTIM_SGD); /* no crash */
 }
 END_TEST
 
 /* Each case mutates a valid config into an invalid one and names the field
  * the message must name (as "<field> ="). */
 static const char *bad_config(int i, imml_optim_config *c) {
-  imml_optim_config_init(c, IMML_OPT_SGD);
+  imml_optim_config_init(c, IMML_OPTIM_SGD);
   switch (i) {
   case 0:
     c->lr = -1e-3f;
@@ -737,23 +737,23 @@ static const char *bad_config(int i, imml_optim_config *c) {
     c->momentum = NAN;
     return "momentum";
   case 9:
-    imml_optim_config_init(c, IMML_OPT_ADAMW);
+    imml_optim_config_init(c, IMML_OPTIM_ADAMW);
     c->beta1 = 1.0f;
     return "beta1";
   case 10:
-    imml_optim_config_init(c, IMML_OPT_ADAMW);
+    imml_optim_config_init(c, IMML_OPTIM_ADAMW);
     c->beta2 = 1.0f;
     return "beta2";
   case 11:
-    imml_optim_config_init(c, IMML_OPT_ADAMW);
+    imml_optim_config_init(c, IMML_OPTIM_ADAMW);
     c->beta2 = 1.5f;
     return "beta2";
   case 12:
-    imml_optim_config_init(c, IMML_OPT_ADAMW);
+    imml_optim_config_init(c, IMML_OPTIM_ADAMW);
     c->eps = 0.0f;
     return "eps";
   case 13:
-    imml_optim_config_init(c, IMML_OPT_ADAMW);
+    imml_optim_config_init(c, IMML_OPTIM_ADAMW);
     c->eps = -1e-8f;
     return "eps";
   case 14:
@@ -766,7 +766,7 @@ static const char *bad_config(int i, imml_optim_config *c) {
     c->nesterov = 1; /* SGD with momentum 0 */
     return "nesterov";
   case 17:
-    imml_optim_config_init(c, IMML_OPT_ADAMW);
+    imml_optim_config_init(c, IMML_OPTIM_ADAMW);
     c->nesterov = 1;
     return "nesterov";
   case 18:
@@ -790,7 +790,7 @@ static const char *bad_config(int i, imml_optim_config *c) {
 START_TEST(test_invalid_config_rejected) {
   imml_model *m = tiny_model(8);
   imml_optim_config ok;
-  imml_optim_config_init(&ok, IMML_OPT_SGD);
+  imml_optim_config_init(&ok, IMML_OPTIM_SGD);
   ok.lr = 0.05f;
   ok.momentum = 0.9f;
   setup_ok(m, &ok);
@@ -807,16 +807,16 @@ START_TEST(test_invalid_config_rejected) {
   ck_assert_int_eq(imml_optim_setup(m, &c), IMML_ERR_INVALID_ARG);
   char want[64];
   snprintf(want, sizeof want, "%s =", field);
-  ck_assert_msg(strstr(imml_errmsg(m), want) != NULL,
+  ck_assert_msg(strstr(imml_model_errmsg(m), want) != NULL,
                 "case %d: message does not name '%s': '%s'", _i, field,
-                imml_errmsg(m));
+                imml_model_errmsg(m));
   expect_unchanged(m, &before, "refused setup");
   snap_free(&before);
 
   /* The same config on a model without an optimiser leaves it without. */
   imml_model *m2 = tiny_model(8);
   ck_assert_int_eq(imml_optim_setup(m2, &c), IMML_ERR_INVALID_ARG);
-  ck_assert_int_eq(imml_step(m2), IMML_ERR_STATE);
+  ck_assert_int_eq(imml_optim_step(m2), IMML_ERR_STATE);
   imml_model_free(m2);
   imml_model_free(m);
 }
@@ -828,7 +828,7 @@ START_TEST(test_valid_edge_configs_accepted) {
   const size_t n = flat(m, &p, &g);
   imml_optim_config c;
   /* lr = 0: parameters unchanged bit for bit, gradients zeroed, t counts. */
-  imml_optim_config_init(&c, IMML_OPT_SGD);
+  imml_optim_config_init(&c, IMML_OPTIM_SGD);
   c.lr = 0.0f;
   c.momentum = 0.0f;
   setup_ok(m, &c);
@@ -839,7 +839,7 @@ START_TEST(test_valid_edge_configs_accepted) {
   ck_assert(all_zero_bits(g, n));
   ck_assert_int_eq(m->opt.t, 1);
   /* beta1 = beta2 = 0, tiny eps, clip off, wd 0 */
-  imml_optim_config_init(&c, IMML_OPT_ADAMW);
+  imml_optim_config_init(&c, IMML_OPTIM_ADAMW);
   c.beta1 = 0.0f;
   c.beta2 = 0.0f;
   c.eps = 1e-30f;
@@ -859,7 +859,7 @@ START_TEST(test_setup_again_resets_state) {
   float *p, *g;
   const size_t n = flat(m, &p, &g);
   imml_optim_config c;
-  imml_optim_config_init(&c, IMML_OPT_ADAMW);
+  imml_optim_config_init(&c, IMML_OPTIM_ADAMW);
   c.lr = 0.01f;
   setup_ok(m, &c);
   for (int s = 0; s < 3; s++) {
@@ -895,24 +895,24 @@ START_TEST(test_nonfinite_gradient_refused) {
   int warm_steps = 2;
   switch (setup_case) {
   case 0: /* AdamW with decay and clipping, state in flight */
-    imml_optim_config_init(&c, IMML_OPT_ADAMW);
+    imml_optim_config_init(&c, IMML_OPTIM_ADAMW);
     c.lr = 0.01f;
     c.weight_decay = 0.1f;
     c.clip_norm = 0.5f;
     break;
   case 1: /* AdamW, refused on the very first step */
-    imml_optim_config_init(&c, IMML_OPT_ADAMW);
+    imml_optim_config_init(&c, IMML_OPTIM_ADAMW);
     warm_steps = 0;
     break;
   case 2: /* SGD Nesterov with decay, buffer in flight */
-    imml_optim_config_init(&c, IMML_OPT_SGD);
+    imml_optim_config_init(&c, IMML_OPTIM_SGD);
     c.lr = 0.05f;
     c.momentum = 0.9f;
     c.nesterov = 1;
     c.weight_decay = 0.01f;
     break;
   default: /* SGD momentum, refused before the buffer exists */
-    imml_optim_config_init(&c, IMML_OPT_SGD);
+    imml_optim_config_init(&c, IMML_OPTIM_SGD);
     c.lr = 0.05f;
     c.momentum = 0.9f;
     warm_steps = 0;
@@ -930,10 +930,10 @@ START_TEST(test_nonfinite_gradient_refused) {
   g[n / 2] = bad_values[value_case];
   snap before;
   snap_take(m, &before);
-  ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE);
-  ck_assert_str_ne(imml_errmsg(m), "");
+  ck_assert_int_eq(imml_optim_step(m), IMML_ERR_NONFINITE);
+  ck_assert_str_ne(imml_model_errmsg(m), "");
   expect_unchanged(m, &before, "non-finite gradient");
-  ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE); /* still refused */
+  ck_assert_int_eq(imml_optim_step(m), IMML_ERR_NONFINITE); /* still refused */
   expect_unchanged(m, &before, "non-finite gradient, again");
   /* Repaired, the step goes through and continues the same trajectory. */
   g[n / 2] = 0.25f;
@@ -957,22 +957,22 @@ START_TEST(test_overflowing_update_refused) {
   int pre_steps = 0;
   switch (_i) {
   case 0: /* SGD: p - lr g with lr at its cap 1e30 and g = 1e10 */
-    imml_optim_config_init(&c, IMML_OPT_SGD);
+    imml_optim_config_init(&c, IMML_OPTIM_SGD);
     c.lr = 1e30f;
     break;
   case 1: /* AdamW: decay factor 1 - lr wd = -1e60 -> -inf */
-    imml_optim_config_init(&c, IMML_OPT_ADAMW);
+    imml_optim_config_init(&c, IMML_OPTIM_ADAMW);
     c.lr = 1e30f;
     c.weight_decay = 1e30f;
     break;
   case 2: /* SGD momentum: the buffer overflows although p would not */
-    imml_optim_config_init(&c, IMML_OPT_SGD);
+    imml_optim_config_init(&c, IMML_OPTIM_SGD);
     c.lr = 1e-30f;
     c.momentum = 0.9f;
     pre_steps = 1;
     break;
   default: /* AdamW: g² overflows the second moment */
-    imml_optim_config_init(&c, IMML_OPT_ADAMW);
+    imml_optim_config_init(&c, IMML_OPTIM_ADAMW);
     c.lr = 1e-3f;
     break;
   }
@@ -1000,8 +1000,8 @@ START_TEST(test_overflowing_update_refused) {
   }
   snap before;
   snap_take(m, &before);
-  ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE);
-  ck_assert_str_ne(imml_errmsg(m), "");
+  ck_assert_int_eq(imml_optim_step(m), IMML_ERR_NONFINITE);
+  ck_assert_str_ne(imml_model_errmsg(m), "");
   expect_unchanged(m, &before, "overflowing update");
   snap_free(&before);
   imml_model_free(m);
@@ -1014,10 +1014,10 @@ END_TEST
 START_TEST(test_huge_lr_refused) {
   imml_model *m = tiny_model(14);
   imml_optim_config c;
-  imml_optim_config_init(&c, IMML_OPT_SGD);
+  imml_optim_config_init(&c, IMML_OPTIM_SGD);
   c.lr = 1e38f;
   ck_assert_int_eq(imml_optim_setup(m, &c), IMML_ERR_INVALID_ARG);
-  ck_assert_ptr_nonnull(strstr(imml_errmsg(m), "lr ="));
+  ck_assert_ptr_nonnull(strstr(imml_model_errmsg(m), "lr ="));
   c.lr = 0.1f;
   setup_ok(m, &c);
   snap before;
@@ -1026,6 +1026,139 @@ START_TEST(test_huge_lr_refused) {
   ck_assert_int_eq(imml_optim_set_lr(m, 1e38f), IMML_ERR_INVALID_ARG);
   expect_unchanged(m, &before, "refused set_lr");
   snap_free(&before);
+  imml_model_free(m);
+}
+END_TEST
+
+/* ---- steps and commits --------------------------------------------- */
+
+/* One training forward on make_batch(seed) and its backward, not
+ * committed. */
+static void micro_batch(imml_model *m, uint64_t seed) {
+  float x0[4 * 3], x1[4 * 2];
+  int y[4];
+  make_batch(seed, x0, x1, y, 4);
+  const float *x[2] = {x0, x1};
+  ck_assert_int_eq(imml_forward(m, IMML_MODE_TRAIN, 4, x, y, NULL, NULL),
+                   IMML_OK);
+  backward_only_ok(m, NULL);
+}
+
+/* While K = 1 or 2 micro-batches are not committed, imml_optim_step is
+ * refused with IMML_ERR_STATE and changes nothing (parameters, gradients,
+ * moments, step count, the uncommitted micro-batches); imml_commit leaves
+ * the accumulated gradients as they were, and the step after it is the
+ * reference's update from them.  Loop: AdamW K = 1, 2; SGD K = 1, 2. */
+START_TEST(test_step_refused_while_uncommitted) {
+  const int K = 1 + _i % 2;
+  const int kind = _i < 2 ? IMML_OPTIM_ADAMW : IMML_OPTIM_SGD;
+  imml_model *m = tiny_model(31);
+  float *p, *g;
+  const size_t n = flat(m, &p, &g);
+  imml_optim_config c;
+  imml_optim_config_init(&c, (imml_optim_kind)kind);
+  c.lr = 0.02f;
+  if (kind == IMML_OPTIM_SGD)
+    c.momentum = 0.9f;
+  setup_ok(m, &c);
+  ref_state r;
+  ref_init(&r, p, n);
+  fill_grads(m, 310, 1.0f); /* moments in flight */
+  ref_step(&r, &c, g);
+  step_ok(m);
+  for (int k = 0; k < K; k++)
+    micro_batch(m, 320 + (uint64_t)k);
+  ck_assert_int_eq(m->acc.micro, K);
+  ck_assert(!all_zero_bits(g, n));
+  snap before;
+  snap_take(m, &before);
+  for (int again = 0; again < 2; again++) {
+    ck_assert_int_eq(imml_optim_step(m), IMML_ERR_STATE);
+    ck_assert_str_ne(imml_model_errmsg(m), "");
+    expect_unchanged(m, &before, "step with uncommitted micro-batches");
+  }
+  ck_assert_int_eq(imml_commit(m), IMML_OK);
+  ck_assert_int_eq(m->acc.micro, 0);
+  ck_assert_msg(memcmp(g, before.grads, n * sizeof *g) == 0,
+                "imml_commit changed the gradients");
+  ref_step(&r, &c, g);
+  step_ok(m);
+  check_against_ref(m, &r, &c, K == 1 ? "committed K = 1" : "committed K = 2",
+                    2);
+  snap_free(&before);
+  ref_free(&r);
+  imml_model_free(m);
+}
+END_TEST
+
+/* imml_commit without a backward since the last commit is refused with
+ * IMML_ERR_STATE and changes nothing: on a fresh model, after a training
+ * forward alone (which stays pending: its backward still works), a second
+ * time after a commit, after an optimiser step, after a failed backward,
+ * and on a share. */
+START_TEST(test_commit_without_backward_refused) {
+  imml_model *m = tiny_model(32);
+  imml_optim_config c;
+  imml_optim_config_init(&c, IMML_OPTIM_ADAMW);
+  setup_ok(m, &c);
+  snap s;
+  const char *const when[3] = {"commit on a fresh model",
+                               "commit after a forward alone",
+                               "a second commit"};
+  for (int stage = 0; stage < 3; stage++) {
+    if (stage == 1) {
+      float x0[4 * 3], x1[4 * 2];
+      int y[4];
+      make_batch(330, x0, x1, y, 4);
+      const float *x[2] = {x0, x1};
+      ck_assert_int_eq(imml_forward(m, IMML_MODE_TRAIN, 4, x, y, NULL, NULL),
+                       IMML_OK);
+    }
+    snap_take(m, &s);
+    ck_assert_int_eq(imml_commit(m), IMML_ERR_STATE);
+    ck_assert_str_ne(imml_model_errmsg(m), "");
+    expect_unchanged(m, &s, when[stage]);
+    snap_free(&s);
+    if (stage == 1) {
+      ck_assert_int_eq(imml_fdc_dict_fill(m), 0);
+      backward_only_ok(m, NULL); /* the pending forward survived */
+      ck_assert_int_eq(imml_fdc_dict_fill(m), 0);
+      ck_assert_int_eq(imml_commit(m), IMML_OK);
+      ck_assert_int_eq(imml_fdc_dict_fill(m), 3); /* 4 rows into J = 3 */
+    }
+  }
+  step_ok(m);
+  snap_take(m, &s);
+  ck_assert_int_eq(imml_commit(m), IMML_ERR_STATE);
+  expect_unchanged(m, &s, "commit after an optimiser step");
+  snap_free(&s);
+  ck_assert_int_eq(imml_commit(NULL), IMML_ERR_NULL);
+
+  /* a share trains nothing */
+  imml_model *sh = NULL;
+  ck_assert_int_eq(imml_model_share(m, &sh), IMML_OK);
+  snap_take(m, &s);
+  ck_assert_int_eq(imml_commit(sh), IMML_ERR_STATE);
+  ck_assert_str_ne(imml_model_errmsg(sh), "");
+  ck_assert_int_eq(imml_optim_step(sh), IMML_ERR_STATE);
+  expect_unchanged(m, &s, "commit and step on a share");
+  snap_free(&s);
+  imml_model_free(sh);
+  imml_model_free(m);
+
+  /* a backward that failed completed nothing */
+  imml_ft_ops ops;
+  imml_ft_ops_init(&ops);
+  ops.forward = sum_forward;
+  ops.backward = fail_backward;
+  m = tiny_model_ft(33, &ops);
+  setup_ok(m, &c);
+  ck_assert_int_eq(forward_backward(m, 331), IMML_ERR_CALLBACK);
+  snap_take(m, &s);
+  ck_assert_int_eq(imml_commit(m), IMML_ERR_STATE);
+  expect_unchanged(m, &s, "commit after a failed backward");
+  ck_assert_int_eq(imml_optim_step(m), IMML_OK); /* nothing uncommitted */
+  snap_free(&s);
   imml_model_free(m);
 }
 END_TEST
@@ -1052,6 +1185,8 @@ static Suite *optim_suite(void) {
   tcase_add_loop_test(tc, test_invalid_config_rejected, 0, N_BAD_CONFIGS);
   tcase_add_test(tc, test_valid_edge_configs_accepted);
   tcase_add_test(tc, test_setup_again_resets_state);
+  tcase_add_loop_test(tc, test_step_refused_while_uncommitted, 0, 4);
+  tcase_add_test(tc, test_commit_without_backward_refused);
   suite_add_tcase(s, tc);
   tc = tcase_create("refusal");
   tcase_add_loop_test(tc, test_nonfinite_gradient_refused, 0, 12);

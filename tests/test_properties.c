@@ -10,6 +10,7 @@
 #include "imml.h"
 #include "internal.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -43,7 +44,8 @@ static void fwd_train(imml_model *m, const batch *b, float *logits,
                       imml_losses *l) {
   imml_status st =
       imml_forward(m, IMML_MODE_TRAIN, b->B, feats(b), b->y, logits, l);
-  ck_assert_msg(st == IMML_OK, "train forward: %d %s", (int)st, imml_errmsg(m));
+  ck_assert_msg(st == IMML_OK, "train forward: %d %s", (int)st,
+                imml_model_errmsg(m));
 }
 
 static void train_once(imml_model *m, const batch *b) {
@@ -52,7 +54,7 @@ static void train_once(imml_model *m, const batch *b) {
 }
 
 static void view(imml_model *m, int i, imml_param_view *v) {
-  ck_assert_int_eq(imml_param_info(m, i, v), IMML_OK);
+  ck_assert_int_eq(imml_param_get(m, i, v), IMML_OK);
 }
 
 /* Norm-wise relative error ||a - ref|| / max(||ref||, 1e-12). */
@@ -210,7 +212,7 @@ START_TEST(test_beta0_rows_identical) {
     batch_random(&b2, M, dims, 4, c.n_classes, &r);
     train_once(m, &b1); /* attends over the batch itself */
     train_once(m, &b2); /* attends over 4 dictionary entries */
-    const int J = imml_dict_fill(m);
+    const int J = imml_fdc_dict_fill(m);
     ck_assert_int_eq(J, 8); /* partly filled: 8 of 10 */
 
     /* Wq, Wk: zero gradient exactly when beta = 0. */
@@ -301,7 +303,7 @@ START_TEST(test_jeff1_single_entry) {
         batch b;
         batch_random(&b, M, dims, Bt, c.n_classes, &r);
         train_once(m, &b);
-        ck_assert_int_eq(imml_dict_fill(m), 1);
+        ck_assert_int_eq(imml_fdc_dict_fill(m), 1);
         const float *entry = m->dict; /* [d_0; d_1; d_2] */
         for (int mm = 0; mm < M; mm++)
           ck_assert_msg(memcmp(entry + (size_t)mm * k,
@@ -357,7 +359,7 @@ START_TEST(test_empty_dict_single_row) {
   c.slot_mode = IMML_SLOT_STRICT;
   const int k = c.knowledge_dim;
   imml_model *m = create_ok(&c, NULL);
-  ck_assert_int_eq(imml_dict_fill(m), 0);
+  ck_assert_int_eq(imml_fdc_dict_fill(m), 0);
   drng r = {5};
   float z0[4], z1[4], s0[4], s1[4];
   for (int t = 0; t < k; t++) {
@@ -373,7 +375,7 @@ START_TEST(test_empty_dict_single_row) {
                   "xhat_0[%d] = %.9g, z_0 = %.9g", t, (double)s0[t],
                   (double)z0[t]);
   }
-  ck_assert_int_eq(imml_dict_fill(m), 0);
+  ck_assert_int_eq(imml_fdc_dict_fill(m), 0);
   imml_model_free(m);
 }
 END_TEST
@@ -392,7 +394,7 @@ static double late_fusion_ref(imml_model *m, const batch *b, double *logits,
             C = c->n_classes, B = b->B;
   float *P = NULL;
   size_t n = 0;
-  ck_assert_int_eq(imml_params_flat(m, &P, NULL, &n), IMML_OK);
+  ck_assert_int_eq(imml_param_flat(m, &P, NULL, &n), IMML_OK);
   memset(grad, 0, n * sizeof(double));
   imml_param_view wf, bf;
   view(m, IMML_PER_MODALITY * M + 2, &wf);
@@ -518,12 +520,12 @@ START_TEST(test_warmup_late_fusion) {
     const int C = c.n_classes;
     imml_model *m = create_ok(&c, NULL);
     imml_optim_config oc;
-    imml_optim_config_init(&oc, IMML_OPT_SGD);
+    imml_optim_config_init(&oc, IMML_OPTIM_SGD);
     oc.lr = 0.1f;
     ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
     float *P = NULL, *G = NULL;
     size_t n = 0;
-    ck_assert_int_eq(imml_params_flat(m, &P, &G, &n), IMML_OK);
+    ck_assert_int_eq(imml_param_flat(m, &P, &G, &n), IMML_OK);
     double *gref = xcalloc(n, sizeof(double));
     drng r = {99};
     const int sizes[5] = {4, 6, 5, 3, 6};
@@ -590,10 +592,10 @@ START_TEST(test_warmup_late_fusion) {
                       e);
       }
       int p = 0, fixed = 1;
-      ck_assert_int_eq(imml_predominant(m, &p, &fixed), IMML_OK);
+      ck_assert_int_eq(imml_predominant_get(m, &p, &fixed), IMML_OK);
       ck_assert_int_eq(p, -1);
       ck_assert_int_eq(fixed, 0);
-      ck_assert_int_eq(imml_step(m), IMML_OK);
+      ck_assert_int_eq(imml_optim_step(m), IMML_OK);
       free(logits);
       free(lref);
       for (int mm = 0; mm < M; mm++)
@@ -601,7 +603,7 @@ START_TEST(test_warmup_late_fusion) {
       dfeat_free(dh, M);
       batch_free(&b);
     }
-    ck_assert_int_eq(imml_dict_fill(m), 8); /* filled and wrapped */
+    ck_assert_int_eq(imml_fdc_dict_fill(m), 8); /* filled and wrapped */
     free(gref);
     imml_model_free(m);
   }
@@ -632,14 +634,14 @@ START_TEST(test_host_ft_equals_builtin) {
     ck_assert_int_eq(imml_param_count(a), imml_param_count(b) + 2);
     float *Pa, *Ga, *Pb, *Gb;
     size_t na, nb;
-    ck_assert_int_eq(imml_params_flat(a, &Pa, &Ga, &na), IMML_OK);
-    ck_assert_int_eq(imml_params_flat(b, &Pb, &Gb, &nb), IMML_OK);
+    ck_assert_int_eq(imml_param_flat(a, &Pa, &Ga, &na), IMML_OK);
+    ck_assert_int_eq(imml_param_flat(b, &Pb, &Gb, &nb), IMML_OK);
     ck_assert_uint_eq(na, nb + (size_t)M * k * C + (size_t)C);
     /* same seed: every shared parameter is identical (ft.* drawn last) */
     ck_assert_msg(memcmp(Pa, Pb, nb * sizeof(float)) == 0,
                   "shared parameters differ at creation");
     imml_optim_config oc;
-    imml_optim_config_init(&oc, IMML_OPT_SGD);
+    imml_optim_config_init(&oc, IMML_OPTIM_SGD);
     oc.lr = 0.05f;
     ck_assert_int_eq(imml_optim_setup(a, &oc), IMML_OK);
     ck_assert_int_eq(imml_optim_setup(b, &oc), IMML_OK);
@@ -695,18 +697,18 @@ START_TEST(test_host_ft_equals_builtin) {
         ck_assert_msg(e < 1e-5, "step %d: dL/dh_%d differs (rel %g)", step, mm,
                       e);
       }
-      ck_assert_int_eq(imml_dict_fill(a), imml_dict_fill(b));
-      const size_t nd = (size_t)imml_dict_fill(a) * M * k;
+      ck_assert_int_eq(imml_fdc_dict_fill(a), imml_fdc_dict_fill(b));
+      const size_t nd = (size_t)imml_fdc_dict_fill(a) * M * k;
       ck_assert_msg(rel_ff(b->dict, a->dict, nd) < 1e-5,
                     "step %d: dictionaries differ", step);
       int pa, pb, fa, fbx;
-      imml_predominant(a, &pa, &fa);
-      imml_predominant(b, &pb, &fbx);
+      imml_predominant_get(a, &pa, &fa);
+      imml_predominant_get(b, &pb, &fbx);
       ck_assert_int_eq(pa, pb);
       ck_assert_int_eq(fa, fbx);
       /* the same SGD step on both; the host updates its own Wf, bf */
-      ck_assert_int_eq(imml_step(a), IMML_OK);
-      ck_assert_int_eq(imml_step(b), IMML_OK);
+      ck_assert_int_eq(imml_optim_step(a), IMML_OK);
+      ck_assert_int_eq(imml_optim_step(b), IMML_OK);
       for (size_t i = 0; i < (size_t)M * k * C; i++) {
         h.w[i] = h.w[i] - oc.lr * h.dw[i];
         h.dw[i] = 0.0f;
@@ -721,9 +723,9 @@ START_TEST(test_host_ft_equals_builtin) {
       dfeat_free(dhb, M);
       batch_free(&bt);
     }
-    ck_assert_int_eq(imml_dict_fill(a), 8);
+    ck_assert_int_eq(imml_fdc_dict_fill(a), 8);
     int p, fixed;
-    imml_predominant(a, &p, &fixed);
+    imml_predominant_get(a, &p, &fixed);
     ck_assert_int_eq(fixed, 1);
     /* the host's evaluation forward receives training = 0 */
     {
@@ -738,14 +740,14 @@ START_TEST(test_host_ft_equals_builtin) {
           IMML_OK);
       ck_assert_int_eq(h.last_training, 0);
       ck_assert_msg(rel_ff(lb, la, 9) < 1e-5, "eval logits differ");
-      imml_workspace *ws = NULL;
-      ck_assert_int_eq(imml_workspace_create(b, &ws), IMML_OK);
+      imml_model *ws = NULL;
+      ck_assert_int_eq(imml_model_share(b, &ws), IMML_OK);
       h.last_training = 1;
-      ck_assert_int_eq(imml_predict(b, ws, 3, feats(&bt), lb, NULL, NULL),
+      ck_assert_int_eq(imml_predict(ws, 3, feats(&bt), lb, NULL, NULL),
                        IMML_OK);
       ck_assert_int_eq(h.last_training, 0);
       ck_assert_msg(rel_ff(lb, la, 9) < 1e-5, "predict logits differ");
-      imml_workspace_free(ws);
+      imml_model_free(ws);
       batch_free(&bt);
     }
     imml_model_free(a);
@@ -779,11 +781,11 @@ START_TEST(test_callback_failure_changes_nothing) {
   imml_model *m = create_ok(&c, &ops);
   imml_model *ref = create_ok(&c, &ops_ref); /* same history, never fails */
   imml_optim_config oc;
-  imml_optim_config_init(&oc, IMML_OPT_ADAMW);
+  imml_optim_config_init(&oc, IMML_OPTIM_ADAMW);
   ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
   ck_assert_int_eq(imml_optim_setup(ref, &oc), IMML_OK);
-  imml_workspace *ws = NULL;
-  ck_assert_int_eq(imml_workspace_create(m, &ws), IMML_OK);
+  imml_model *ws = NULL; /* a share of m */
+  ck_assert_int_eq(imml_model_share(m, &ws), IMML_OK);
   drng r = {31337};
   /* rounds: 0 = warm-up in progress (1 step done), 1 = the step that
    * completes warm-up, 2.. = p fixed, dictionary in use */
@@ -796,7 +798,7 @@ START_TEST(test_callback_failure_changes_nothing) {
       fwd_train(x, &b, NULL, NULL);
       backward_ok(x, NULL);
       if (round % 2 == 1)
-        ck_assert_int_eq(imml_step(x), IMML_OK);
+        ck_assert_int_eq(imml_optim_step(x), IMML_OK);
     }
     batch b2;
     batch_random(&b2, M, dims, 5, C, &r);
@@ -810,17 +812,23 @@ START_TEST(test_callback_failure_changes_nothing) {
     ck_assert_int_eq(
         imml_forward(m, IMML_MODE_TRAIN, b2.B, feats(&b2), b2.y, NULL, NULL),
         IMML_ERR_CALLBACK);
-    ck_assert_msg(imml_errmsg(m)[0] != '\0', "no message after a failure");
+    ck_assert_msg(imml_model_errmsg(m)[0] != '\0',
+                  "no message after a failure");
     snap_take(m, &s1);
     snap_check(&s0, &s1, "failed training forward");
     snap_free(&s1);
     ck_assert_int_eq(
         imml_forward(m, IMML_MODE_EVAL, b2.B, feats(&b2), b2.y, NULL, NULL),
         IMML_ERR_CALLBACK);
-    ck_assert_msg(imml_errmsg(m)[0] != '\0', "no message after a failure");
-    ck_assert_int_eq(imml_predict(m, ws, b2.B, feats(&b2), NULL, NULL, NULL),
+    ck_assert_msg(imml_model_errmsg(m)[0] != '\0',
+                  "no message after a failure");
+    ck_assert_int_eq(imml_predict(ws, b2.B, feats(&b2), NULL, NULL, NULL),
                      IMML_ERR_CALLBACK);
-    ck_assert_msg(imml_workspace_errmsg(ws)[0] != '\0', "no ws message");
+    ck_assert_msg(imml_model_errmsg(ws)[0] != '\0', "no share message");
+    ck_assert_int_eq(imml_predict(m, b2.B, feats(&b2), NULL, NULL, NULL),
+                     IMML_ERR_CALLBACK);
+    ck_assert_msg(imml_model_errmsg(m)[0] != '\0',
+                  "no message after a failure");
     snap_take(m, &s1);
     snap_check(&s0, &s1, "failed evaluation forward");
     snap_free(&s1);
@@ -837,7 +845,8 @@ START_TEST(test_callback_failure_changes_nothing) {
     dfeat_alloc(dh, &b2);
     h.fail_backward = -3;
     ck_assert_int_eq(imml_backward(m, dh), IMML_ERR_CALLBACK);
-    ck_assert_msg(imml_errmsg(m)[0] != '\0', "no message after a failure");
+    ck_assert_msg(imml_model_errmsg(m)[0] != '\0',
+                  "no message after a failure");
     snap_take(m, &s1);
     snap_check(&s0, &s1, "failed backward");
     snap_free(&s1);
@@ -862,9 +871,9 @@ START_TEST(test_callback_failure_changes_nothing) {
     batch_free(&b2);
   }
   int p, fixed;
-  imml_predominant(m, &p, &fixed);
+  imml_predominant_get(m, &p, &fixed);
   ck_assert_int_eq(fixed, 1);
-  imml_workspace_free(ws);
+  imml_model_free(ws);
   imml_model_free(m);
   imml_model_free(ref);
   host_free(&h);
@@ -919,7 +928,7 @@ static imml_model *run_auto_p(int informative, int warmup) {
   c.seed = 2024;
   imml_model *m = create_ok(&c, NULL);
   imml_optim_config oc;
-  imml_optim_config_init(&oc, IMML_OPT_ADAMW);
+  imml_optim_config_init(&oc, IMML_OPTIM_ADAMW);
   oc.lr = 1e-2f;
   ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
   drng r = {555};
@@ -928,7 +937,7 @@ static imml_model *run_auto_p(int informative, int warmup) {
     batch b;
     informative_batch(&b, M, dims, B, c.n_classes, informative, &r);
     int p, fixed;
-    ck_assert_int_eq(imml_predominant(m, &p, &fixed), IMML_OK);
+    ck_assert_int_eq(imml_predominant_get(m, &p, &fixed), IMML_OK);
     if (step < warmup) {
       ck_assert_msg(p == -1 && fixed == 0, "step %d: p %d fixed %d too early",
                     step, p, fixed);
@@ -944,10 +953,10 @@ static imml_model *run_auto_p(int informative, int warmup) {
       acc[mm] = (float)correct / (float)B;
     }
     backward_ok(m, NULL);
-    ck_assert_int_eq(imml_step(m), IMML_OK);
+    ck_assert_int_eq(imml_optim_step(m), IMML_OK);
     int steps;
     float got[2];
-    ck_assert_int_eq(imml_warmup_state(m, &steps, got), IMML_OK);
+    ck_assert_int_eq(imml_warmup_get(m, &steps, got), IMML_OK);
     if (step < warmup) {
       for (int mm = 0; mm < M; mm++) {
         ema[mm] = 0.9f * ema[mm] + 0.1f * acc[mm];
@@ -966,7 +975,7 @@ static imml_model *run_auto_p(int informative, int warmup) {
     batch_free(&b);
   }
   int p, fixed;
-  ck_assert_int_eq(imml_predominant(m, &p, &fixed), IMML_OK);
+  ck_assert_int_eq(imml_predominant_get(m, &p, &fixed), IMML_OK);
   ck_assert_int_eq(fixed, 1);
   ck_assert_msg(p == informative, "chose p = %d, the label is in modality %d",
                 p, informative);
@@ -982,14 +991,14 @@ START_TEST(test_auto_predominant) {
     imml_model *b = run_auto_p(inf, 30);
     float *pa, *pb;
     size_t na, nb;
-    ck_assert_int_eq(imml_params_flat(a, &pa, NULL, &na), IMML_OK);
-    ck_assert_int_eq(imml_params_flat(b, &pb, NULL, &nb), IMML_OK);
+    ck_assert_int_eq(imml_param_flat(a, &pa, NULL, &na), IMML_OK);
+    ck_assert_int_eq(imml_param_flat(b, &pb, NULL, &nb), IMML_OK);
     ck_assert_uint_eq(na, nb);
     ck_assert_msg(memcmp(pa, pb, na * sizeof(float)) == 0,
                   "two identical runs gave different parameters");
     int p1, p2;
-    imml_predominant(a, &p1, NULL);
-    imml_predominant(b, &p2, NULL);
+    imml_predominant_get(a, &p1, NULL);
+    imml_predominant_get(b, &p2, NULL);
     ck_assert_int_eq(p1, p2);
     imml_model_free(a);
     imml_model_free(b);
@@ -1030,7 +1039,7 @@ START_TEST(test_predominant_ties_lowest_index) {
       ema = 0.9f * ema + 0.1f * 1.0f;
       float got[3];
       int steps;
-      imml_warmup_state(m, &steps, got);
+      imml_warmup_get(m, &steps, got);
       for (int mm = 0; mm < 3; mm++) {
         const float want = predicted[cs][mm] == 0 ? ema : 0.0f;
         ck_assert_msg(fabsf(got[mm] - want) <= 1e-7f,
@@ -1040,12 +1049,236 @@ START_TEST(test_predominant_ties_lowest_index) {
       batch_free(&b);
     }
     int p, fixed;
-    imml_predominant(m, &p, &fixed);
+    imml_predominant_get(m, &p, &fixed);
     ck_assert_int_eq(fixed, 1);
     ck_assert_msg(p == expect_p[cs], "case %d: p = %d, want %d", cs, p,
                   expect_p[cs]);
     imml_model_free(m);
   }
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* The host fixes p: imml_predominant_set                               */
+/* ------------------------------------------------------------------ */
+
+/* M = 3, gamma1 > 0, a warm-up long enough never to end here; predominant
+ * -1 (the library would choose) or given. */
+static void set_cfg(imml_config *c, const int *dims, int predominant) {
+  small_cfg(c, 3, dims);
+  c->warmup_steps = 100;
+  c->gamma1 = 0.5f;
+  c->beta = 0.6f;
+  c->predominant = predominant;
+}
+
+/* p as imml_predominant_get reports it, and whether it is fixed. */
+static void expect_predominant(imml_model *m, int want_p, int want_fixed,
+                               const char *what) {
+  int p = -7, fixed = -7;
+  ck_assert_int_eq(imml_predominant_get(m, &p, &fixed), IMML_OK);
+  ck_assert_msg(p == want_p && fixed == want_fixed,
+                "%s: predominant (%d, fixed %d), want (%d, fixed %d)", what, p,
+                fixed, want_p, want_fixed);
+}
+
+/* imml_predominant_set(m, q) refused with `want`, a message, and m
+ * unchanged. */
+static void set_refused(imml_model *m, int q, imml_status want,
+                        const char *what) {
+  snap s;
+  snap_take(m, &s);
+  const imml_status st = imml_predominant_set(m, q);
+  ck_assert_msg(st == want, "%s: imml_predominant_set(%d) = %d, want %d", what,
+                q, (int)st, (int)want);
+  ck_assert_msg(imml_model_errmsg(m)[0] != '\0', "%s: no message", what);
+  expect_unchanged(m, &s, what);
+  snap_free(&s);
+}
+
+/* Refused (IMML_ERR_INVALID_ARG, nothing changed) for a p outside 0..M-1,
+ * and (IMML_ERR_STATE) on a share; accepted while the library has not
+ * fixed p (loop 0: a fresh model; 1: after 2 warm-up steps, the dictionary
+ * partly filled).  Afterwards imml_predominant_get reports p fixed, on the
+ * model and on its share, and the next training forward is the front-door
+ * forward: bit for bit the one of a model given p in its configuration
+ * (same parameters and dictionary), slot_p = z_p, the auxiliary slots
+ * attend over the strata, L_con > 0 and counted in the total.  A second
+ * imml_predominant_set is refused, and the choice is saved in checkpoints. */
+START_TEST(test_predominant_set) {
+  static const int dims[3] = {5, 7, 3};
+  const int M = 3, p = 2, pre = _i ? 2 : 0;
+  imml_config c, cp;
+  set_cfg(&c, dims, -1);
+  set_cfg(&cp, dims, p);
+  const int k = c.knowledge_dim, C = c.n_classes;
+  imml_model *m = create_ok(&c, NULL);
+  imml_model *ref = create_ok(&cp, NULL); /* p given from the start */
+  drng r = {4100 + (uint64_t)_i};
+  batch b;
+  /* Warm-up steps without an optimiser: the parameters stay those of
+   * ref, and so does the dictionary (knowledge does not depend on p). */
+  for (int st = 0; st < pre; st++) {
+    batch_random(&b, M, dims, 4, C, &r);
+    imml_losses l;
+    fwd_train(m, &b, NULL, &l);
+    ck_assert_msg(l.con == 0.0, "L_con = %g in warm-up", l.con);
+    backward_ok(m, NULL);
+    train_once(ref, &b);
+    batch_free(&b);
+  }
+  ck_assert_int_eq(imml_fdc_dict_fill(m), 4 * pre);
+  expect_predominant(m, -1, 0, "before imml_predominant_set");
+
+  const int bad[5] = {-1, M, IMML_MAX_MODALITIES, INT_MIN, INT_MAX};
+  for (int i = 0; i < 5; i++)
+    set_refused(m, bad[i], IMML_ERR_INVALID_ARG, "p out of range");
+  ck_assert_int_eq(imml_predominant_set(NULL, p), IMML_ERR_NULL);
+
+  imml_model *sh = NULL;
+  ck_assert_int_eq(imml_model_share(m, &sh), IMML_OK);
+  {
+    snap s;
+    snap_take(m, &s);
+    ck_assert_int_eq(imml_predominant_set(sh, p), IMML_ERR_STATE);
+    ck_assert_msg(imml_model_errmsg(sh)[0] != '\0', "no message on the share");
+    expect_unchanged(m, &s, "imml_predominant_set on a share");
+    snap_free(&s);
+  }
+  expect_predominant(sh, -1, 0, "share, before imml_predominant_set");
+
+  snap s0;
+  snap_take(m, &s0);
+  ck_assert_int_eq(imml_predominant_set(m, p), IMML_OK);
+  ck_assert_str_eq(imml_model_errmsg(m), "");
+  expect_predominant(m, p, 1, "after imml_predominant_set");
+  expect_predominant(sh, p, 1, "share, after imml_predominant_set");
+  {
+    /* nothing else changed (the warm-up step count may be capped) */
+    snap s1;
+    snap_take(m, &s1);
+    s0.p = p;
+    s0.fixed = 1;
+    s0.steps = s1.steps;
+    snap_check(&s0, &s1, "imml_predominant_set");
+    snap_free(&s1);
+  }
+  snap_free(&s0);
+  set_refused(m, p, IMML_ERR_STATE, "set again, same p");
+  set_refused(m, 0, IMML_ERR_STATE, "set again, another p");
+
+  /* the next training forward */
+  batch_random(&b, M, dims, 5, C, &r);
+  const int B = b.B;
+  float lg[5 * 3], lr[5 * 3];
+  imml_losses l, lref;
+  ck_assert_int_eq(imml_grad_zero(m), IMML_OK);
+  ck_assert_int_eq(imml_grad_zero(ref), IMML_OK);
+  fwd_train(m, &b, lg, &l);
+  fwd_train(ref, &b, lr, &lref);
+  ck_assert_int_eq(m->train.warm, 0);
+  ck_assert_int_eq(m->train.p, p);
+  ck_assert_msg(l.con > 0.0 && isfinite(l.con), "L_con = %g after the set",
+                l.con);
+  const double tot = l.ce + (double)c.gamma1 * l.con + (double)c.gamma2 * l.dis;
+  ck_assert_msg(fabs(l.total - tot) <= 1e-12 * fabs(tot),
+                "total %.17g != ce + g1 con + g2 dis = %.17g", l.total, tot);
+  ck_assert_msg(memcmp(lg, lr, sizeof lg) == 0,
+                "logits differ from a model given p = %d in its config", p);
+  ck_assert_msg(memcmp(&l, &lref, sizeof l) == 0,
+                "losses differ from a model given p = %d in its config", p);
+  for (int mm = 0; mm < M; mm++) {
+    const size_t bytes = (size_t)B * k * sizeof(float);
+    const int same = memcmp(m->train.slot[mm], m->train.z[mm], bytes) == 0;
+    ck_assert_msg(mm == p ? same : !same,
+                  "slot %d %s z_%d (p = %d): not the front-door slots", mm,
+                  same ? "equals" : "differs from", mm, p);
+    ck_assert_msg(memcmp(m->train.slot[mm], ref->train.slot[mm], bytes) == 0,
+                  "slot %d differs from a model given p in its config", mm);
+  }
+  backward_ok(m, NULL);
+  backward_ok(ref, NULL);
+  ck_assert_msg(memcmp(m->grads, ref->grads, m->n_params * sizeof(float)) == 0,
+                "gradients differ from a model given p = %d in its config", p);
+  ck_assert_int_eq(imml_fdc_dict_fill(m), imml_fdc_dict_fill(ref));
+  expect_predominant(m, p, 1, "after a training step");
+  set_refused(m, p, IMML_ERR_STATE, "set after training with it");
+  batch_free(&b);
+
+  /* saved in checkpoints */
+  imml_model_free(sh);
+  size_t n = 0;
+  ck_assert_int_eq(imml_model_save_mem(m, NULL, 0, &n), IMML_OK);
+  unsigned char *buf = xcalloc(n, 1);
+  ck_assert_int_eq(imml_model_save_mem(m, buf, n, &n), IMML_OK);
+  imml_model *back = NULL;
+  const imml_status st = imml_model_load_mem(buf, n, NULL, NULL, &back);
+  ck_assert_msg(st == IMML_OK, "load: %d %s", (int)st, imml_model_errmsg(back));
+  expect_predominant(back, p, 1, "loaded checkpoint");
+  set_refused(back, 0, IMML_ERR_STATE, "set on a loaded fixed model");
+  imml_model_free(back);
+  free(buf);
+  imml_model_free(m);
+  imml_model_free(ref);
+}
+END_TEST
+
+/* Once p is fixed, by the configuration (loop 0: there is no warm-up) or
+ * by the end of the warm-up (loop 1), imml_predominant_set is refused with
+ * IMML_ERR_STATE for every modality, the model's own p included, and
+ * changes nothing; an out-of-range p is still IMML_ERR_INVALID_ARG. */
+START_TEST(test_predominant_set_refused_once_fixed) {
+  static const int dims[3] = {5, 7, 3};
+  const int M = 3;
+  imml_config c;
+  set_cfg(&c, dims, _i == 0 ? 1 : -1);
+  c.warmup_steps = 2;
+  imml_model *m = create_ok(&c, NULL);
+  if (_i == 0) {
+    expect_predominant(m, 1, 1, "given in the config");
+  } else {
+    drng r = {4200};
+    for (int st = 0; st < c.warmup_steps; st++) {
+      batch b;
+      batch_random(&b, M, dims, 4, c.n_classes, &r);
+      train_once(m, &b);
+      batch_free(&b);
+    }
+  }
+  int p = -1, fixed = 0;
+  ck_assert_int_eq(imml_predominant_get(m, &p, &fixed), IMML_OK);
+  ck_assert_int_eq(fixed, 1);
+  for (int q = 0; q < M; q++)
+    set_refused(m, q, IMML_ERR_STATE, q == p ? "fixed, own p" : "fixed");
+  set_refused(m, M, IMML_ERR_INVALID_ARG, "fixed, p out of range");
+  expect_predominant(m, p, 1, "after the refusals");
+  imml_model_free(m);
+}
+END_TEST
+
+/* Between a training forward and its commit the step is under way:
+ * imml_predominant_set is refused (IMML_ERR_STATE, nothing changed) after
+ * the forward and after the uncommitted backward, and accepted once the
+ * step is committed. */
+START_TEST(test_predominant_set_refused_mid_step) {
+  static const int dims[3] = {5, 7, 3};
+  const int M = 3;
+  imml_config c;
+  set_cfg(&c, dims, -1);
+  imml_model *m = create_ok(&c, NULL);
+  drng r = {4300};
+  batch b;
+  batch_random(&b, M, dims, 4, c.n_classes, &r);
+  fwd_train(m, &b, NULL, NULL);
+  set_refused(m, 1, IMML_ERR_STATE, "set after a training forward");
+  backward_only_ok(m, NULL);
+  set_refused(m, 1, IMML_ERR_STATE, "set with an uncommitted micro-batch");
+  ck_assert_int_eq(imml_commit(m), IMML_OK);
+  expect_predominant(m, -1, 0, "after one warm-up step");
+  ck_assert_int_eq(imml_predominant_set(m, 1), IMML_OK);
+  expect_predominant(m, 1, 1, "set between steps");
+  batch_free(&b);
+  imml_model_free(m);
 }
 END_TEST
 
@@ -1064,7 +1297,7 @@ START_TEST(test_determinism) {
   const int C = c.n_classes;
   imml_model *a = create_ok(&c, NULL), *b = create_ok(&c, NULL);
   imml_optim_config oc;
-  imml_optim_config_init(&oc, IMML_OPT_ADAMW);
+  imml_optim_config_init(&oc, IMML_OPTIM_ADAMW);
   oc.clip_norm = 1.0f;
   ck_assert_int_eq(imml_optim_setup(a, &oc), IMML_OK);
   ck_assert_int_eq(imml_optim_setup(b, &oc), IMML_OK);
@@ -1087,7 +1320,7 @@ START_TEST(test_determinism) {
       ck_assert_int_eq(
           imml_forward(ms[w], IMML_MODE_EVAL, B, feats(&bt), NULL, NULL, NULL),
           IMML_OK);
-      ck_assert_int_eq(imml_step(ms[w]), IMML_OK);
+      ck_assert_int_eq(imml_optim_step(ms[w]), IMML_OK);
     }
     ck_assert_msg(memcmp(la, lb, (size_t)B * C * sizeof(float)) == 0,
                   "step %d: logits differ", step);
@@ -1109,9 +1342,9 @@ START_TEST(test_determinism) {
     batch_free(&bt);
   }
   int p, fixed;
-  imml_predominant(a, &p, &fixed);
+  imml_predominant_get(a, &p, &fixed);
   ck_assert_int_eq(fixed, 1);
-  ck_assert_int_eq(imml_dict_fill(a), 8);
+  ck_assert_int_eq(imml_fdc_dict_fill(a), 8);
   imml_model_free(a);
   imml_model_free(b);
 }
@@ -1280,7 +1513,7 @@ static void fdc_ref(imml_model *m, int B, const float *const *z,
   const imml_config *c = &m->cfg;
   const int M = c->n_modalities, k = c->knowledge_dim;
   int p = -1;
-  imml_predominant(m, &p, NULL);
+  imml_predominant_get(m, &p, NULL);
   ck_assert_int_ge(p, 0);
   int order[IMML_MAX_MODALITIES];
   order[0] = p;
@@ -1365,7 +1598,7 @@ START_TEST(test_fdc_adjust_matches_forward_and_reference) {
         batch_random_scaled(&b, M, dims, 4, c.n_classes, &r, 2.0f);
         train_once(m, &b);
         batch_free(&b);
-        ck_assert_int_eq(imml_dict_fill(m), 4);
+        ck_assert_int_eq(imml_fdc_dict_fill(m), 4);
       }
       batch_random_scaled(&b, M, dims, 5, c.n_classes, &r, 2.0f);
       fwd_train(m, &b, NULL, NULL);
@@ -1392,7 +1625,7 @@ START_TEST(test_fdc_adjust_matches_forward_and_reference) {
         for (int mm = 0; mm < M; mm++)
           d[mm] = m->dict + (size_t)mm * k;
         ld = M * k;
-        n = imml_dict_fill(m);
+        n = imml_fdc_dict_fill(m);
       } else {
         for (int mm = 0; mm < M; mm++)
           d[mm] = z[mm];
@@ -1439,12 +1672,12 @@ START_TEST(test_dict_ring) {
   /* a training forward not followed by a backward pushes nothing */
   batch_random(&b, M, dims, 4, c.n_classes, &r);
   fwd_train(m, &b, NULL, NULL);
-  ck_assert_int_eq(imml_dict_fill(m), 0);
+  ck_assert_int_eq(imml_fdc_dict_fill(m), 0);
   batch_free(&b);
   /* a batch of 5 into J = 3: only its last 3 rows stay, in order */
   batch_random(&b, M, dims, 5, c.n_classes, &r);
   train_once(m, &b);
-  ck_assert_int_eq(imml_dict_fill(m), 3);
+  ck_assert_int_eq(imml_fdc_dict_fill(m), 3);
   float keep[3 * 2 * 4];
   for (int j = 0; j < 3; j++)
     for (int mm = 0; mm < M; mm++)
@@ -1457,7 +1690,7 @@ START_TEST(test_dict_ring) {
   /* FIFO: the next 2 rows overwrite the 2 oldest entries */
   batch_random(&b, M, dims, 2, c.n_classes, &r);
   train_once(m, &b);
-  ck_assert_int_eq(imml_dict_fill(m), 3);
+  ck_assert_int_eq(imml_fdc_dict_fill(m), 3);
   int found_old = 0;
   for (int j = 0; j < 3; j++) {
     const float *e = m->dict + (size_t)j * M * k;
@@ -1478,7 +1711,7 @@ START_TEST(test_dict_ring) {
   /* evaluation never pushes */
   ck_assert_int_eq(
       imml_forward(m, IMML_MODE_EVAL, 2, feats(&b), b.y, NULL, NULL), IMML_OK);
-  ck_assert_int_eq(imml_dict_fill(m), 3);
+  ck_assert_int_eq(imml_fdc_dict_fill(m), 3);
   batch_free(&b);
   imml_model_free(m);
 }
@@ -1496,6 +1729,9 @@ static Suite *properties_suite(void) {
   tcase_add_test(tc, test_callback_failure_changes_nothing);
   tcase_add_test(tc, test_auto_predominant);
   tcase_add_test(tc, test_predominant_ties_lowest_index);
+  tcase_add_loop_test(tc, test_predominant_set, 0, 2);
+  tcase_add_loop_test(tc, test_predominant_set_refused_once_fixed, 0, 2);
+  tcase_add_test(tc, test_predominant_set_refused_mid_step);
   tcase_add_test(tc, test_determinism);
   tcase_add_test(tc, test_reference_generator_selfcheck);
   tcase_add_test(tc, test_init_values);

@@ -1,16 +1,16 @@
-/* Threads (imml.h: "A model may be used by one thread at a time; different
- * models may be used from different threads at once.  imml_predict() on
- * one model from several threads at once is safe when each thread passes
- * its own imml_workspace."):
+/* Threads (imml.h: "A handle may be used by one thread at a time;
+ * different handles may be used from different threads at once.  To serve
+ * one model from several threads, give each thread a share of it
+ * (imml_model_share())."):
  *
  * - several models created, trained and saved in several threads at once
  *   give, bit for bit, the checkpoints and predictions they give one at a
  *   time;
- * - imml_predict on one loaded model from several threads, each with its
- *   own workspace, while other threads train their own models, gives the
- *   single-threaded predictions and leaves the model untouched;
+ * - imml_predict on one loaded model from several threads, each through
+ *   its own share of it, while other threads train their own models, gives
+ *   the single-threaded predictions and leaves the model untouched;
  * - several threads loading the same buffer at once get the same model;
- * - a data-parallel step over threads (imml_set_collective with an
+ * - a data-parallel step over threads (imml_collective_set with an
  *   allgather over a barrier) keeps every rank's model identical;
  * - the passes over every parameter that libimml splits across threads of
  *   its own (optimiser step, gradient checks; lib/par.c) give, bit for bit,
@@ -129,19 +129,19 @@ typedef struct job_spec {
   int M;
   int dims[MAXM];
   int C, B, J, warmup, predominant;
-  int opt; /* -1 none, IMML_OPT_SGD, IMML_OPT_ADAMW */
+  int opt; /* -1 none, IMML_OPTIM_SGD, IMML_OPTIM_ADAMW */
   int host_ft, strict;
   int steps;
   uint64_t seed;
 } job_spec;
 
 static const job_spec specs[] = {
-    {2, {5, 7, 0}, 3, 6, 10, 2, -1, IMML_OPT_ADAMW, 0, 0, 8, 1},
-    {3, {4, 9, 3}, 4, 8, 5, 3, -1, IMML_OPT_SGD, 0, 1, 7, 2},
-    {2, {6, 2, 0}, 2, 5, 12, 1, -1, IMML_OPT_ADAMW, 1, 0, 9, 3},
-    {3, {3, 3, 8}, 3, 7, 6, 0, 2, IMML_OPT_SGD, 1, 0, 6, 4},
+    {2, {5, 7, 0}, 3, 6, 10, 2, -1, IMML_OPTIM_ADAMW, 0, 0, 8, 1},
+    {3, {4, 9, 3}, 4, 8, 5, 3, -1, IMML_OPTIM_SGD, 0, 1, 7, 2},
+    {2, {6, 2, 0}, 2, 5, 12, 1, -1, IMML_OPTIM_ADAMW, 1, 0, 9, 3},
+    {3, {3, 3, 8}, 3, 7, 6, 0, 2, IMML_OPTIM_SGD, 1, 0, 6, 4},
     {2, {9, 4, 0}, 4, 8, 8, 4, -1, -1, 0, 0, 5, 5},
-    {2, {2, 5, 0}, 2, 4, 3, 2, 1, IMML_OPT_ADAMW, 0, 1, 10, 6},
+    {2, {2, 5, 0}, 2, 4, 3, 2, 1, IMML_OPTIM_ADAMW, 0, 1, 10, 6},
 };
 #define N_JOBS (int)(sizeof specs / sizeof specs[0])
 
@@ -159,7 +159,7 @@ static void record_fail(job_out *o, imml_status st, const char *what,
                         const imml_model *m) {
   if (o->st == IMML_OK) {
     o->st = st;
-    snprintf(o->err, sizeof o->err, "%s: %s", what, imml_errmsg(m));
+    snprintf(o->err, sizeof o->err, "%s: %s", what, imml_model_errmsg(m));
   }
 }
 
@@ -196,17 +196,18 @@ static void run_job(const job_spec *sp, job_out *o) {
   c.allocator.free_fn = cnt_free;
   c.allocator.user_data = &o->cnt;
   imml_model *m = NULL;
-  imml_status st = imml_model_create_ex(&c, sp->host_ft ? &ops : NULL, &m,
-                                        o->err, sizeof o->err);
+  imml_status st = imml_model_create(&c, sp->host_ft ? &ops : NULL, &m);
   if (st != IMML_OK) {
     o->st = st;
+    snprintf(o->err, sizeof o->err, "create: %s", imml_model_errmsg(m));
+    imml_model_free(m); /* the failed handle */
     return;
   }
   if (sp->opt >= 0) {
     imml_optim_config oc;
-    imml_optim_config_init(&oc, (imml_optimizer_kind)sp->opt);
+    imml_optim_config_init(&oc, (imml_optim_kind)sp->opt);
     oc.lr = 0.02f;
-    if (sp->opt == IMML_OPT_SGD)
+    if (sp->opt == IMML_OPTIM_SGD)
       oc.momentum = 0.9f;
     if ((st = imml_optim_setup(m, &oc)) != IMML_OK)
       record_fail(o, st, "optim_setup", m);
@@ -220,25 +221,31 @@ static void run_job(const job_spec *sp, job_out *o) {
       record_fail(o, st, "forward", m);
     else if ((st = imml_backward(m, NULL)) != IMML_OK)
       record_fail(o, st, "backward", m);
-    else if (sp->opt >= 0 && (st = imml_step(m)) != IMML_OK)
+    else if ((st = imml_commit(m)) != IMML_OK)
+      record_fail(o, st, "commit", m);
+    else if (sp->opt >= 0 && (st = imml_optim_step(m)) != IMML_OK)
       record_fail(o, st, "step", m);
   }
-  imml_workspace *ws = NULL;
-  if (o->st == IMML_OK && (st = imml_workspace_create(m, &ws)) != IMML_OK)
-    record_fail(o, st, "workspace", m);
+  imml_model *ws = NULL; /* a share of m */
+  if (o->st == IMML_OK && (st = imml_model_share(m, &ws)) != IMML_OK) {
+    record_fail(o, st, "share", ws);
+    imml_model_free(ws); /* the failed handle */
+    ws = NULL;
+  }
   if (o->st == IMML_OK) {
     make_batch(&b, 4242, sp->M, sp->dims, sp->B, sp->C);
-    if ((st = imml_predict(m, ws, b.B, b.f, o->logits, NULL, o->classes)) !=
+    if ((st = imml_predict(ws, b.B, b.f, o->logits, NULL, o->classes)) !=
         IMML_OK)
-      record_fail(o, st, imml_workspace_errmsg(ws), m);
+      record_fail(o, st, "predict", ws);
   }
   size_t need = 0;
-  if (o->st == IMML_OK && (st = imml_save_mem(m, NULL, 0, &need)) == IMML_OK) {
+  if (o->st == IMML_OK &&
+      (st = imml_model_save_mem(m, NULL, 0, &need)) == IMML_OK) {
     o->ckpt = malloc(need);
-    if (!o->ckpt || imml_save_mem(m, o->ckpt, need, &o->size) != IMML_OK)
+    if (!o->ckpt || imml_model_save_mem(m, o->ckpt, need, &o->size) != IMML_OK)
       record_fail(o, IMML_ERR_NOMEM, "save_mem", m);
   }
-  imml_workspace_free(ws);
+  imml_model_free(ws);
   imml_model_free(m);
 }
 
@@ -326,7 +333,7 @@ typedef struct pred_set {
 } pred_set;
 
 typedef struct pred_thread {
-  const imml_model *m;
+  imml_model *share; /* this thread's own share of the model */
   const job_spec *sp;
   const pred_set *want;
   pthread_barrier_t *start;
@@ -334,45 +341,43 @@ typedef struct pred_thread {
   char err[256];
 } pred_thread;
 
-static int predict_set(const imml_model *m, imml_workspace *ws,
-                       const job_spec *sp, pred_set *out, char *err, size_t n) {
+/* The predictions of the fixed batches through handle h (the model or one
+ * of its shares). */
+static int predict_set(imml_model *h, const job_spec *sp, pred_set *out,
+                       char *err, size_t n) {
   for (int i = 0; i < N_PB; i++) {
     fixed_batch b;
     const int B = pb_size[i] < sp->B ? pb_size[i] : sp->B;
     make_batch(&b, 900 + (uint64_t)i, sp->M, sp->dims, B, sp->C);
-    const imml_status st = imml_predict(m, ws, b.B, b.f, out->logits[i],
+    const imml_status st = imml_predict(h, b.B, b.f, out->logits[i],
                                         out->probs[i], out->classes[i]);
     if (st != IMML_OK) {
-      snprintf(err, n, "predict: %s", imml_workspace_errmsg(ws));
+      snprintf(err, n, "predict: %s", imml_model_errmsg(h));
       return 1;
     }
   }
   return 0;
 }
 
+/* A prediction thread uses only its own share (created and freed by the
+ * main thread: imml_model_share is a call on the model, which one thread
+ * at a time may make). */
 static void *pred_main(void *arg) {
   pred_thread *t = arg;
-  imml_workspace *ws = NULL;
   pthread_barrier_wait(t->start);
-  if (imml_workspace_create(t->m, &ws) != IMML_OK) {
-    t->errors++;
-    return NULL;
-  }
   pred_set *got = malloc(sizeof *got);
   if (!got) {
     t->errors++;
-    imml_workspace_free(ws);
     return NULL;
   }
   for (int r = 0; r < N_ROUNDS; r++) {
     memset(got, 0, sizeof *got);
-    if (predict_set(t->m, ws, t->sp, got, t->err, sizeof t->err))
+    if (predict_set(t->share, t->sp, got, t->err, sizeof t->err))
       t->errors++;
     else if (memcmp(got, t->want, sizeof *got) != 0)
       t->mismatches++;
   }
   free(got);
-  imml_workspace_free(ws);
   return NULL;
 }
 
@@ -384,10 +389,11 @@ static void *train_main(void *arg) {
   return NULL;
 }
 
-/* imml_predict from several threads on one loaded model, each with its own
- * workspace, while other threads train their own models: the predictions
- * equal the single-threaded ones, the model is untouched (its checkpoint is
- * the same bytes), and the trainings equal theirs. */
+/* imml_predict from several threads on one loaded model, each through its
+ * own share of it, while other threads train their own models: the
+ * predictions equal the single-threaded ones of the model itself, the model
+ * is untouched (its checkpoint is the same bytes), and the trainings equal
+ * theirs. */
 START_TEST(test_concurrent_predict_while_training) {
   const job_spec *sp = &specs[_i ? 2 : 1]; /* host F&T / built-in */
   job_out base;
@@ -406,18 +412,15 @@ START_TEST(test_concurrent_predict_while_training) {
   ops.backward = host_backward;
   ops.user_data = &h;
   imml_model *m = NULL;
-  ck_assert_int_eq(
-      imml_load_mem(base.ckpt, base.size, sp->host_ft ? &ops : NULL, &m),
-      IMML_OK);
+  ck_assert_int_eq(imml_model_load_mem(base.ckpt, base.size,
+                                       sp->host_ft ? &ops : NULL, NULL, &m),
+                   IMML_OK);
   int p, fixed;
-  ck_assert_int_eq(imml_predominant(m, &p, &fixed), IMML_OK);
+  ck_assert_int_eq(imml_predominant_get(m, &p, &fixed), IMML_OK);
   ck_assert_int_eq(fixed, 1); /* predictions use the dictionary */
   static pred_set want;
-  imml_workspace *ws = NULL;
-  ck_assert_int_eq(imml_workspace_create(m, &ws), IMML_OK);
   char err[256];
-  ck_assert_msg(predict_set(m, ws, sp, &want, err, sizeof err) == 0, "%s", err);
-  imml_workspace_free(ws);
+  ck_assert_msg(predict_set(m, sp, &want, err, sizeof err) == 0, "%s", err);
   /* the training jobs' single-threaded results */
   static job_out ref[N_TRAIN];
   for (int j = 0; j < N_TRAIN; j++) {
@@ -433,7 +436,7 @@ START_TEST(test_concurrent_predict_while_training) {
   pthread_t tid[N_PRED + N_TRAIN];
   for (int t = 0; t < N_PRED; t++) {
     memset(&pt[t], 0, sizeof pt[t]);
-    pt[t].m = m;
+    ck_assert_int_eq(imml_model_share(m, &pt[t].share), IMML_OK);
     pt[t].sp = sp;
     pt[t].want = &want;
     pt[t].start = &start;
@@ -449,10 +452,13 @@ START_TEST(test_concurrent_predict_while_training) {
   for (int t = 0; t < N_PRED + N_TRAIN; t++)
     ck_assert_int_eq(pthread_join(tid[t], NULL), 0);
   pthread_barrier_destroy(&start);
-  for (int t = 0; t < N_PRED; t++)
+  for (int t = 0; t < N_PRED; t++) {
     ck_assert_msg(pt[t].errors == 0 && pt[t].mismatches == 0,
                   "predict thread %d: %d errors (%s), %d mismatching rounds", t,
                   pt[t].errors, pt[t].err, pt[t].mismatches);
+    imml_model_free(pt[t].share);
+    pt[t].share = NULL;
+  }
   for (int t = 0; t < N_TRAIN; t++) {
     expect_same_job(&ref[t], &tt[t].out, "training beside predictions", t);
     job_free(&tt[t].out);
@@ -460,10 +466,10 @@ START_TEST(test_concurrent_predict_while_training) {
   }
   /* prediction never changed the model */
   size_t need = 0, got = 0;
-  ck_assert_int_eq(imml_save_mem(m, NULL, 0, &need), IMML_OK);
+  ck_assert_int_eq(imml_model_save_mem(m, NULL, 0, &need), IMML_OK);
   unsigned char *now = malloc(need);
   ck_assert_ptr_nonnull(now);
-  ck_assert_int_eq(imml_save_mem(m, now, need, &got), IMML_OK);
+  ck_assert_int_eq(imml_model_save_mem(m, now, need, &got), IMML_OK);
   ck_assert(got == base.size && memcmp(now, base.ckpt, got) == 0);
   free(now);
   imml_model_free(m);
@@ -491,16 +497,18 @@ static void *load_main(void *arg) {
   for (int r = 0; r < 20; r++) {
     imml_load_options o;
     imml_load_options_init(&o);
-    o.errmsg = t->err;
-    o.errmsg_size = sizeof t->err;
     imml_model *m = NULL;
-    if (imml_load_mem_ex(t->buf, t->size, NULL, &o, &m) != IMML_OK)
+    if (imml_model_load_mem(t->buf, t->size, NULL, &o, &m) != IMML_OK) {
+      snprintf(t->err, sizeof t->err, "round %d: %s", r, imml_model_errmsg(m));
+      imml_model_free(m); /* the failed handle */
       return NULL;
+    }
     size_t need = 0, got = 0;
     unsigned char *again = NULL;
-    if (imml_save_mem(m, NULL, 0, &need) == IMML_OK && need == t->size)
+    if (imml_model_save_mem(m, NULL, 0, &need) == IMML_OK && need == t->size)
       again = malloc(need);
-    const int same = again && imml_save_mem(m, again, need, &got) == IMML_OK &&
+    const int same = again &&
+                     imml_model_save_mem(m, again, need, &got) == IMML_OK &&
                      got == t->size && memcmp(again, t->buf, got) == 0;
     free(again);
     imml_model_free(m);
@@ -600,9 +608,11 @@ static void *rank_main(void *arg) {
   c.warmup_steps = 2;
   c.seed = 99; /* the same initial parameters on every rank */
   imml_model *m = NULL;
-  imml_status st = imml_model_create_ex(&c, NULL, &m, o->err, sizeof o->err);
+  imml_status st = imml_model_create(&c, NULL, &m);
   if (st != IMML_OK) {
     o->st = st;
+    snprintf(o->err, sizeof o->err, "create: %s", imml_model_errmsg(m));
+    imml_model_free(m); /* the failed handle */
     return NULL;
   }
   imml_collective co;
@@ -612,15 +622,15 @@ static void *rank_main(void *arg) {
   co.allgather = thread_allgather;
   co.user_data = &t->ctx;
   imml_optim_config oc;
-  imml_optim_config_init(&oc, IMML_OPT_ADAMW);
+  imml_optim_config_init(&oc, IMML_OPTIM_ADAMW);
   oc.lr = 0.01f;
-  if ((st = imml_set_collective(m, &co)) != IMML_OK)
-    record_fail(o, st, "set_collective", m);
+  if ((st = imml_collective_set(m, &co)) != IMML_OK)
+    record_fail(o, st, "collective_set", m);
   else if ((st = imml_optim_setup(m, &oc)) != IMML_OK)
     record_fail(o, st, "optim_setup", m);
   float *grad = NULL;
   size_t np = 0;
-  imml_params_flat(m, NULL, &grad, &np);
+  imml_param_flat(m, NULL, &grad, &np);
   for (int s = 0; s < 6; s++) {
     /* every rank takes part in every collective, even after a failure, so
      * that no barrier waits forever */
@@ -632,6 +642,8 @@ static void *rank_main(void *arg) {
       record_fail(o, st, "forward", m);
     if (st == IMML_OK && (st = imml_backward(m, NULL)) != IMML_OK)
       record_fail(o, st, "backward", m);
+    if (st == IMML_OK && (st = imml_commit(m)) != IMML_OK)
+      record_fail(o, st, "commit", m);
     /* allreduce-mean of the gradients, by the test */
     if (np == g->n_params)
       memcpy(g->grads + (size_t)t->ctx.rank * np, grad, np * sizeof(float));
@@ -644,15 +656,15 @@ static void *rank_main(void *arg) {
         grad[i] = (float)(sum / N_RANKS);
       }
     pthread_barrier_wait(&g->bar);
-    if (o->st == IMML_OK && (st = imml_step(m)) != IMML_OK)
+    if (o->st == IMML_OK && (st = imml_optim_step(m)) != IMML_OK)
       record_fail(o, st, "step", m);
   }
-  t->fill = imml_dict_fill(m);
-  imml_predominant(m, &t->p, &t->fixed);
+  t->fill = imml_fdc_dict_fill(m);
+  imml_predominant_get(m, &t->p, &t->fixed);
   size_t need = 0;
-  if (o->st == IMML_OK && imml_save_mem(m, NULL, 0, &need) == IMML_OK) {
+  if (o->st == IMML_OK && imml_model_save_mem(m, NULL, 0, &need) == IMML_OK) {
     o->ckpt = malloc(need);
-    if (!o->ckpt || imml_save_mem(m, o->ckpt, need, &o->size) != IMML_OK)
+    if (!o->ckpt || imml_model_save_mem(m, o->ckpt, need, &o->size) != IMML_OK)
       record_fail(o, IMML_ERR_NOMEM, "save_mem", m);
   }
   imml_model_free(m);
@@ -664,8 +676,9 @@ static void *rank_main(void *arg) {
 START_TEST(test_collective_over_threads) {
   group g;
   memset(&g, 0, sizeof g);
-  /* 1 + M + max_batch (1 + M k) floats per rank */
-  g.cap = 1 + 2 + 4 * (1 + 2 * KD);
+  /* 2 + M + max_batch (1 + M k) floats per rank: batch size, fixed p,
+   * M unimodal counts, max_batch labels, M knowledge blocks */
+  g.cap = 2 + 2 + 4 * (1 + 2 * KD);
   g.msgs = calloc(N_RANKS * g.cap, sizeof(float));
   ck_assert_ptr_nonnull(g.msgs);
   {
@@ -680,7 +693,14 @@ START_TEST(test_collective_over_threads) {
     c.dict_size = 9;
     imml_model *m = NULL;
     ck_assert_int_eq(imml_model_create(&c, NULL, &m), IMML_OK);
-    ck_assert_int_eq(imml_params_flat(m, NULL, NULL, &g.n_params), IMML_OK);
+    ck_assert_int_eq(imml_param_flat(m, NULL, NULL, &g.n_params), IMML_OK);
+    /* the collective's message is the size the group expects */
+    imml_collective co;
+    imml_collective_init(&co);
+    co.world_size = N_RANKS;
+    co.allgather = thread_allgather;
+    ck_assert_int_eq(imml_collective_set(m, &co), IMML_OK);
+    ck_assert_uint_eq(m->coll.count, g.cap);
     imml_model_free(m);
   }
   g.grads = calloc(N_RANKS * g.n_params, sizeof(float));
@@ -748,9 +768,9 @@ static imml_model *big_model(int kind) {
   imml_model *m = NULL;
   ck_assert_int_eq(imml_model_create(&c, NULL, &m), IMML_OK);
   imml_optim_config o;
-  imml_optim_config_init(&o, (imml_optimizer_kind)kind);
+  imml_optim_config_init(&o, (imml_optim_kind)kind);
   o.lr = 1e-2f;
-  if (kind == IMML_OPT_SGD)
+  if (kind == IMML_OPTIM_SGD)
     o.momentum = 0.9f;
   ck_assert_int_eq(imml_optim_setup(m, &o), IMML_OK);
   return m;
@@ -770,60 +790,63 @@ static void big_steps(imml_model *m, int steps) {
     ck_assert_int_eq(imml_forward(m, IMML_MODE_TRAIN, 4, f, y, NULL, NULL),
                      IMML_OK);
     ck_assert_int_eq(imml_backward(m, NULL), IMML_OK);
-    ck_assert_int_eq(imml_step(m), IMML_OK);
+    ck_assert_int_eq(imml_commit(m), IMML_OK);
+    ck_assert_int_eq(imml_optim_step(m), IMML_OK);
   }
 }
 
 static void *save_all(imml_model *m, size_t *len) {
   size_t n = 0;
-  ck_assert_int_eq(imml_save_mem(m, NULL, 0, &n), IMML_OK); /* size query */
+  ck_assert_int_eq(imml_model_save_mem(m, NULL, 0, &n),
+                   IMML_OK); /* size query */
   void *buf = malloc(n);
   ck_assert_ptr_nonnull(buf);
-  ck_assert_int_eq(imml_save_mem(m, buf, n, &n), IMML_OK);
+  ck_assert_int_eq(imml_model_save_mem(m, buf, n, &n), IMML_OK);
   *len = n;
   return buf;
 }
 
 /* The same optimiser steps (same gradients, written through
- * imml_params_flat) at 1 and at 4 threads: the same checkpoint
+ * imml_param_flat) at 1 and at 4 threads: the same checkpoint
  * (parameters, optimiser moments) byte for byte.  (Only the step is
  * compared: OpenBLAS's own threads may round a product differently.) */
 START_TEST(test_split_step_matches_one_thread) {
-  const int kind = _i ? IMML_OPT_SGD : IMML_OPT_ADAMW;
-  const int before = imml_blas_threads(0);
-  imml_blas_threads(1);
+  const int kind = _i ? IMML_OPTIM_SGD : IMML_OPTIM_ADAMW;
+  const int before = imml_threads_set(0);
+  imml_threads_set(1);
   imml_model *m0 = big_model(kind);
   big_steps(m0, 2); /* moments away from zero */
   size_t len[2];
   void *ck[2];
   ck[0] = save_all(m0, &len[0]);
   imml_model *m[2] = {m0, NULL};
-  ck_assert_int_eq(imml_load_mem(ck[0], len[0], NULL, &m[1]), IMML_OK);
+  ck_assert_int_eq(imml_model_load_mem(ck[0], len[0], NULL, NULL, &m[1]),
+                   IMML_OK);
   free(ck[0]);
   size_t n = 0;
-  ck_assert_int_eq(imml_params_flat(m0, NULL, NULL, &n), IMML_OK);
+  ck_assert_int_eq(imml_param_flat(m0, NULL, NULL, &n), IMML_OK);
   ck_assert_uint_gt(n, (size_t)1 << 20);
   for (int t = 0; t < 2; t++) {
-    imml_blas_threads(t ? 4 : 1);
+    imml_threads_set(t ? 4 : 1);
     if (t == 0)
       ck_assert_int_eq(imml_par_parts(n), 1);
-    else if (imml_blas_threads(0) >= 2)
+    else if (imml_threads_set(0) >= 2)
       ck_assert_int_ge(imml_par_parts(n), 2);
     else
       fprintf(stderr, "# this BLAS cannot set its thread count: the split "
                       "passes ran on one thread\n");
     float *p, *g;
-    ck_assert_int_eq(imml_params_flat(m[t], &p, &g, &n), IMML_OK);
+    ck_assert_int_eq(imml_param_flat(m[t], &p, &g, &n), IMML_OK);
     drng r = {99};
     for (int s = 0; s < 3; s++) {
       for (size_t i = 0; i < n; i++)
         g[i] = 1e-2f * drng_unif(&r);
-      ck_assert_int_eq(imml_step(m[t]), IMML_OK);
+      ck_assert_int_eq(imml_optim_step(m[t]), IMML_OK);
     }
     ck[t] = save_all(m[t], &len[t]);
     imml_model_free(m[t]);
   }
-  imml_blas_threads(before > 0 ? before : 1);
+  imml_threads_set(before > 0 ? before : 1);
   ck_assert_uint_eq(len[0], len[1]);
   ck_assert_msg(memcmp(ck[0], ck[1], len[0]) == 0,
                 "checkpoints after 3 steps differ between 1 and 4 threads");
@@ -835,23 +858,23 @@ END_TEST
 /* A non-finite value in the last part still refuses the whole step (or
  * backward), and leaves every part as it was. */
 START_TEST(test_split_step_refuses_as_a_whole) {
-  const int before = imml_blas_threads(0);
-  imml_blas_threads(4);
-  imml_model *m = big_model(IMML_OPT_ADAMW);
+  const int before = imml_threads_set(0);
+  imml_threads_set(4);
+  imml_model *m = big_model(IMML_OPTIM_ADAMW);
   big_steps(m, 1);
   float *p, *g;
   size_t n = 0;
-  ck_assert_int_eq(imml_params_flat(m, &p, &g, &n), IMML_OK);
+  ck_assert_int_eq(imml_param_flat(m, &p, &g, &n), IMML_OK);
   size_t len0, len1;
   void *ck0 = save_all(m, &len0);
   for (size_t i = 0; i < n; i++)
     g[i] = 1e-3f;
   g[n - 1] = NAN;
-  ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE);
+  ck_assert_int_eq(imml_optim_step(m), IMML_ERR_NONFINITE);
   ck_assert_float_eq(g[0], 1e-3f); /* the first part was not committed */
   g[n - 1] = 3e38f;                /* finite, but g² overflows m2 */
-  ck_assert_int_eq(imml_step(m), IMML_ERR_NONFINITE);
-  ck_assert_ptr_nonnull(strstr(imml_errmsg(m), "non-finite"));
+  ck_assert_int_eq(imml_optim_step(m), IMML_ERR_NONFINITE);
+  ck_assert_ptr_nonnull(strstr(imml_model_errmsg(m), "non-finite"));
   void *ck1 = save_all(m, &len1);
   ck_assert_uint_eq(len0, len1);
   ck_assert_msg(memcmp(ck0, ck1, len0) == 0, "a refused step changed the "
@@ -859,14 +882,14 @@ START_TEST(test_split_step_refuses_as_a_whole) {
   free(ck0);
   free(ck1);
   imml_model_free(m);
-  imml_blas_threads(before > 0 ? before : 1);
+  imml_threads_set(before > 0 ? before : 1);
 }
 END_TEST
 
 /* The split whole-array checks find a bad value in any part. */
 START_TEST(test_split_checks_find_any_part) {
-  const int before = imml_blas_threads(0);
-  imml_blas_threads(4);
+  const int before = imml_threads_set(0);
+  imml_threads_set(4);
   const size_t n = ((size_t)3 << 20) + 5;
   float *x = calloc(n, sizeof *x);
   ck_assert_ptr_nonnull(x);
@@ -885,7 +908,7 @@ START_TEST(test_split_checks_find_any_part) {
     x[at[i]] = 0.0f;
   }
   free(x);
-  imml_blas_threads(before > 0 ? before : 1);
+  imml_threads_set(before > 0 ? before : 1);
 }
 END_TEST
 

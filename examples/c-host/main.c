@@ -10,8 +10,10 @@
  *   2. calls imml_forward(IMML_MODE_TRAIN) on the encoded features h_m,
  *   3. calls imml_backward() with dfeatures buffers to receive dL/dh_m,
  *   4. back-propagates dL/dh_m through its encoders and updates them with
- *      its own Adam (written below), and
- *   5. updates libimml's parameters with imml_step().
+ *      its own Adam (written below),
+ *   5. ends the step with imml_commit() (the batch enters the strata
+ *      dictionary, the warm-up advances), and
+ *   6. updates libimml's parameters with imml_optim_step().
  *
  * Data: two views of UCI mfeat (fac: 216 profile correlations, mor: 6
  * morphological features), standardised with the training statistics,
@@ -323,8 +325,8 @@ static void encode_batch(encoder *e, const view *v, const int *idx, int n) {
 static int check(imml_model *model, imml_status st, const char *what) {
   if (st == IMML_OK)
     return 0;
-  fprintf(stderr, "c-host: %s failed: %s (%s)\n", what, imml_strerror(st),
-          imml_errmsg(model));
+  fprintf(stderr, "c-host: %s failed: %s (%s)\n", what, imml_status_string(st),
+          imml_model_errmsg(model));
   return -1;
 }
 
@@ -539,18 +541,22 @@ int main(int argc, char **argv) {
   cfg.warmup_steps = WARMUP;
   cfg.seed = 7;
   imml_model *model = NULL;
-  char err[256];
-  imml_status st = imml_model_create_ex(&cfg, NULL, &model, err, sizeof err);
+  imml_status st = imml_model_create(&cfg, NULL, &model);
   if (st != IMML_OK) {
+    /* A failed create still returns a handle holding the message (NULL
+     * only when even that could not be allocated). */
     fprintf(stderr, "c-host: imml_model_create failed: %s (%s)\n",
-            imml_strerror(st), err);
+            imml_status_string(st), imml_model_errmsg(model));
+    imml_model_free(model);
     return 1;
   }
   imml_optim_config ocfg;
-  imml_optim_config_init(&ocfg, IMML_OPT_ADAMW);
+  imml_optim_config_init(&ocfg, IMML_OPTIM_ADAMW);
   ocfg.lr = 1e-3f;
-  if (check(model, imml_optim_setup(model, &ocfg), "imml_optim_setup"))
+  if (check(model, imml_optim_setup(model, &ocfg), "imml_optim_setup")) {
+    imml_model_free(model);
     return 1;
+  }
   const float enc_lr = 1e-3f;
 
   /* --- training -------------------------------------------------------- */
@@ -586,16 +592,18 @@ int main(int argc, char **argv) {
 
       /* The gradient check runs on the first batch of the first epoch
        * (warm-up, empty dictionary) and of the last epoch (front-door
-       * adjustment active): finite differences before the backward,
-       * because the backward pushes the batch into the dictionary. */
+       * adjustment active): finite differences of EVAL forwards, which may
+       * run between a training forward and its backward, taken before the
+       * commit, which pushes the batch into the dictionary and so changes
+       * the loss. */
       const int do_fd = s == 0 && (epoch == 0 || epoch == EPOCHS - 1);
       fd_plan plan;
       char when[96] = "";
       if (do_fd) {
         int p = -1;
-        imml_predominant(model, &p, NULL);
+        imml_predominant_get(model, &p, NULL);
         snprintf(when, sizeof when, "epoch %d, %s, dictionary %d/%d", epoch + 1,
-                 p < 0 ? "warm-up" : "FDC active", imml_dict_fill(model),
+                 p < 0 ? "warm-up" : "FDC active", imml_fdc_dict_fill(model),
                  cfg.dict_size);
         if (fd_measure(model, enc, b, yb, &plan)) {
           failed = 1;
@@ -617,7 +625,8 @@ int main(int argc, char **argv) {
       }
       for (int m = 0; m < N_MOD; m++)
         encoder_step(&enc[m], enc_lr);
-      if (check(model, imml_step(model), "imml_step")) {
+      if (check(model, imml_commit(model), "imml_commit") ||
+          check(model, imml_optim_step(model), "imml_optim_step")) {
         failed = 1;
         break;
       }
@@ -634,7 +643,7 @@ int main(int argc, char **argv) {
       break;
     }
     int p = -1;
-    imml_predominant(model, &p, NULL);
+    imml_predominant_get(model, &p, NULL);
     printf("epoch %2d  train loss %.4f  test loss %.4f  test acc %.4f  "
            "predominant %s\n",
            epoch + 1, mean, tl, acc, p < 0 ? "(warm-up)" : view_names[p]);

@@ -24,8 +24,9 @@
 //     knowledge exploration and front-door adjustment in front of it.
 //
 // Each head trains on two mfeat views (pix + fou, standardised, a fixed
-// stratified split): the host updates its parameters with its own Adam,
-// libimml's with imml_step().  Before training, each head's backward is
+// stratified split): each step is imml_forward(TRAIN), imml_backward() and
+// imml_commit(); then the host updates its parameters with its own Adam,
+// libimml's with imml_optim_step().  Before training, each head's backward is
 // verified by central finite differences on a few parameters and slot
 // entries, calling the callbacks directly.  The program exits non-zero,
 // saying why, if a check fails, the loss does not decrease, or the test
@@ -664,10 +665,6 @@ struct ModelFree {
   void operator()(imml_model *m) const { imml_model_free(m); }
 };
 using ModelPtr = std::unique_ptr<imml_model, ModelFree>;
-struct WorkspaceFree {
-  void operator()(imml_workspace *w) const { imml_workspace_free(w); }
-};
-using WorkspacePtr = std::unique_ptr<imml_workspace, WorkspaceFree>;
 
 // Gathers the rows idx[0..n-1] of every view into per-modality buffers.
 class Batcher {
@@ -700,21 +697,15 @@ bool ok_or_report(imml_model *model, imml_status st, const char *what) {
   if (st == IMML_OK)
     return true;
   std::fprintf(stderr, "cpp-host: %s failed: %s (%s)\n", what,
-               imml_strerror(st), imml_errmsg(model));
+               imml_status_string(st), imml_model_errmsg(model));
   return false;
 }
 
 // Test accuracy with imml_predict (an evaluation forward that only reads
-// the model; the host callback sees training = 0).
-bool test_accuracy(const imml_model *model, const Data &d, double *acc) {
-  imml_workspace *raw = nullptr;
-  imml_status st = imml_workspace_create(model, &raw);
-  WorkspacePtr ws(raw);
-  if (st != IMML_OK) {
-    std::fprintf(stderr, "cpp-host: imml_workspace_create: %s\n",
-                 imml_strerror(st));
-    return false;
-  }
+// the model; the host callback sees training = 0).  This program predicts
+// on the thread that trains, so it calls imml_predict on the model itself;
+// a server thread would take a share of it (imml_model_share).
+bool test_accuracy(imml_model *model, const Data &d, double *acc) {
   Batcher batcher(d);
   int labels[kBatch], classes[kBatch];
   int correct = 0;
@@ -722,12 +713,10 @@ bool test_accuracy(const imml_model *model, const Data &d, double *acc) {
   for (int s = 0; s < n; s += kBatch) {
     const int b = std::min(kBatch, n - s);
     const float *const *x = batcher.gather(d.test.data() + s, b, labels);
-    st = imml_predict(model, ws.get(), b, x, nullptr, nullptr, classes);
-    if (st != IMML_OK) {
-      std::fprintf(stderr, "cpp-host: imml_predict: %s (%s)\n",
-                   imml_strerror(st), imml_workspace_errmsg(ws.get()));
+    if (!ok_or_report(model,
+                      imml_predict(model, b, x, nullptr, nullptr, classes),
+                      "imml_predict"))
       return false;
-    }
     for (int i = 0; i < b; i++)
       correct += classes[i] == labels[i];
   }
@@ -755,17 +744,17 @@ bool run_head(HostHead &head, Data &d, Rng &rng) {
   cfg.seed = 11;
   const imml_ft_ops ops = make_ops(head);
   imml_model *raw = nullptr;
-  char err[256] = "";
-  const imml_status st =
-      imml_model_create_ex(&cfg, &ops, &raw, err, sizeof err);
+  const imml_status st = imml_model_create(&cfg, &ops, &raw);
+  // A failed create still returns a handle (holding only the message) that
+  // must be freed; ModelPtr frees it.
   ModelPtr model(raw);
   if (st != IMML_OK) {
     std::fprintf(stderr, "cpp-host: imml_model_create: %s (%s)\n",
-                 imml_strerror(st), err);
+                 imml_status_string(st), imml_model_errmsg(model.get()));
     return false;
   }
   imml_optim_config ocfg;
-  imml_optim_config_init(&ocfg, IMML_OPT_ADAMW);
+  imml_optim_config_init(&ocfg, IMML_OPTIM_ADAMW);
   ocfg.lr = 1e-3f;
   if (!ok_or_report(model.get(), imml_optim_setup(model.get(), &ocfg),
                     "imml_optim_setup"))
@@ -790,11 +779,13 @@ bool run_head(HostHead &head, Data &d, Rng &rng) {
                                      nullptr, &L),
                         "imml_forward (TRAIN)") ||
           !ok_or_report(model.get(), imml_backward(model.get(), nullptr),
-                        "imml_backward"))
+                        "imml_backward") ||
+          !ok_or_report(model.get(), imml_commit(model.get()), "imml_commit"))
         return false;
       lsum += L.total * b;
       host_opt.step(head.params()); // the host's parameters, its optimiser
-      if (!ok_or_report(model.get(), imml_step(model.get()), "imml_step"))
+      if (!ok_or_report(model.get(), imml_optim_step(model.get()),
+                        "imml_optim_step"))
         return false; // libimml's parameters, libimml's optimiser
     }
     const double mean = lsum / n;
@@ -804,7 +795,7 @@ bool run_head(HostHead &head, Data &d, Rng &rng) {
     if (!test_accuracy(model.get(), d, &acc))
       return false;
     int p = -1;
-    imml_predominant(model.get(), &p, nullptr);
+    imml_predominant_get(model.get(), &p, nullptr);
     std::printf("  epoch %2d  train loss %.4f  test acc %.4f  predominant %s\n",
                 epoch + 1, mean, acc, p < 0 ? "(warm-up)" : kViewNames[p]);
   }

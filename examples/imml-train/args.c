@@ -53,7 +53,7 @@ void train_opts_init(train_opts *o) {
   o->slot_mode = IMML_SLOT_CONDITIONAL;
   o->predominant = -1;
   o->seed = 0;
-  o->optimizer = IMML_OPT_ADAMW;
+  o->optimizer = IMML_OPTIM_ADAMW;
   o->lr = 1e-3f;
   o->weight_decay = 0.0f;
   o->momentum = 0.0f;
@@ -141,9 +141,9 @@ static int train_opt_set(const arg_ctx *c, train_opts *o, int id,
   }
   case O_OPTIM:
     if (strcmp(v, "adamw") == 0 || strcmp(v, "adam") == 0)
-      o->optimizer = IMML_OPT_ADAMW;
+      o->optimizer = IMML_OPTIM_ADAMW;
     else if (strcmp(v, "sgd") == 0)
-      o->optimizer = IMML_OPT_SGD;
+      o->optimizer = IMML_OPTIM_SGD;
     else
       return value_error(c, name, "adamw or sgd", v);
     return 0;

@@ -23,7 +23,7 @@ typedef struct train_opts {
   int predominant; /* -1: auto */
   uint64_t seed;   /* split, shuffles and parameter initialisation */
   /* optimiser */
-  int optimizer; /* imml_optimizer_kind */
+  int optimizer; /* imml_optim_kind */
   float lr, weight_decay, momentum;
   /* loop */
   int epochs, batch;

@@ -1,3 +1,5 @@
+/* imml_warmup_get() (model_p) is in imml.h's experimental part. */
+#define IMML_EXPERIMENTAL
 #include "compare.h"
 
 #include "rng.h"
@@ -47,35 +49,25 @@ typedef struct eval_out {
   double acc, f1, acc_shuffled;
 } eval_out;
 
-static int evaluate(const imml_model *model, const dataset *te, int c,
+static int evaluate(imml_model *model, const dataset *te, int c,
                     int *const *swap, int *pred, eval_out *e) {
-  imml_workspace *ws = NULL;
-  const imml_status st = imml_workspace_create(model, &ws);
-  if (st != IMML_OK) {
-    lib_error("imml_workspace_create", st, model);
+  if (predict_rows(model, te, NULL, pred, NULL) != 0)
     return -1;
-  }
-  int rc = -1;
-  if (predict_rows(model, ws, te, NULL, pred, NULL) != 0)
-    goto out;
   e->acc = accuracy(te->y, pred, te->n);
   e->f1 = macro_f1(te->y, pred, te->n, c);
-  if (predict_rows(model, ws, te, swap, pred, NULL) != 0)
-    goto out;
+  if (predict_rows(model, te, swap, pred, NULL) != 0)
+    return -1;
   e->acc_shuffled = accuracy(te->y, pred, te->n);
-  rc = 0;
-out:
-  imml_workspace_free(ws);
-  return rc;
+  return 0;
 }
 
 /* The predominant modality a trained model uses: its fixed p, or, when the
  * warm-up outlasted training, the one its warm-up EMAs favour (the rule
  * the library applies when warm-up ends). */
-static int model_p(const imml_model *model, int m, float *ema) {
+static int model_p(imml_model *model, int m, float *ema) {
   int p = -1, fixed = 0, steps = 0;
-  imml_predominant(model, &p, &fixed);
-  imml_warmup_state(model, &steps, ema);
+  imml_predominant_get(model, &p, &fixed);
+  imml_warmup_get(model, &steps, ema);
   if (fixed && p >= 0)
     return p;
   p = 0;
@@ -251,7 +243,7 @@ int run_compare(const train_opts *o, const raw_data *rd, int seeds,
          seeds, seeds == 1 ? "" : "s", (unsigned long long)o->seed,
          (unsigned long long)(o->seed + (uint64_t)seeds - 1), o->epochs,
          o->batch, o->hidden, o->knowledge, o->dict_size,
-         o->optimizer == IMML_OPT_SGD ? "SGD" : "AdamW", (double)o->lr, frac);
+         o->optimizer == IMML_OPTIM_SGD ? "SGD" : "AdamW", (double)o->lr, frac);
   printf("modalities:");
   for (int m = 0; m < M; m++)
     printf(" %d=%s (%d features)%s", m, names[m], rd->d[m],

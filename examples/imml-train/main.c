@@ -1,5 +1,7 @@
 /* imml-train: trains, evaluates and compares IMML models on CSV data, one
  * file per modality, through libimml's public API (imml.h) only. */
+/* imml_threads_set() (--threads) is in imml.h's experimental part. */
+#define IMML_EXPERIMENTAL
 #include "args.h"
 #include "compare.h"
 #include "data.h"
@@ -68,7 +70,7 @@ static const char *const usage_text[] = {
     "Training:\n"
     "  --epochs N            (60)\n"
     "  --batch N             batch size; the last batch may be smaller (64)\n"
-    "  --threads N           BLAS threads (imml_blas_threads); default: "
+    "  --threads N           BLAS threads (imml_threads_set); default: "
     "BLAS's\n"
     "                        own default\n"
     "  --test-fraction F     stratified test share in [0,1) (0.5); 0 trains "
@@ -81,7 +83,7 @@ static const char *const usage_text[] = {
     "  --metrics FILE        per-epoch CSV: epoch,loss,ce,con,dis,train_acc,\n"
     "                        test_acc,seconds (accuracies in 0..1, seconds\n"
     "                        since the start of training)\n"
-    "  --save FILE           save the model (imml_save) and its "
+    "  --save FILE           save the model (imml_model_save) and its "
     "standardisation\n"
     "                        statistics to FILE.stats\n"
     "  --write-split DIR     write the split as DIR/NAME.train.csv and\n"
@@ -92,8 +94,8 @@ static const char *const usage_text[] = {
     "                        are then mean 0, std 1)\n"
     "  --quiet               no progress on stderr\n",
     "Prediction:\n"
-    "  --predict MODEL       load MODEL (imml_load) and MODEL.stats, predict\n"
-    "                        every row of the given files\n"
+    "  --predict MODEL       load MODEL (imml_model_load) and MODEL.stats,\n"
+    "                        predict every row of the given files\n"
     "  --stats FILE          statistics file (default MODEL.stats)\n"
     "  --out FILE            write predictions here (default stdout)\n"
     "  Each file must have the model's feature columns, optionally followed "
@@ -292,7 +294,7 @@ static int parse_args(cli *c, int argc, char **argv) {
 /* Cross-checks of the options, before any file is read. */
 static int check_args(cli *c) {
   const int *g = c->given;
-  if (c->o.momentum > 0.0f && c->o.optimizer != IMML_OPT_SGD)
+  if (c->o.momentum > 0.0f && c->o.optimizer != IMML_OPTIM_SGD)
     return arg_usage(&args_ctx, "--momentum applies to --optimizer sgd only");
   if (c->predict) {
     static const int train_only[] = {O_COMPARE, O_DEMO,  O_TEST,   O_METRICS,
@@ -484,7 +486,7 @@ static int do_train(cli *c) {
     metrics = NULL;
   }
   int p = -1, fixed = 0;
-  imml_predominant(model, &p, &fixed);
+  imml_predominant_get(model, &p, &fixed);
   char pname[256] = "not chosen yet (warm-up longer than training)";
   if (p >= 0) {
     char b[200];
@@ -499,9 +501,9 @@ static int do_train(cli *c) {
   printf("training time %.1fs\n", rep.seconds);
   fflush(stdout);
   if (c->o.save) {
-    imml_status st = imml_save(model, c->o.save);
+    imml_status st = imml_model_save(model, c->o.save);
     if (st != IMML_OK) {
-      lib_error("imml_save", st, model);
+      lib_error("imml_model_save", st, model);
       goto out;
     }
     char spath[4096];
@@ -537,7 +539,6 @@ out:
 
 static int do_predict(cli *c) {
   imml_model *model = NULL;
-  imml_workspace *ws = NULL;
   stdz sz = {0};
   raw_data rd = {0};
   dataset ds = {0};
@@ -546,18 +547,17 @@ static int do_predict(cli *c) {
   FILE *out = NULL;
   int rc = 1;
   char err[1024] = "";
-  imml_load_options lo;
-  imml_load_options_init(&lo);
-  lo.errmsg = err;
-  lo.errmsg_size = sizeof err;
-  imml_status st = imml_load_ex(c->predict, NULL, &lo, &model);
+  imml_status st = imml_model_load(c->predict, NULL, NULL, &model);
   if (st != IMML_OK) {
-    errorf("imml_load %s: %s%s%s", c->predict, imml_strerror(st),
-           err[0] ? ": " : "", err);
+    /* model: NULL, or the failed handle that holds the message (freed at
+     * out) */
+    const char *msg = model ? imml_model_errmsg(model) : "";
+    errorf("imml_model_load %s: %s%s%s", c->predict, imml_status_string(st),
+           msg[0] ? ": " : "", msg);
     goto out;
   }
   imml_config cfg;
-  imml_model_config(model, &cfg);
+  imml_model_get_config(model, &cfg);
   char spath[4096];
   snprintf(spath, sizeof spath, "%s.stats", c->predict);
   const char *stats = c->stats ? c->stats : spath;
@@ -598,12 +598,7 @@ static int do_predict(cli *c) {
     errorf("out of memory");
     goto out;
   }
-  st = imml_workspace_create(model, &ws);
-  if (st != IMML_OK) {
-    lib_error("imml_workspace_create", st, model);
-    goto out;
-  }
-  if (predict_rows(model, ws, &ds, NULL, pred, probs) != 0)
+  if (predict_rows(model, &ds, NULL, pred, probs) != 0)
     goto out;
   out = c->out ? fopen(c->out, "w") : stdout;
   if (!out) {
@@ -643,7 +638,6 @@ out:
   dataset_free(&ds);
   raw_free(&rd);
   stdz_free(&sz);
-  imml_workspace_free(ws);
   imml_model_free(model);
   return rc;
 }
@@ -685,7 +679,7 @@ int main(int argc, char **argv) {
     rc = check_args(&c);
   if (rc < 0) {
     if (c.o.threads > 0)
-      imml_blas_threads(c.o.threads);
+      imml_threads_set(c.o.threads);
     if (c.predict)
       rc = do_predict(&c);
     else if (c.compare > 0)

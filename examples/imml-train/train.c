@@ -1,3 +1,5 @@
+/* imml_unimodal_get() (head_predict) is in imml.h's experimental part. */
+#define IMML_EXPERIMENTAL
 #include "train.h"
 
 #include "rng.h"
@@ -56,8 +58,8 @@ void notef(int quiet, const char *fmt, ...) {
 }
 
 void lib_error(const char *call, imml_status st, const imml_model *model) {
-  const char *msg = model ? imml_errmsg(model) : "";
-  errorf("%s: %s%s%s", call, imml_strerror(st), msg[0] ? ": " : "", msg);
+  const char *msg = model ? imml_model_errmsg(model) : "";
+  errorf("%s: %s%s%s", call, imml_status_string(st), msg[0] ? ": " : "", msg);
 }
 
 double now_seconds(void) {
@@ -197,10 +199,10 @@ double macro_f1(const int *y, const int *pred, int n, int c) {
   return used ? sum / used : NAN;
 }
 
-int predict_rows(const imml_model *model, imml_workspace *ws, const dataset *ds,
-                 int *const *swap, int *classes, float *probs) {
+int predict_rows(imml_model *model, const dataset *ds, int *const *swap,
+                 int *classes, float *probs) {
   imml_config cfg;
-  imml_model_config(model, &cfg);
+  imml_model_get_config(model, &cfg);
   const int M = ds->m, C = cfg.n_classes, mb = cfg.max_batch;
   float *buf[IMML_MAX_MODALITIES] = {0};
   const float *feat[IMML_MAX_MODALITIES];
@@ -228,11 +230,10 @@ int predict_rows(const imml_model *model, imml_workspace *ws, const dataset *ds,
       feat[m] = buf[m];
     }
     const imml_status st = imml_predict(
-        model, ws, b, feat, NULL, probs ? probs + (size_t)i0 * (size_t)C : NULL,
+        model, b, feat, NULL, probs ? probs + (size_t)i0 * (size_t)C : NULL,
         classes + i0);
     if (st != IMML_OK) {
-      errorf("imml_predict: %s: %s", imml_strerror(st),
-             imml_workspace_errmsg(ws));
+      lib_error("imml_predict", st, model);
       goto out;
     }
   }
@@ -244,17 +245,11 @@ out:
 }
 
 /* Classes from modality m's unimodal head o_m, as the library computes it
- * (imml_predict_unimodal after each imml_predict batch). */
+ * (imml_unimodal_get after each imml_predict batch). */
 int head_predict(imml_model *model, int m, const dataset *ds, int *classes) {
   imml_config cfg;
-  imml_model_config(model, &cfg);
+  imml_model_get_config(model, &cfg);
   const int C = cfg.n_classes, mb = cfg.max_batch;
-  imml_workspace *ws = NULL;
-  imml_status st = imml_workspace_create(model, &ws);
-  if (st != IMML_OK) {
-    errorf("imml_workspace_create: %s", imml_strerror(st));
-    return -1;
-  }
   float *o = malloc((size_t)mb * (size_t)C * sizeof(float));
   int rc = -1;
   if (!o) {
@@ -266,12 +261,14 @@ int head_predict(imml_model *model, int m, const dataset *ds, int *classes) {
     const float *feat[IMML_MAX_MODALITIES];
     for (int k = 0; k < ds->m; k++)
       feat[k] = ds->x[k] + (size_t)i0 * (size_t)ds->d[k];
-    st = imml_predict(model, ws, b, feat, NULL, NULL, NULL);
-    if (st == IMML_OK)
-      st = imml_predict_unimodal(ws, m, o);
+    imml_status st = imml_predict(model, b, feat, NULL, NULL, NULL);
     if (st != IMML_OK) {
-      errorf("imml_predict: %s: %s", imml_strerror(st),
-             imml_workspace_errmsg(ws));
+      lib_error("imml_predict", st, model);
+      goto out;
+    }
+    st = imml_unimodal_get(model, m, o);
+    if (st != IMML_OK) {
+      lib_error("imml_unimodal_get", st, model);
       goto out;
     }
     for (int i = 0; i < b; i++) {
@@ -286,7 +283,6 @@ int head_predict(imml_model *model, int m, const dataset *ds, int *classes) {
   rc = 0;
 out:
   free(o);
-  imml_workspace_free(ws);
   return rc;
 }
 
@@ -303,29 +299,24 @@ int train_run(const train_opts *o, const imml_config *cfg, const dataset *tr,
   const int tty = !o->quiet && stderr_is_tty();
   const int lines = !o->quiet && !tty && spec->epoch_lines;
   imml_model *model = NULL;
-  imml_workspace *ws = NULL;
   float *xb[IMML_MAX_MODALITIES] = {0};
   int *perm = NULL, *yb = NULL, *pred = NULL;
   int rc = -1;
-  char msg[512] = "";
-  imml_status st = imml_model_create_ex(cfg, NULL, &model, msg, sizeof msg);
+  imml_status st = imml_model_create(cfg, NULL, &model);
   if (st != IMML_OK) {
-    errorf("imml_model_create: %s: %s", imml_strerror(st), msg);
+    /* model: NULL, or the failed handle that holds the message */
+    lib_error("imml_model_create", st, model);
+    imml_model_free(model);
     return -1;
   }
   imml_optim_config oc;
-  imml_optim_config_init(&oc, (imml_optimizer_kind)o->optimizer);
+  imml_optim_config_init(&oc, (imml_optim_kind)o->optimizer);
   oc.lr = o->lr;
   oc.weight_decay = o->weight_decay;
   oc.momentum = o->momentum;
   st = imml_optim_setup(model, &oc);
   if (st != IMML_OK) {
     lib_error("imml_optim_setup", st, model);
-    goto out;
-  }
-  st = imml_workspace_create(model, &ws);
-  if (st != IMML_OK) {
-    lib_error("imml_workspace_create", st, model);
     goto out;
   }
   perm = malloc((size_t)N * sizeof(int));
@@ -373,9 +364,14 @@ int train_run(const train_opts *o, const imml_config *cfg, const dataset *tr,
         lib_error("imml_backward", st, model);
         goto out;
       }
-      st = imml_step(model);
+      st = imml_commit(model);
       if (st != IMML_OK) {
-        lib_error("imml_step", st, model);
+        lib_error("imml_commit", st, model);
+        goto out;
+      }
+      st = imml_optim_step(model);
+      if (st != IMML_OK) {
+        lib_error("imml_optim_step", st, model);
         goto out;
       }
       sum[0] += L.total * bs;
@@ -399,12 +395,12 @@ int train_run(const train_opts *o, const imml_config *cfg, const dataset *tr,
       }
     }
     if (spec->eval_each_epoch || ep == o->epochs) {
-      if (predict_rows(model, ws, tr, NULL, pred, NULL) != 0)
+      if (predict_rows(model, tr, NULL, pred, NULL) != 0)
         goto out;
       r.train_acc = accuracy(tr->y, pred, N);
       r.test_acc = NAN;
       if (te->n > 0) {
-        if (predict_rows(model, ws, te, NULL, pred, NULL) != 0)
+        if (predict_rows(model, te, NULL, pred, NULL) != 0)
           goto out;
         r.test_acc = accuracy(te->y, pred, te->n);
       }
@@ -447,7 +443,6 @@ out:
   free(perm);
   free(yb);
   free(pred);
-  imml_workspace_free(ws);
   imml_model_free(model);
   return rc;
 }

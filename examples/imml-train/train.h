@@ -39,7 +39,8 @@ typedef struct run_spec {
 
 /*! train_run() : creates a model from cfg, attaches the optimiser and runs
  *  o->epochs epochs over tr (seeded shuffle; batches of o->batch, the last
- *  one partial) with imml_forward(TRAIN) -> imml_backward -> imml_step.
+ *  one partial) with imml_forward(TRAIN) -> imml_backward -> imml_commit ->
+ *  imml_optim_step.
  *  te may have n = 0.  On success *out owns the model and *last holds the
  *  last epoch's report.  @return 0, or -1 after printing the error. */
 int train_run(const train_opts *o, const imml_config *cfg, const dataset *tr,
@@ -47,15 +48,17 @@ int train_run(const train_opts *o, const imml_config *cfg, const dataset *tr,
               epoch_report *last);
 
 /*! predict_rows() : classes (and, if probs is not NULL, probabilities, n x C)
- *  of every row of ds, in batches of the model's max_batch.  `swap` NULL,
- *  or per modality NULL or a row permutation: modality m's row i is then
- *  taken from row swap[m][i] (the corrupted-auxiliary test).
+ *  of every row of ds, in batches of the model's max_batch, through
+ *  imml_predict() on `model` (the model itself: imml-train predicts on the
+ *  thread that trains; or a share of it).  `swap` NULL, or per modality
+ *  NULL or a row permutation: modality m's row i is then taken from row
+ *  swap[m][i] (the corrupted-auxiliary test).
  *  @return 0, or -1 after printing the library's error. */
-int predict_rows(const imml_model *model, imml_workspace *ws, const dataset *ds,
-                 int *const *swap, int *classes, float *probs);
+int predict_rows(imml_model *model, const dataset *ds, int *const *swap,
+                 int *classes, float *probs);
 
 /*! head_predict() : classes from modality m's unimodal head o_m (METHOD.md
- *  section 1), as imml_predict_unimodal() reports them. */
+ *  section 1), as imml_unimodal_get() reports them. */
 int head_predict(imml_model *model, int m, const dataset *ds, int *classes);
 
 double accuracy(const int *y, const int *pred, int n);

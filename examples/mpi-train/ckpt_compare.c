@@ -8,6 +8,7 @@
  * tensor t must satisfy ||t - t_ref|| / max(||t_ref||, 1e-12) <= TOL
  * (TOL 0: bit-identical).  Prints the largest error of each file; exit 0
  * when all agree, 1 otherwise. */
+#define IMML_EXPERIMENTAL /* imml_warmup_get */
 #include <imml.h>
 
 #include <errno.h>
@@ -18,15 +19,13 @@
 
 static imml_model *load(const char *path) {
   imml_model *m = NULL;
-  char err[512] = "";
-  imml_load_options lo;
-  imml_load_options_init(&lo);
-  lo.errmsg = err;
-  lo.errmsg_size = sizeof err;
-  const imml_status st = imml_load_ex(path, NULL, &lo, &m);
+  const imml_status st = imml_model_load(path, NULL, NULL, &m);
   if (st != IMML_OK) {
-    fprintf(stderr, "mpi-ckpt-compare: %s: %s%s%s\n", path, imml_strerror(st),
-            err[0] ? ": " : "", err);
+    /* m: NULL, or the failed handle that holds the message */
+    const char *err = m ? imml_model_errmsg(m) : "";
+    fprintf(stderr, "mpi-ckpt-compare: %s: %s%s%s\n", path,
+            imml_status_string(st), err[0] ? ": " : "", err);
+    imml_model_free(m);
     return NULL;
   }
   return m;
@@ -53,29 +52,31 @@ static int compare(imml_model *ref, const char *path, double tol) {
     return 1;
   int bad = 0;
   imml_config ca, cb;
-  imml_model_config(ref, &ca);
-  imml_model_config(m, &cb);
+  imml_model_get_config(ref, &ca);
+  imml_model_get_config(m, &cb);
   int pa, pb, sa, sb;
-  imml_predominant(ref, &pa, NULL);
-  imml_predominant(m, &pb, NULL);
-  imml_warmup_state(ref, &sa, NULL);
-  imml_warmup_state(m, &sb, NULL);
+  imml_predominant_get(ref, &pa, NULL);
+  imml_predominant_get(m, &pb, NULL);
+  imml_warmup_get(ref, &sa, NULL);
+  imml_warmup_get(m, &sb, NULL);
   if (!same_config(&ca, &cb) || imml_param_count(ref) != imml_param_count(m)) {
     fprintf(stderr, "%s: configuration differs from the reference's\n", path);
     bad = 1;
-  } else if (pa != pb || sa != sb || imml_dict_fill(ref) != imml_dict_fill(m)) {
+  } else if (pa != pb || sa != sb ||
+             imml_fdc_dict_fill(ref) != imml_fdc_dict_fill(m)) {
     fprintf(stderr,
             "%s: predominant %d/%d, warm-up steps %d/%d, dictionary fill "
             "%d/%d differ\n",
-            path, pb, pa, sb, sa, imml_dict_fill(m), imml_dict_fill(ref));
+            path, pb, pa, sb, sa, imml_fdc_dict_fill(m),
+            imml_fdc_dict_fill(ref));
     bad = 1;
   } else {
     double worst = 0.0;
     const char *name = "";
     for (int t = 0; t < imml_param_count(ref); t++) {
       imml_param_view va, vb;
-      imml_param_info(ref, t, &va);
-      imml_param_info(m, t, &vb);
+      imml_param_get(ref, t, &va);
+      imml_param_get(m, t, &vb);
       const size_t n = (size_t)va.rows * (size_t)va.cols;
       double d = 0.0, r = 0.0;
       for (size_t i = 0; i < n; i++) {
@@ -91,7 +92,7 @@ static int compare(imml_model *ref, const char *path, double tol) {
     }
     printf("%s: largest relative parameter error %.3g (%s), predominant %d, "
            "dictionary fill %d\n",
-           path, worst, name, pb, imml_dict_fill(m));
+           path, worst, name, pb, imml_fdc_dict_fill(m));
     if (!(worst <= tol)) {
       fprintf(stderr, "%s: relative error %.3g of %s exceeds %g\n", path, worst,
               name, tol);

@@ -3,12 +3,14 @@
  * Every rank reads the modality CSV files, makes the same seeded split,
  * standardisation and per-epoch shuffle, and takes its shard of every global
  * batch (rank r: a contiguous slice of the batch, sizes differing by at most
- * one row).  libimml's collective step (imml_set_collective, one
+ * one row).  libimml's collective step (imml_collective_set, one
  * MPI_Allgather per training forward) keeps the strata dictionary and the
- * predominant-modality state identical on every rank; the gradients are
- * summed with MPI_Allreduce on imml_params_flat's gradient block and divided
- * by the number of ranks, then every rank applies the same update.  Rank 0
- * writes the checkpoint, the statistics sidecar and the metrics.
+ * predominant-modality state identical on every rank; each step is
+ * imml_forward, imml_backward and imml_commit, then the gradients are summed
+ * with MPI_Allreduce on imml_param_flat's gradient block and divided by the
+ * number of ranks, and every rank applies the same update
+ * (imml_optim_step).  Rank 0 writes the checkpoint, the statistics sidecar
+ * and the metrics.
  *
  * With one rank the run is bit-identical to imml-train with the same flags
  * and BLAS thread count.  --bench trains on synthetic data of a given shape
@@ -16,6 +18,9 @@
  *
  * Uses the public header imml.h, MPI, and imml-train's option (args.c),
  * CSV and data code. */
+/* The collective (imml_collective_set) and imml_threads_set are in imml.h's
+ * experimental part. */
+#define IMML_EXPERIMENTAL
 #include "data.h"
 #include "rng.h"
 
@@ -67,8 +72,8 @@ fatal(const char *fmt, ...) {
 }
 
 static void lib_fatal(const char *call, imml_status st, const imml_model *m) {
-  const char *msg = m ? imml_errmsg(m) : "";
-  fatal("%s: %s%s%s", call, imml_strerror(st), msg[0] ? ": " : "", msg);
+  const char *msg = m ? imml_model_errmsg(m) : "";
+  fatal("%s: %s%s%s", call, imml_status_string(st), msg[0] ? ": " : "", msg);
 }
 
 /* Informational lines on stderr, rank 0 only, unless quiet. */
@@ -258,7 +263,7 @@ static int parse_args(opts *o, int argc, char **argv) {
       return arg_bad_value(&args_ctx);
     given[it.id] = 1;
   }
-  if (t->momentum > 0.0f && t->optimizer != IMML_OPT_SGD)
+  if (t->momentum > 0.0f && t->optimizer != IMML_OPTIM_SGD)
     return arg_usage(&args_ctx, "--momentum applies to --optimizer sgd only");
   if (t->batch < g_size)
     return arg_usage(&args_ctx,
@@ -326,7 +331,7 @@ static int mpi_allgather(void *user_data, const float *send, size_t count,
   return rc == MPI_SUCCESS ? 0 : 2;
 }
 
-/* Sums every rank's gradients and divides by R (imml_set_collective scales
+/* Sums every rank's gradients and divides by R (imml_collective_set scales
  * them so that this mean is the single-process gradient of the global
  * batch).  With one rank there is nothing to do. */
 static void average_gradients(imml_model *m, comm_stats *cs) {
@@ -334,7 +339,7 @@ static void average_gradients(imml_model *m, comm_stats *cs) {
     return;
   float *g;
   size_t n;
-  imml_params_flat(m, NULL, &g, &n);
+  imml_param_flat(m, NULL, &g, &n);
   const double t0 = MPI_Wtime();
   for (size_t done = 0; done < n;) {
     const size_t part = n - done > (size_t)INT_MAX ? (size_t)INT_MAX : n - done;
@@ -365,13 +370,13 @@ static void check_ranks_agree(imml_model *m, const char *when) {
   if (g_size == 1)
     return;
   size_t n = 0;
-  imml_status st = imml_save_mem(m, NULL, 0, &n);
-  if (st != IMML_OK)
-    lib_fatal("imml_save_mem", st, m);
+  imml_status st = imml_model_save_mem(m, NULL, 0, &n);
+  if (st != IMML_OK && st != IMML_ERR_BUFFER_SMALL)
+    lib_fatal("imml_model_save_mem", st, m);
   unsigned char *buf = xmalloc(n);
-  st = imml_save_mem(m, buf, n, &n);
+  st = imml_model_save_mem(m, buf, n, &n);
   if (st != IMML_OK)
-    lib_fatal("imml_save_mem", st, m);
+    lib_fatal("imml_model_save_mem", st, m);
   uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a */
   for (size_t i = 0; i < n; i++)
     h = (h ^ buf[i]) * 0x100000001b3ull;
@@ -412,12 +417,17 @@ static imml_model *make_model(const opts *o, int m, const int *dims, int c,
   cfg.slot_mode = o->t.slot_mode;
   cfg.seed = o->t.seed;
   imml_model *model = NULL;
-  char msg[512] = "";
-  imml_status st = imml_model_create_ex(&cfg, NULL, &model, msg, sizeof msg);
-  if (st != IMML_OK)
-    fatal("imml_model_create: %s: %s", imml_strerror(st), msg);
+  imml_status st = imml_model_create(&cfg, NULL, &model);
+  if (st != IMML_OK) {
+    /* model: NULL, or the failed handle that holds the message */
+    char msg[512];
+    snprintf(msg, sizeof msg, "%s", model ? imml_model_errmsg(model) : "");
+    imml_model_free(model);
+    fatal("imml_model_create: %s%s%s", imml_status_string(st),
+          msg[0] ? ": " : "", msg);
+  }
   imml_optim_config oc;
-  imml_optim_config_init(&oc, (imml_optimizer_kind)o->t.optimizer);
+  imml_optim_config_init(&oc, (imml_optim_kind)o->t.optimizer);
   oc.lr = o->t.lr;
   oc.weight_decay = o->t.weight_decay;
   oc.momentum = o->t.momentum;
@@ -430,14 +440,16 @@ static imml_model *make_model(const opts *o, int m, const int *dims, int c,
   col.rank = g_rank;
   col.allgather = mpi_allgather;
   col.user_data = cs;
-  st = imml_set_collective(model, &col);
+  st = imml_collective_set(model, &col);
   if (st != IMML_OK)
-    lib_fatal("imml_set_collective", st, model);
+    lib_fatal("imml_collective_set", st, model);
   return model;
 }
 
 /* One training step on this rank's shard: forward (with the allgather),
- * backward, gradient average, update. */
+ * backward, commit (the global batch enters the dictionary, the warm-up
+ * advances), gradient average, update.  t: NULL, or += the seconds of
+ * forward, backward + commit, gradient average and update. */
 static void train_step(imml_model *model, int b, const float *const *feat,
                        const int *y, imml_losses *L, comm_stats *cs,
                        double *t) {
@@ -449,12 +461,15 @@ static void train_step(imml_model *model, int b, const float *const *feat,
   st = imml_backward(model, NULL);
   if (st != IMML_OK)
     lib_fatal("imml_backward", st, model);
+  st = imml_commit(model);
+  if (st != IMML_OK)
+    lib_fatal("imml_commit", st, model);
   double t2 = MPI_Wtime();
   average_gradients(model, cs);
   double t3 = MPI_Wtime();
-  st = imml_step(model);
+  st = imml_optim_step(model);
   if (st != IMML_OK)
-    lib_fatal("imml_step", st, model);
+    lib_fatal("imml_optim_step", st, model);
   double t4 = MPI_Wtime();
   if (t) {
     t[0] += t1 - t0;
@@ -464,14 +479,14 @@ static void train_step(imml_model *model, int b, const float *const *feat,
   }
 }
 
-/* Correct predictions over all rows of ds: every rank predicts a slice and
- * the counts are summed. */
-static double accuracy_all(const imml_model *model, imml_workspace *ws,
-                           const dataset *ds, int *pred) {
+/* Correct predictions over all rows of ds: every rank predicts a slice
+ * (imml_predict on its model: prediction stays local, the collective is not
+ * used) and the counts are summed. */
+static double accuracy_all(imml_model *model, const dataset *ds, int *pred) {
   if (ds->n == 0)
     return NAN;
   imml_config cfg;
-  imml_model_config(model, &cfg);
+  imml_model_get_config(model, &cfg);
   const int lo = (int)((long long)ds->n * g_rank / g_size);
   const int hi = (int)((long long)ds->n * (g_rank + 1) / g_size);
   long long ok = 0;
@@ -480,10 +495,9 @@ static double accuracy_all(const imml_model *model, imml_workspace *ws,
     const float *feat[IMML_MAX_MODALITIES];
     for (int m = 0; m < ds->m; m++)
       feat[m] = ds->x[m] + (size_t)i0 * (size_t)ds->d[m];
-    const imml_status st = imml_predict(model, ws, b, feat, NULL, NULL, pred);
+    const imml_status st = imml_predict(model, b, feat, NULL, NULL, pred);
     if (st != IMML_OK)
-      fatal("imml_predict: %s: %s", imml_strerror(st),
-            imml_workspace_errmsg(ws));
+      lib_fatal("imml_predict", st, model);
     for (int i = 0; i < b; i++)
       ok += pred[i] == ds->y[i0 + i];
   }
@@ -499,7 +513,7 @@ static void dump_params(imml_model *model, const char *path) {
   size_t idx = 0;
   for (int t = 0; t < imml_param_count(model); t++) {
     imml_param_view v;
-    imml_param_info(model, t, &v);
+    imml_param_get(model, t, &v);
     const size_t n = (size_t)v.rows * (size_t)v.cols;
     for (size_t i = 0; i < n; i++, idx++)
       fprintf(f, "%zu %s %.9g\n", idx, v.name, (double)v.data[i]);
@@ -541,10 +555,6 @@ static int do_train(const opts *o) {
   }
   comm_stats cs = {0, 0, 0, 0};
   imml_model *model = make_model(o, M, rd.d, rd.c, &cs);
-  imml_workspace *ws = NULL;
-  imml_status st = imml_workspace_create(model, &ws);
-  if (st != IMML_OK)
-    lib_fatal("imml_workspace_create", st, model);
   const int nb_full = (N + B - 1) / B, last = N - (nb_full - 1) * B;
   const int nb = last < g_size ? nb_full - 1 : nb_full;
   {
@@ -566,7 +576,7 @@ static int do_train(const opts *o) {
   const int smax = (B + g_size - 1) / g_size;
   int *yb = xmalloc((size_t)smax * sizeof(int));
   imml_config mc;
-  imml_model_config(model, &mc);
+  imml_model_get_config(model, &mc);
   int *pred = xmalloc((size_t)mc.max_batch * sizeof(int));
   float *xb[IMML_MAX_MODALITIES];
   for (int m = 0; m < M; m++)
@@ -606,8 +616,8 @@ static int do_train(const opts *o) {
     }
     double all[5];
     MPI_Allreduce(sum, all, 5, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
-    train_acc = accuracy_all(model, ws, &tr, pred);
-    test_acc = accuracy_all(model, ws, &te, pred);
+    train_acc = accuracy_all(model, &tr, pred);
+    test_acc = accuracy_all(model, &te, pred);
     const double secs = MPI_Wtime() - t0;
     note(o->t.quiet,
          "epoch %d/%d | %.1fs | train %.2f%% test %.2f%% | loss %.4f ce %.4f "
@@ -632,7 +642,7 @@ static int do_train(const opts *o) {
     if (metrics && (ferror(metrics) | fclose(metrics)))
       fatal("%s: write error", o->t.metrics);
     int p = -1, fixed = 0;
-    imml_predominant(model, &p, &fixed);
+    imml_predominant_get(model, &p, &fixed);
     printf("ranks %d, global batch %d\n", g_size, B);
     printf("train accuracy %.6f\n", train_acc);
     if (te.n > 0)
@@ -650,9 +660,9 @@ static int do_train(const opts *o) {
            cs.gather_s, cs.reduce_s);
     fflush(stdout);
     if (o->t.save) {
-      st = imml_save(model, o->t.save);
+      const imml_status st = imml_model_save(model, o->t.save);
       if (st != IMML_OK)
-        lib_fatal("imml_save", st, model);
+        lib_fatal("imml_model_save", st, model);
       char spath[4096];
       snprintf(spath, sizeof spath, "%s.stats", o->t.save);
       if (stdz_save(&sz, spath, err, sizeof err) != 0)
@@ -675,7 +685,6 @@ static int do_train(const opts *o) {
   free(perm);
   free(yb);
   free(pred);
-  imml_workspace_free(ws);
   imml_model_free(model);
   free(tr_idx);
   free(te_idx);
@@ -723,7 +732,7 @@ static int do_bench(const opts *o) {
   comm_stats cs = {0, 0, 0, 0};
   imml_model *model = make_model(o, M, o->bench_dims, C, &cs);
   size_t np;
-  imml_params_flat(model, NULL, NULL, &np);
+  imml_param_flat(model, NULL, NULL, &np);
   double t[4] = {0, 0, 0, 0};
   imml_losses L;
   for (int s = 0; s < o->bench_warmup; s++)
@@ -744,7 +753,7 @@ static int do_bench(const opts *o) {
   MPI_Reduce(mine, worst, 6, MPI_DOUBLE, MPI_MAX, 0, MPI_COMM_WORLD);
   if (g_rank == 0) {
     imml_config mc;
-    imml_model_config(model, &mc);
+    imml_model_get_config(model, &mc);
     const double n = o->bench_steps, ms = 1e3 * wall / n;
     const double gmax = (double)g_size * mc.max_batch;
     /* gathered buffers: send + R messages, per modality z, nz, r (G rows)
@@ -761,11 +770,12 @@ static int do_bench(const opts *o) {
       printf("%s%d", m ? "," : " ", o->bench_dims[m]);
     printf(", H %d, k %d, C %d, J %d, p %d, BLAS threads %d\n", o->t.hidden,
            o->t.knowledge, C, o->t.dict_size, o->t.predominant,
-           imml_blas_threads(0) > 0 ? imml_blas_threads(0) : -1);
+           imml_threads_set(0) > 0 ? imml_threads_set(0) : -1);
     printf("bench: %.1f ms/step, %.0f samples/s over %d steps\n", ms,
            B * n / wall, o->bench_steps);
     printf("bench: slowest rank per step: forward %.1f ms + allgather %.2f ms "
-           "+ backward %.1f ms + allreduce %.2f ms + update %.1f ms\n",
+           "+ backward and commit %.1f ms + allreduce %.2f ms + update %.1f "
+           "ms\n",
            1e3 * worst[0] / n, 1e3 * worst[1] / n, 1e3 * worst[2] / n,
            1e3 * worst[3] / n, 1e3 * worst[4] / n);
     printf("bench: allreduce %zu floats (%.1f MiB), gathered buffers %.1f "
@@ -796,7 +806,7 @@ static void set_threads(const opts *o) {
     const long cores = sysconf(_SC_NPROCESSORS_ONLN);
     n = cores > local ? (int)(cores / local) : 1;
   }
-  imml_blas_threads(n);
+  imml_threads_set(n);
 }
 
 int main(int argc, char **argv) {

@@ -4,10 +4,12 @@
  * a one-process collective, and the oracle that turns a broken promise into
  * a crash the fuzzer (or the replay test) reports.
  *
- * Public API only (imml.h). */
+ * Public API only (imml.h, its experimental section included: the
+ * collective and imml_unimodal_get). */
 #ifndef IMML_FUZZ_COMMON_H
 #define IMML_FUZZ_COMMON_H
 
+#define IMML_EXPERIMENTAL
 #include "imml.h"
 
 #include <float.h>
@@ -46,15 +48,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define FUZZ_CANARY 0xA5
 
 typedef struct fuzz_alloc {
-  size_t live;  /* bytes outstanding */
-  long blocks;  /* blocks outstanding */
-  long calls;   /* malloc_fn calls */
-  long refused; /* calls answered with NULL */
+  size_t live;    /* bytes outstanding */
+  long blocks;    /* blocks outstanding */
+  long calls;     /* malloc_fn calls */
+  long refused;   /* calls answered with NULL */
+  size_t max_req; /* largest request */
 } fuzz_alloc;
 
 static inline void *fuzz_malloc(size_t size, void *ud) {
   fuzz_alloc *a = ud;
   a->calls++;
+  if (size > a->max_req)
+    a->max_req = size;
   if (size > FUZZ_MEM_CAP - a->live) {
     a->refused++;
     return NULL;
@@ -99,11 +104,36 @@ static inline imml_allocator fuzz_hooks(fuzz_alloc *a) {
 
 static inline void fuzz_check_failure(imml_status st, const char *msg,
                                       const char *call) {
-  FUZZ_CHECK(st > IMML_OK && st <= IMML_ERR_BUFFER_SMALL,
+  FUZZ_CHECK(st > IMML_OK && st <= IMML_ERR_UNSUPPORTED,
              "%s: status %d is no imml_status", call, (int)st);
-  FUZZ_CHECK(strcmp(imml_strerror(st), "unknown status") != 0, "%s", call);
+  FUZZ_CHECK(strcmp(imml_status_string(st), "unknown status") != 0, "%s", call);
   FUZZ_CHECK(msg && msg[0] != '\0', "%s failed (%s) without a message", call,
-             imml_strerror(st));
+             imml_status_string(st));
+}
+
+/* A failed imml_model_create / imml_model_load_mem / imml_model_share: *out
+ * is the failed handle (NULL only when even that could not be allocated:
+ * IMML_ERR_NOMEM), holding the message and refusing every other call with
+ * IMML_ERR_STATE.  Checks that, then frees the handle. */
+static inline void fuzz_failed_handle(imml_status st, imml_model *h,
+                                      const char *call) {
+  FUZZ_CHECK(h != NULL || st == IMML_ERR_NOMEM,
+             "%s failed (%s) without a failed handle", call,
+             imml_status_string(st));
+  if (!h)
+    return;
+  fuzz_check_failure(st, imml_model_errmsg(h), call);
+  imml_config c;
+  FUZZ_CHECK(imml_model_get_config(h, &c) == IMML_ERR_STATE,
+             "%s: a failed handle gives a config", call);
+  FUZZ_CHECK(imml_param_count(h) == 0 && imml_fdc_dict_fill(h) == 0,
+             "%s: a failed handle has parameters", call);
+  size_t need = 0;
+  FUZZ_CHECK(imml_model_save_mem(h, NULL, 0, &need) == IMML_ERR_STATE,
+             "%s: a failed handle saves", call);
+  FUZZ_CHECK(imml_model_errmsg(h)[0] != '\0',
+             "%s: the failed handle lost its message", call);
+  imml_model_free(h);
 }
 
 /* ---- checkpoint framing (doc/FORMAT.md) ----------------------------- */
@@ -270,13 +300,33 @@ static inline int fuzz_allgather(void *ud, const float *send, size_t count,
 
 /* ---- one training step and one prediction --------------------------- */
 
+/* Checks one successful prediction of B rows. */
+static inline void fuzz_check_prediction(int B, int C, const float *logits,
+                                         const float *probs,
+                                         const int *classes) {
+  for (int i = 0; i < B; i++) {
+    FUZZ_CHECK(classes[i] >= 0 && classes[i] < C, "class %d", classes[i]);
+    double sum = 0.0;
+    for (int j = 0; j < C; j++) {
+      const float pj = probs[(size_t)i * C + j];
+      FUZZ_CHECK(isfinite(logits[(size_t)i * C + j]) && pj >= 0.0f &&
+                     pj <= 1.0f,
+                 "prediction row %d class %d", i, j);
+      sum += pj;
+    }
+    FUZZ_CHECK(fabs(sum - 1.0) < 1e-3, "probabilities sum to %g", sum);
+  }
+}
+
 /* Deterministic features in [-1, 1] and labels; batch B <= 8, widths are
  * the model's.  Every call must succeed or fail with a documented status
  * and a message; NaN/Inf produced inside (huge parameters, tiny tau) is
- * IMML_ERR_NONFINITE. */
+ * IMML_ERR_NONFINITE.  A prediction runs on a share of the model and on the
+ * model itself, with the same result; a training step is forward, backward,
+ * imml_commit, imml_optim_step. */
 static inline void fuzz_exercise(imml_model *m, int train) {
   imml_config c;
-  FUZZ_CHECK(imml_model_config(m, &c) == IMML_OK, "model_config");
+  FUZZ_CHECK(imml_model_get_config(m, &c) == IMML_OK, "model_get_config");
   const int M = c.n_modalities;
   const int B = c.max_batch < 3 ? c.max_batch : 3;
   float *x[IMML_MAX_MODALITIES];
@@ -295,38 +345,45 @@ static inline void fuzz_exercise(imml_model *m, int train) {
   const size_t nl = (size_t)B * (size_t)c.n_classes;
   float *logits = malloc(nl * sizeof(float));
   float *probs = malloc(nl * sizeof(float));
-  FUZZ_CHECK(logits && probs, "test allocation");
-  int classes[3];
-  imml_workspace *ws = NULL;
-  imml_status st = imml_workspace_create(m, &ws);
+  float *logits2 = malloc(nl * sizeof(float));
+  float *probs2 = malloc(nl * sizeof(float));
+  FUZZ_CHECK(logits && probs && logits2 && probs2, "test allocation");
+  int classes[3], classes2[3];
+  imml_model *ws = NULL;
+  imml_status st = imml_model_share(m, &ws);
   if (st == IMML_OK) {
-    st = imml_predict(m, ws, B, cx, logits, probs, classes);
+    FUZZ_CHECK(ws != NULL && ws != m, "imml_model_share gave no share");
+    st = imml_predict(ws, B, cx, logits, probs, classes);
+    const imml_status st2 = imml_predict(m, B, cx, logits2, probs2, classes2);
+    FUZZ_CHECK(st2 == st, "imml_predict: %s on the share, %s on the model",
+               imml_status_string(st), imml_status_string(st2));
     if (st == IMML_OK) {
-      for (int i = 0; i < B; i++) {
-        FUZZ_CHECK(classes[i] >= 0 && classes[i] < c.n_classes, "class %d",
-                   classes[i]);
-        double sum = 0.0;
-        for (int j = 0; j < c.n_classes; j++) {
-          const float pj = probs[(size_t)i * c.n_classes + j];
-          FUZZ_CHECK(isfinite(logits[(size_t)i * c.n_classes + j]) &&
-                         pj >= 0.0f && pj <= 1.0f,
-                     "prediction row %d class %d", i, j);
-          sum += pj;
-        }
-        FUZZ_CHECK(fabs(sum - 1.0) < 1e-3, "probabilities sum to %g", sum);
-      }
-      st = imml_predict_unimodal(ws, M - 1, logits);
-      FUZZ_CHECK(st == IMML_OK, "imml_predict_unimodal: %d", (int)st);
+      fuzz_check_prediction(B, c.n_classes, logits, probs, classes);
+      FUZZ_CHECK(memcmp(logits, logits2, nl * sizeof(float)) == 0 &&
+                     memcmp(probs, probs2, nl * sizeof(float)) == 0 &&
+                     memcmp(classes, classes2, (size_t)B * sizeof(int)) == 0,
+                 "the share and the model predict differently");
+      st = imml_unimodal_get(ws, M - 1, logits);
+      FUZZ_CHECK(st == IMML_OK, "imml_unimodal_get: %d (%s)", (int)st,
+                 imml_model_errmsg(ws));
     } else {
       FUZZ_CHECK(st == IMML_ERR_NONFINITE || st == IMML_ERR_CALLBACK,
-                 "imml_predict: %s (%s)", imml_strerror(st),
-                 imml_workspace_errmsg(ws));
-      fuzz_check_failure(st, imml_workspace_errmsg(ws), "imml_predict");
+                 "imml_predict: %s (%s)", imml_status_string(st),
+                 imml_model_errmsg(ws));
+      fuzz_check_failure(st, imml_model_errmsg(ws), "imml_predict (share)");
+      fuzz_check_failure(st2, imml_model_errmsg(m), "imml_predict (model)");
+      FUZZ_CHECK(imml_unimodal_get(ws, M - 1, logits) == IMML_ERR_STATE,
+                 "unimodal logits after a failed prediction");
     }
-    imml_workspace_free(ws);
+    /* a share refuses to train */
+    FUZZ_CHECK(imml_forward(ws, IMML_MODE_TRAIN, B, cx, labels, NULL, NULL) ==
+                   IMML_ERR_STATE,
+               "a share ran a training forward");
+    imml_model_free(ws);
   } else {
-    FUZZ_CHECK(st == IMML_ERR_NOMEM, "imml_workspace_create: %s",
-               imml_strerror(st));
+    FUZZ_CHECK(st == IMML_ERR_NOMEM, "imml_model_share: %s",
+               imml_status_string(st));
+    fuzz_failed_handle(st, ws, "imml_model_share");
   }
   if (train) {
     imml_losses l;
@@ -335,33 +392,37 @@ static inline void fuzz_exercise(imml_model *m, int train) {
       FUZZ_CHECK(isfinite(l.total), "finite forward with loss %g", l.total);
       st = imml_backward(m, NULL);
       if (st == IMML_OK) {
-        st = imml_step(m);
+        st = imml_commit(m);
+        FUZZ_CHECK(st == IMML_OK, "imml_commit after a backward: %s (%s)",
+                   imml_status_string(st), imml_model_errmsg(m));
+        FUZZ_CHECK(imml_commit(m) == IMML_ERR_STATE, "a second commit");
+        st = imml_optim_step(m);
         if (st != IMML_OK) {
           FUZZ_CHECK(st == IMML_ERR_STATE || st == IMML_ERR_NONFINITE,
-                     "imml_step: %s", imml_strerror(st));
-          fuzz_check_failure(st, imml_errmsg(m), "imml_step");
+                     "imml_optim_step: %s", imml_status_string(st));
+          fuzz_check_failure(st, imml_model_errmsg(m), "imml_optim_step");
         }
       } else {
         FUZZ_CHECK(st == IMML_ERR_NONFINITE, "imml_backward: %s",
-                   imml_strerror(st));
-        fuzz_check_failure(st, imml_errmsg(m), "imml_backward");
+                   imml_status_string(st));
+        fuzz_check_failure(st, imml_model_errmsg(m), "imml_backward");
       }
     } else {
       FUZZ_CHECK(st == IMML_ERR_NONFINITE, "imml_forward: %s (%s)",
-                 imml_strerror(st), imml_errmsg(m));
-      fuzz_check_failure(st, imml_errmsg(m), "imml_forward");
+                 imml_status_string(st), imml_model_errmsg(m));
+      fuzz_check_failure(st, imml_model_errmsg(m), "imml_forward");
     }
     /* whatever happened, nothing non-finite reached the model */
     float *p = NULL, *g = NULL;
     size_t n = 0;
-    FUZZ_CHECK(imml_params_flat(m, &p, &g, &n) == IMML_OK, "params_flat");
+    FUZZ_CHECK(imml_param_flat(m, &p, &g, &n) == IMML_OK, "param_flat");
     for (size_t i = 0; i < n; i++)
       FUZZ_CHECK(isfinite(p[i]) && isfinite(g[i]),
                  "parameter or gradient %zu is %g / %g", i, (double)p[i],
                  (double)g[i]);
     float ema[IMML_MAX_MODALITIES];
     int steps = 0;
-    FUZZ_CHECK(imml_warmup_state(m, &steps, ema) == IMML_OK, "warmup_state");
+    FUZZ_CHECK(imml_warmup_get(m, &steps, ema) == IMML_OK, "warmup_get");
     for (int mm = 0; mm < M; mm++)
       FUZZ_CHECK(ema[mm] >= 0.0f && ema[mm] <= 1.0f, "ema[%d] = %g", mm,
                  (double)ema[mm]);
@@ -370,6 +431,8 @@ static inline void fuzz_exercise(imml_model *m, int train) {
     free(x[mm]);
   free(logits);
   free(probs);
+  free(logits2);
+  free(probs2);
 }
 
 #endif

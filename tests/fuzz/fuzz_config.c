@@ -1,12 +1,13 @@
 /* libFuzzer target: bytes -> an imml_config (+ dims, an optimiser
- * configuration, a collective) -> imml_model_create_ex and, when the model
- * exists, imml_optim_setup, imml_set_collective, one prediction and one
+ * configuration, a collective) -> imml_model_create and, when the model
+ * exists, imml_optim_setup, imml_collective_set, one prediction and one
  * training step.
  *
  * Input (fuzz_common.h's encoding; a missing field keeps its default):
  *   byte   flags: 1 host F&T, 2 optimiser, 4 train a step, 8 struct_size
  *          one short, 16 dims NULL, 32 collective, 64 malloc_fn alone,
- *          128 a 7-byte message buffer
+ *          128 a struct from a newer header (struct_size 8 bytes larger,
+ *          the first extra byte read below, the others zero)
  *   int    n_modalities, then min(n_modalities, 64) dims (when >= 1)
  *   int    hidden_dim, knowledge_dim, n_classes, max_batch, dict_size,
  *          predominant, warmup_steps, slot_mode
@@ -15,13 +16,23 @@
  *   int    optimiser kind; float lr, weight_decay, momentum; int nesterov;
  *          float beta1, beta2, eps, clip_norm
  *   int    collective world_size, rank
+ *   int    precision
+ *   int    memory_limit in KiB (as an unsigned 32-bit value)
+ *   int    the first byte beyond the library's imml_config (flag 128; the
+ *          low 8 bits)
+ * (The fields added in 1.0 come last, so that inputs written for the
+ * earlier encoding keep their meaning.)
  *
  * Promises checked: create succeeds only for a config inside the
- * documented ranges; a refusal is NULL / INVALID_ARG / TOO_LARGE / NOMEM
- * with a message, *out NULL and nothing allocated; NOMEM only when the
- * capped allocator refused; TOO_LARGE before any allocation; the dims
- * array is read only up to n_modalities (it is allocated to that size, so
- * ASan sees an over-read); no leak after imml_model_free. */
+ * documented ranges; a refusal is NULL / INVALID_ARG / TOO_LARGE / NOMEM /
+ * UNKNOWN_FIELD / UNSUPPORTED with a failed handle holding a message (no
+ * handle only for NOMEM), and nothing left allocated once that handle is
+ * freed; NOMEM only when the capped allocator refused; TOO_LARGE before any
+ * allocation but the failed handle's; UNKNOWN_FIELD only for a non-zero
+ * byte beyond the library's struct, and such a struct never creates a
+ * model; the dims array is read only up to n_modalities (it is allocated
+ * to that size, so ASan sees an over-read); no leak after
+ * imml_model_free. */
 #include "fuzz_common.h"
 
 static int in_range(float v, float lo, float hi) {
@@ -50,12 +61,21 @@ static void check_valid(const imml_config *c, const int *dims) {
              "slot_mode %d", c->slot_mode);
 }
 
+/* imml_config as a newer header would declare it: 8 more bytes. */
+typedef struct newer_config {
+  imml_config c;
+  unsigned char tail[8];
+} newer_config;
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   fuzz_reader r = {data, size, 0};
   int flags = 0;
   fuzz_byte(&r, &flags);
-  imml_config c;
-  imml_config_init(&c);
+  newer_config nc;
+  memset(&nc, 0, sizeof nc);
+  imml_config *cp = &nc.c;
+  imml_config_init(cp);
+  imml_config c = *cp;
   c.n_modalities = fuzz_int(&r, c.n_modalities);
   /* exactly as many dims as the config claims, on the heap */
   const int nd = c.n_modalities >= 1 && c.n_modalities <= IMML_MAX_MODALITIES
@@ -79,47 +99,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   c.gamma2 = fuzz_float(&r, c.gamma2);
   c.tau = fuzz_float(&r, c.tau);
   c.seed = (uint64_t)fuzz_u32(&r) | (uint64_t)fuzz_u32(&r) << 32;
-  fuzz_alloc a;
-  memset(&a, 0, sizeof a);
-  c.allocator = fuzz_hooks(&a);
-  if (flags & 64)
-    c.allocator.free_fn = NULL;
-  if (flags & 8)
-    c.struct_size = sizeof c - 1;
-  const imml_ft_ops ops = fuzz_host_ops();
-  char err[256];
-  const size_t errn = flags & 128 ? 7 : sizeof err;
-  memset(err, 'x', sizeof err);
-  imml_model *m = (imml_model *)&c; /* must be overwritten */
-  const imml_status st =
-      imml_model_create_ex(&c, flags & 1 ? &ops : NULL, &m, err, errn);
-  FUZZ_CHECK(memchr(err, '\0', errn) != NULL, "message not terminated");
-  FUZZ_CHECK(errn == sizeof err || err[errn] == 'x',
-             "message written past errmsg_size");
-  if (st != IMML_OK) {
-    FUZZ_CHECK(m == NULL, "*out not NULL after a failure");
-    fuzz_check_failure(st, err, "imml_model_create_ex");
-    FUZZ_CHECK(st == IMML_ERR_NULL || st == IMML_ERR_INVALID_ARG ||
-                   st == IMML_ERR_TOO_LARGE || st == IMML_ERR_NOMEM,
-               "create: %s", imml_strerror(st));
-    FUZZ_CHECK(st != IMML_ERR_NOMEM || a.refused > 0, "spurious NOMEM: %s",
-               err);
-    FUZZ_CHECK(st != IMML_ERR_TOO_LARGE || a.calls == 0,
-               "TOO_LARGE after %ld allocations: %s", a.calls, err);
-    FUZZ_CHECK(a.live == 0 && a.blocks == 0, "refused create leaked %zu bytes",
-               a.live);
-    free(dims);
-    return 0;
-  }
-  FUZZ_CHECK(m != NULL && err[0] == '\0', "created, message '%s'", err);
-  FUZZ_CHECK(!(flags & (8 | 16 | 64)), "created from an invalid config");
-  check_valid(&c, dims);
-  /* the model copied dims: the caller's array may go */
-  free(dims);
-  dims = NULL;
-
+  /* what follows the config in the input, read now (reading has no
+   * effect): the 1.0 fields come after it */
   imml_optim_config oc;
-  imml_optim_config_init(&oc, IMML_OPT_ADAMW);
+  imml_optim_config_init(&oc, IMML_OPTIM_ADAMW);
   oc.kind = fuzz_int(&r, oc.kind);
   oc.lr = fuzz_float(&r, oc.lr);
   oc.weight_decay = fuzz_float(&r, oc.weight_decay);
@@ -129,13 +112,75 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   oc.beta2 = fuzz_float(&r, oc.beta2);
   oc.eps = fuzz_float(&r, oc.eps);
   oc.clip_norm = fuzz_float(&r, oc.clip_norm);
+  int world = fuzz_int(&r, 1);
+  const int rank = fuzz_int(&r, 0);
+  c.precision = fuzz_int(&r, c.precision);
+  if (r.pos < r.n) /* else the default */
+    c.memory_limit = (size_t)(uint32_t)fuzz_int(&r, 0) << 10;
+  const int tail = fuzz_int(&r, 0) & 0xff;
+  fuzz_alloc a;
+  memset(&a, 0, sizeof a);
+  c.allocator = fuzz_hooks(&a);
+  if (flags & 64)
+    c.allocator.free_fn = NULL;
+  if (flags & 8)
+    c.struct_size = sizeof c - 1;
+  else if (flags & 128)
+    c.struct_size = sizeof nc;
+  *cp = c;
+  nc.tail[0] = (unsigned char)tail;
+  const int unknown_field = (flags & 128) && !(flags & 8) && tail != 0;
+  const imml_ft_ops ops = fuzz_host_ops();
+  imml_model *m = (imml_model *)&c; /* must be overwritten */
+  const imml_status st = imml_model_create(cp, flags & 1 ? &ops : NULL, &m);
+  if (st != IMML_OK) {
+    FUZZ_CHECK(m != (imml_model *)&c, "*out not written");
+    FUZZ_CHECK(st == IMML_ERR_NULL || st == IMML_ERR_INVALID_ARG ||
+                   st == IMML_ERR_TOO_LARGE || st == IMML_ERR_NOMEM ||
+                   st == IMML_ERR_UNKNOWN_FIELD || st == IMML_ERR_UNSUPPORTED,
+               "create: %s", imml_status_string(st));
+    FUZZ_CHECK(st != IMML_ERR_UNKNOWN_FIELD || unknown_field,
+               "UNKNOWN_FIELD without a non-zero unknown byte: %s",
+               imml_model_errmsg(m));
+    FUZZ_CHECK(st != IMML_ERR_UNSUPPORTED || c.precision != IMML_PRECISION_FP32,
+               "UNSUPPORTED for an fp32 model: %s", imml_model_errmsg(m));
+    FUZZ_CHECK(st != IMML_ERR_NOMEM || a.refused > 0, "spurious NOMEM: %s",
+               imml_model_errmsg(m));
+    /* nothing bigger than a handle was asked for: the failed handle is the
+     * only block held (none when it came from malloc, the config itself
+     * being refused, and then the allocator was not called at all) */
+    FUZZ_CHECK(st != IMML_ERR_TOO_LARGE ||
+                   (a.blocks == 1 ? a.max_req <= a.live : a.calls == 0),
+               "TOO_LARGE after %ld allocations (largest %zu bytes, %ld "
+               "held): %s",
+               a.calls, a.max_req, a.blocks, imml_model_errmsg(m));
+    FUZZ_CHECK(a.blocks <= 1, "a refused create holds %ld blocks", a.blocks);
+    fuzz_failed_handle(st, m, "imml_model_create");
+    FUZZ_CHECK(a.live == 0 && a.blocks == 0, "refused create leaked %zu bytes",
+               a.live);
+    free(dims);
+    return 0;
+  }
+  FUZZ_CHECK(m != NULL && m != (imml_model *)&c &&
+                 imml_model_errmsg(m)[0] == '\0',
+             "created, message '%s'", m ? imml_model_errmsg(m) : "(null)");
+  FUZZ_CHECK(!(flags & (8 | 16 | 64)), "created from an invalid config");
+  FUZZ_CHECK(!unknown_field, "created from a config with an unknown field");
+  FUZZ_CHECK(c.precision == IMML_PRECISION_FP32 ||
+                 c.precision == IMML_PRECISION_BF16,
+             "created with precision %d", c.precision);
+  check_valid(&c, dims);
+  /* the model copied dims: the caller's array may go */
+  free(dims);
+  dims = NULL;
+
   if (flags & 2) {
     const imml_status so = imml_optim_setup(m, &oc);
     if (so != IMML_OK) {
-      fuzz_check_failure(so, imml_errmsg(m), "imml_optim_setup");
+      fuzz_check_failure(so, imml_model_errmsg(m), "imml_optim_setup");
       FUZZ_CHECK(so == IMML_ERR_INVALID_ARG || so == IMML_ERR_NOMEM ||
                      so == IMML_ERR_TOO_LARGE,
-                 "optim_setup: %s", imml_strerror(so));
+                 "optim_setup: %s", imml_status_string(so));
     } else {
       FUZZ_CHECK(in_range(oc.lr, 0.0f, 1e30f) &&
                      in_range(oc.eps, 0.0f, 1e30f) && oc.eps > 0.0f &&
@@ -144,8 +189,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                  (double)oc.eps, (double)oc.beta2);
     }
   }
-  int world = fuzz_int(&r, 1);
-  const int rank = fuzz_int(&r, 0);
   if (flags & 32) {
     imml_collective co;
     imml_collective_init(&co);
@@ -153,12 +196,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     co.rank = rank;
     co.allgather = fuzz_allgather;
     co.user_data = &world;
-    const imml_status sc = imml_set_collective(m, &co);
+    const imml_status sc = imml_collective_set(m, &co);
     if (sc != IMML_OK) {
-      fuzz_check_failure(sc, imml_errmsg(m), "imml_set_collective");
+      fuzz_check_failure(sc, imml_model_errmsg(m), "imml_collective_set");
       FUZZ_CHECK(sc == IMML_ERR_INVALID_ARG || sc == IMML_ERR_NOMEM ||
                      sc == IMML_ERR_TOO_LARGE,
-                 "set_collective: %s", imml_strerror(sc));
+                 "collective_set: %s", imml_status_string(sc));
     }
   }
   /* a step costs about max_batch x the arena: only for small models */

@@ -1,11 +1,14 @@
 /* Writes the fuzzers' seed corpus: usage make_corpus DIR
  *   DIR/load/    checkpoints for fuzz_load: valid ones of a few small
  *                configurations (built-in and host F&T, with and without
- *                an optimiser, warm-up done or in flight), and broken ones
+ *                an optimiser, warm-up done or in flight, p fixed by the
+ *                host with imml_predominant_set), and broken ones
  *                (truncated, a flipped byte, a bad CRC, and fields made
  *                invalid with the CRC fixed);
  *   DIR/config/  inputs for fuzz_config (fuzz_common.h's encoding): valid
- *                configurations and ones beyond each limit.
+ *                configurations and ones beyond each limit, and the fields
+ *                of 1.0 (precision, memory_limit, a struct from a newer
+ *                header with a zero or non-zero tail).
  * The committed tests/fuzz/corpus was written by it (meson compile -C
  * BUILD fuzz-corpus); the fuzzers add what they find beside it. */
 #include "fuzz_common.h"
@@ -110,6 +113,7 @@ typedef struct spec {
   int M, dims[3], H, k, C, B, J, warmup, predominant, strict, host;
   int opt; /* -1 none */
   int steps;
+  int fix_p; /* >= 0: imml_predominant_set(fix_p) before training */
 } spec;
 
 static const spec specs[] = {
@@ -125,9 +129,24 @@ static const spec specs[] = {
      -1,
      0,
      0,
-     IMML_OPT_ADAMW,
-     4},
-    {"valid-builtin-fresh", 2, {2, 3, 0}, 3, 2, 3, 2, 3, 5, -1, 0, 0, -1, 0},
+     IMML_OPTIM_ADAMW,
+     4,
+     -1},
+    {"valid-builtin-fresh",
+     2,
+     {2, 3, 0},
+     3,
+     2,
+     3,
+     2,
+     3,
+     5,
+     -1,
+     0,
+     0,
+     -1,
+     0,
+     -1},
     {"valid-host-sgd-warmup",
      2,
      {3, 3, 0},
@@ -140,8 +159,9 @@ static const spec specs[] = {
      -1,
      0,
      1,
-     IMML_OPT_SGD,
-     2},
+     IMML_OPTIM_SGD,
+     2,
+     -1},
     {"valid-strict-m3-sgd",
      3,
      {2, 2, 3},
@@ -154,9 +174,40 @@ static const spec specs[] = {
      1,
      1,
      0,
-     IMML_OPT_SGD,
-     3},
-    {"valid-host-noopt-fixed", 2, {2, 4, 0}, 3, 3, 2, 3, 3, 1, -1, 0, 1, -1, 3},
+     IMML_OPTIM_SGD,
+     3,
+     -1},
+    {"valid-host-noopt-fixed",
+     2,
+     {2, 4, 0},
+     3,
+     3,
+     2,
+     3,
+     3,
+     1,
+     -1,
+     0,
+     1,
+     -1,
+     3,
+     -1},
+    /* p fixed by the host (imml_predominant_set) with the warm-up unfinished */
+    {"valid-predominant-set",
+     3,
+     {2, 3, 2},
+     3,
+     2,
+     2,
+     3,
+     4,
+     20,
+     -1,
+     0,
+     0,
+     IMML_OPTIM_ADAMW,
+     2,
+     2},
 };
 #define N_SPECS (int)(sizeof specs / sizeof specs[0])
 
@@ -176,17 +227,19 @@ static unsigned char *checkpoint(const spec *sp, size_t *size) {
   c.seed = 7;
   const imml_ft_ops ops = fuzz_host_ops();
   imml_model *m = NULL;
-  char err[256];
-  if (imml_model_create_ex(&c, sp->host ? &ops : NULL, &m, err, sizeof err) !=
-      IMML_OK) {
-    fprintf(stderr, "make_corpus: %s: %s\n", sp->name, err);
+  if (imml_model_create(&c, sp->host ? &ops : NULL, &m) != IMML_OK) {
+    fprintf(stderr, "make_corpus: %s: %s\n", sp->name, imml_model_errmsg(m));
+    exit(1);
+  }
+  if (sp->fix_p >= 0 && imml_predominant_set(m, sp->fix_p) != IMML_OK) {
+    fprintf(stderr, "make_corpus: %s: %s\n", sp->name, imml_model_errmsg(m));
     exit(1);
   }
   if (sp->opt >= 0) {
     imml_optim_config oc;
-    imml_optim_config_init(&oc, (imml_optimizer_kind)sp->opt);
+    imml_optim_config_init(&oc, (imml_optim_kind)sp->opt);
     oc.lr = 0.05f;
-    if (sp->opt == IMML_OPT_SGD) {
+    if (sp->opt == IMML_OPTIM_SGD) {
       oc.momentum = 0.9f;
       oc.nesterov = 1;
     }
@@ -204,16 +257,16 @@ static unsigned char *checkpoint(const spec *sp, size_t *size) {
     for (int i = 0; i < sp->B; i++)
       y[i] = (i + s) % sp->C;
     if (imml_forward(m, IMML_MODE_TRAIN, sp->B, f, y, NULL, NULL) != IMML_OK ||
-        imml_backward(m, NULL) != IMML_OK ||
-        (sp->opt >= 0 && imml_step(m) != IMML_OK)) {
-      fprintf(stderr, "make_corpus: %s: %s\n", sp->name, imml_errmsg(m));
+        imml_backward(m, NULL) != IMML_OK || imml_commit(m) != IMML_OK ||
+        (sp->opt >= 0 && imml_optim_step(m) != IMML_OK)) {
+      fprintf(stderr, "make_corpus: %s: %s\n", sp->name, imml_model_errmsg(m));
       exit(1);
     }
   }
   size_t need = 0;
-  imml_save_mem(m, NULL, 0, &need);
-  unsigned char *buf = malloc(need);
-  if (!buf || imml_save_mem(m, buf, need, size) != IMML_OK) {
+  imml_model_save_mem(m, NULL, 0, &need);
+  unsigned char *buf = need ? malloc(need) : NULL;
+  if (!buf || imml_model_save_mem(m, buf, need, size) != IMML_OK) {
     fprintf(stderr, "make_corpus: %s: save failed\n", sp->name);
     exit(1);
   }
@@ -563,8 +616,8 @@ static const cfg_seed cfg_seeds[] = {
      0,
      1,
      0},
-    {"invalid-allocator-short-msg",
-     64 | 128,
+    {"invalid-allocator",
+     64,
      2,
      4,
      8,
@@ -611,42 +664,80 @@ static const cfg_seed cfg_seeds[] = {
      0},
 };
 
+/* The encoding of s up to the collective (the 0.x fields). */
+static void encode_seed(enc *e, const cfg_seed *s, int flags) {
+  e->n = 0;
+  e_byte(e, flags);
+  e_int(e, s->M);
+  const int nd = s->M >= 1 && s->M <= IMML_MAX_MODALITIES ? s->M : 1;
+  for (int m = 0; m < nd; m++)
+    e_int(e, s->d + (s->d < 100 ? m : 0));
+  e_int(e, s->H);
+  e_int(e, s->k);
+  e_int(e, s->C);
+  e_int(e, s->B);
+  e_int(e, s->J);
+  e_int(e, s->p);
+  e_int(e, s->warm);
+  e_int(e, s->slot);
+  e_float(e, s->beta);
+  e_float(e, s->g1);
+  e_float(e, s->g2);
+  e_float(e, s->tau);
+  e_raw(e, 12345u);
+  e_raw(e, 0u);
+  e_int(e, s->kind);
+  e_float(e, s->lr);
+  e_float(e, s->wd);
+  e_float(e, s->mom);
+  e_int(e, s->nest);
+  e_float(e, 0.9f);
+  e_float(e, 0.999f);
+  e_float(e, 1e-8f);
+  e_float(e, 1.0f);
+  e_int(e, s->world);
+  e_int(e, s->rank);
+}
+
+/* Seeds of the fields added in 1.0 (precision, memory_limit, a struct from
+ * a newer header): one of the seeds above, its flags changed, and the 1.0
+ * fields appended. */
+typedef struct v1_seed {
+  const char *name;
+  int base;      /* index into cfg_seeds */
+  int flags;     /* replaces the base's */
+  int precision; /* imml_config.precision */
+  int mem_kib;   /* imml_config.memory_limit in KiB */
+  int tail;      /* first byte beyond the library's imml_config (flag 128) */
+} v1_seed;
+
+#define KIB_8G (1 << 23)
+
+static const v1_seed v1_seeds[] = {
+    {"v1-newer-struct-zero-tail-train", 1, 1 | 2 | 4 | 128, 0, KIB_8G, 0},
+    {"v1-newer-struct-unknown-field", 0, 128, 0, KIB_8G, 0x5a},
+    {"v1-precision-bf16-train", 1, 1 | 2 | 4, IMML_PRECISION_BF16, KIB_8G, 0},
+    {"v1-precision-invalid", 0, 0, 7, KIB_8G, 0},
+    {"v1-memory-limit-1kib", 0, 0, 0, 1, 0},
+    {"v1-memory-limit-64mib-train", 2, 2 | 4, 0, 1 << 16, 0},
+    /* the arena of valid-small is about 9.4 KiB */
+    {"v1-memory-limit-9kib", 0, 0, 0, 9, 0},
+    {"v1-memory-limit-10kib-train", 0, 4, 0, 10, 0},
+};
+
 static void config_seeds(void) {
+  enc e;
   for (size_t i = 0; i < sizeof cfg_seeds / sizeof cfg_seeds[0]; i++) {
-    const cfg_seed *s = &cfg_seeds[i];
-    enc e;
-    e.n = 0;
-    e_byte(&e, s->flags);
-    e_int(&e, s->M);
-    const int nd = s->M >= 1 && s->M <= IMML_MAX_MODALITIES ? s->M : 1;
-    for (int m = 0; m < nd; m++)
-      e_int(&e, s->d + (s->d < 100 ? m : 0));
-    e_int(&e, s->H);
-    e_int(&e, s->k);
-    e_int(&e, s->C);
-    e_int(&e, s->B);
-    e_int(&e, s->J);
-    e_int(&e, s->p);
-    e_int(&e, s->warm);
-    e_int(&e, s->slot);
-    e_float(&e, s->beta);
-    e_float(&e, s->g1);
-    e_float(&e, s->g2);
-    e_float(&e, s->tau);
-    e_raw(&e, 12345u);
-    e_raw(&e, 0u);
-    e_int(&e, s->kind);
-    e_float(&e, s->lr);
-    e_float(&e, s->wd);
-    e_float(&e, s->mom);
-    e_int(&e, s->nest);
-    e_float(&e, 0.9f);
-    e_float(&e, 0.999f);
-    e_float(&e, 1e-8f);
-    e_float(&e, 1.0f);
-    e_int(&e, s->world);
-    e_int(&e, s->rank);
-    put_file("config", s->name, e.b, e.n);
+    encode_seed(&e, &cfg_seeds[i], cfg_seeds[i].flags);
+    put_file("config", cfg_seeds[i].name, e.b, e.n);
+  }
+  for (size_t i = 0; i < sizeof v1_seeds / sizeof v1_seeds[0]; i++) {
+    const v1_seed *v = &v1_seeds[i];
+    encode_seed(&e, &cfg_seeds[v->base], v->flags);
+    e_int(&e, v->precision);
+    e_int(&e, v->mem_kib);
+    e_int(&e, v->tail);
+    put_file("config", v->name, e.b, e.n);
   }
 }
 
