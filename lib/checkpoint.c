@@ -9,6 +9,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -581,10 +582,11 @@ static imml_status parse(const unsigned char *buf, size_t size,
                "warm-up steps %d >= warmup_steps %d but p is not fixed", steps,
                c.warmup_steps),
            r.st;
+  /* EMAs of cross-entropies (METHOD.md section 5): finite, >= 0 */
   for (int mm = 0; mm < M; mm++)
-    if (!(ema[mm] >= 0.0f && ema[mm] <= 1.0f))
-      return bad(&r, IMML_ERR_FORMAT, at, "ema[%d] = %g outside [0, 1]", mm,
-                 (double)ema[mm]),
+    if (!(ema[mm] >= 0.0f && ema[mm] <= FLT_MAX))
+      return bad(&r, IMML_ERR_FORMAT, at,
+                 "ema[%d] = %g: must be finite and >= 0", mm, (double)ema[mm]),
              r.st;
   imml_tensor layout[IMML_MAX_TENSORS];
   int nt = 0;

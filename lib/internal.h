@@ -95,19 +95,19 @@ typedef struct imml_grads_scratch {
 typedef struct imml_coll {
   int active;
   imml_collective ops;
-  size_t count;                     /* floats each rank sends */
-  float *send;                      /* (count) */
-  float *recv;                      /* (R, count) */
-  int n;                            /* G = rows of the global batch */
-  int off;                          /* first row of this rank */
-  float *z[IMML_MAX_MODALITIES];    /* (G, k) gathered knowledge */
-  float *nz[IMML_MAX_MODALITIES];   /* (G, k) */
-  float *r[IMML_MAX_MODALITIES];    /* (G) */
-  float *s[IMML_MAX_MODALITIES];    /* (G, G) as imml_acts.s */
-  float *st[IMML_MAX_MODALITIES];   /* (G, G) as imml_acts.st */
-  float *ds, *dst;                  /* (G, G) */
-  int *labels;                      /* (G) */
-  int correct[IMML_MAX_MODALITIES]; /* summed over ranks */
+  size_t count;                   /* floats each rank sends */
+  float *send;                    /* (count) */
+  float *recv;                    /* (R, count) */
+  int n;                          /* G = rows of the global batch */
+  int off;                        /* first row of this rank */
+  float *z[IMML_MAX_MODALITIES];  /* (G, k) gathered knowledge */
+  float *nz[IMML_MAX_MODALITIES]; /* (G, k) */
+  float *r[IMML_MAX_MODALITIES];  /* (G) */
+  float *s[IMML_MAX_MODALITIES];  /* (G, G) as imml_acts.s */
+  float *st[IMML_MAX_MODALITIES]; /* (G, G) as imml_acts.st */
+  float *ds, *dst;                /* (G, G) */
+  int *labels;                    /* (G) */
+  double ce[IMML_MAX_MODALITIES]; /* unimodal CE sums over ranks */
   /* Attention scratch for up to R * max_batch strata (an empty dictionary
    * is replaced by the gathered batch), allocated only when that exceeds
    * the model's jmax; while attached it replaces the training scratch
@@ -129,7 +129,6 @@ typedef struct imml_accum {
   int pos;      /* next staging slot */
   int adv;      /* where K successive pushes would move the ring, mod J */
   int64_t seen; /* rows counted in the statistics below */
-  int64_t correct[IMML_MAX_MODALITIES];
   double ce[IMML_MAX_MODALITIES]; /* sum over rows of unimodal CE */
 } imml_accum;
 

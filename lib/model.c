@@ -118,7 +118,7 @@ imml_status imml_model_build(const imml_config *cfg, const int *dims,
     m->p = cfg->predominant;
     m->p_fixed = 1;
   } else if (cfg->warmup_steps == 0) {
-    m->p = 0; /* argmax of all-zero EMAs: lowest index */
+    m->p = 0; /* argmin of all-zero EMAs: lowest index */
     m->p_fixed = 1;
   } else {
     m->p = -1;
@@ -217,10 +217,12 @@ imml_status imml_check_batch(const imml_config *c, int B, const float *const *x,
   return IMML_OK;
 }
 
-/* Packs this rank's batch size, unimodal correct counts, labels and
- * knowledge into one message, allgathers it, and unpacks the global batch
- * in rank order.  The message has the same length for every batch size, so
- * ranks with different shard sizes still agree on the count. */
+/* Packs this rank's batch size, fixed predominant modality, unimodal
+ * cross-entropy sums, labels and knowledge into one message, allgathers
+ * it, and unpacks the global batch in rank order.  The message has the same
+ * length for every batch size, so ranks with different shard sizes still
+ * agree on the count.  A cross-entropy sum (double) travels as two floats,
+ * hi = (float)x and lo = (float)(x - hi), which keep about 48 bits. */
 static imml_status gather_batch(const imml_model *m, imml_acts *a, imml_coll *g,
                                 char *err, size_t n) {
   const imml_config *c = &m->cfg;
@@ -231,9 +233,13 @@ static imml_status gather_batch(const imml_model *m, imml_acts *a, imml_coll *g,
   memset(snd, 0, g->count * sizeof(float));
   snd[0] = (float)B;
   snd[1] = (float)(m->p_fixed ? m->p : -1);
-  for (int mm = 0; mm < M; mm++)
-    snd[2 + mm] = (float)a->correct[mm];
-  float *lab = snd + 2 + M;
+  for (int mm = 0; mm < M; mm++) {
+    const double sum = a->ce[mm] * B;
+    const float hi = (float)sum;
+    snd[2 + 2 * mm] = hi;
+    snd[3 + 2 * mm] = (float)(sum - (double)hi);
+  }
+  float *lab = snd + 2 + 2 * M;
   for (int i = 0; i < B; i++)
     lab[i] = (float)a->labels[i];
   float *zz = lab + Bmax;
@@ -246,7 +252,7 @@ static imml_status gather_batch(const imml_model *m, imml_acts *a, imml_coll *g,
   }
   int rows = 0;
   for (int mm = 0; mm < M; mm++)
-    g->correct[mm] = 0;
+    g->ce[mm] = 0.0;
   for (int r = 0; r < R; r++) {
     const float *msg = g->recv + (size_t)r * g->count;
     const float fb = msg[0];
@@ -276,17 +282,17 @@ static imml_status gather_batch(const imml_model *m, imml_acts *a, imml_coll *g,
       return IMML_ERR_STATE;
     }
     for (int mm = 0; mm < M; mm++) {
-      const float fc = msg[2 + mm];
-      if (!(fc >= 0.0f && fc <= fb) || fc != (float)(int)fc) {
+      const double sum = (double)msg[2 + 2 * mm] + (double)msg[3 + 2 * mm];
+      if (!(sum >= 0.0 && sum <= DBL_MAX)) {
         imml_set_err(err, n,
-                     "allgather: rank %d sent %g correct predictions of "
-                     "modality %d for %d rows",
-                     r, (double)fc, mm, br);
+                     "allgather: rank %d sent a cross-entropy sum of %g for "
+                     "modality %d (must be finite and >= 0)",
+                     r, sum, mm);
         return IMML_ERR_CALLBACK;
       }
-      g->correct[mm] += (int)fc;
+      g->ce[mm] += sum;
     }
-    const float *rl = msg + 2 + M;
+    const float *rl = msg + 2 + 2 * M;
     for (int i = 0; i < br; i++) {
       const float fl = rl[i];
       if (!(fl >= 0.0f && fl < (float)c->n_classes) || fl != (float)(int)fl) {
@@ -437,32 +443,41 @@ static void stage_micro_batch(imml_model *m) {
     imml_stage_rows(m, (const float *const *)m->coll.z, m->coll.n);
     s->seen += m->coll.n;
     for (int mm = 0; mm < M; mm++)
-      s->correct[mm] += m->coll.correct[mm];
+      s->ce[mm] += m->coll.ce[mm];
   } else {
     imml_stage_rows(m, (const float *const *)a->z, a->batch);
     s->seen += a->batch;
-    for (int mm = 0; mm < M; mm++) {
-      s->correct[mm] += a->correct[mm];
+    for (int mm = 0; mm < M; mm++)
       s->ce[mm] += a->ce[mm] * a->batch;
-    }
   }
   s->micro++;
 }
 
-/* After the step that completes warm-up, p is the modality with the
- * highest EMA of unimodal batch accuracy (ties: lowest index); the step's
- * batch is the union of its micro-batches. */
+/* The lowest of n values (ties: the lowest index). */
+static int argmin_f(int n, const float *x) {
+  int best = 0;
+  for (int i = 1; i < n; i++)
+    if (x[i] < x[best])
+      best = i;
+  return best;
+}
+
+/* METHOD.md section 5: e_m <- 0.9 e_m + 0.1 ce_m, ce_m the unimodal head's
+ * cross-entropy over the step's batch (the union of its micro-batches, or
+ * of every rank's rows), evaluated in double and rounded once; after the
+ * step that completes warm-up, p is the modality with the lowest e_m (ties:
+ * the lowest index). */
 static void advance_warmup(imml_model *m) {
   const int M = m->cfg.n_modalities;
   if (m->p_fixed)
     return;
   for (int mm = 0; mm < M; mm++) {
-    const float acc = (float)m->acc.correct[mm] / (float)m->acc.seen;
-    m->ema[mm] = 0.9f * m->ema[mm] + 0.1f * acc;
+    const double ce = m->acc.ce[mm] / (double)m->acc.seen;
+    m->ema[mm] = (float)(0.9 * (double)m->ema[mm] + 0.1 * ce);
   }
   m->steps++;
   if (m->steps >= m->cfg.warmup_steps) {
-    m->p = k_argmax(M, m->ema);
+    m->p = argmin_f(M, m->ema);
     m->p_fixed = 1;
   }
 }
@@ -474,7 +489,6 @@ static void accum_reset(imml_accum *s) {
   s->pos = 0;
   s->adv = 0;
   s->seen = 0;
-  memset(s->correct, 0, sizeof s->correct);
   memset(s->ce, 0, sizeof s->ce);
 }
 
@@ -793,7 +807,7 @@ imml_status imml_collective_set(imml_model *m, const imml_collective *in) {
   memset(&g, 0, sizeof g);
   g.ops = *ops;
   g.ops.struct_size = sizeof g.ops;
-  g.count = 2 + M + Bm * (1 + M * k);
+  g.count = 2 + 2 * M + Bm * (1 + M * k);
   imml_carver cv = {NULL, 0, 0};
   for (int pass = 0; pass < 2; pass++) {
     size_t G = 0, GG = 0, rk = 0;

@@ -1076,8 +1076,8 @@ static size_t craft(int i, unsigned char *b, size_t size, const layout *L,
     set_expect(e, "NaN ema", S(IMML_ERR_NONFINITE), "ema", L->ema);
     break;
   case 17:
-    wrf(b, L->ema, 1.5f);
-    set_expect(e, "ema > 1", S(IMML_ERR_FORMAT), "ema", L->p_fixed);
+    wrf(b, L->ema, -0.5f); /* an EMA of cross-entropies is >= 0 */
+    set_expect(e, "ema < 0", S(IMML_ERR_FORMAT), "ema", L->p_fixed);
     break;
   case 18:
     wr32(b, L->dict_fill, J + 1);

@@ -853,17 +853,18 @@ END_TEST
 enum { N_GARBAGE = 13 };
 
 /* What the other rank sends in a collective step is a callback output like
- * any other: a batch size, label, knowledge value or unimodal correct count
- * that is NaN, infinite or out of range must refuse the training forward
- * (the model unchanged, no step pending), never reach the model.  Without
- * that, a count outside 0..B drives the warm-up EMA outside [0, 1] (and
- * the checkpoint the model then saves is refused by imml_model_load), and
- * a NaN or huge count is converted to int (undefined behaviour).  A rank
+ * any other: a batch size, label, knowledge value or unimodal cross-entropy
+ * sum that is NaN, infinite or out of range must refuse the training
+ * forward (the model unchanged, no step pending), never reach the model.
+ * Without that, a negative or non-finite sum drives the warm-up EMA
+ * negative or non-finite (and the checkpoint the model then saves is
+ * refused by imml_model_load), and a NaN batch size or label is converted
+ * to int (undefined behaviour).  A rank
  * whose fixed predominant modality differs (here: the other rank claims a
  * p while this one has none) is refused with IMML_ERR_STATE on every rank.
  * The message (lib/model.c, gather_batch) is: batch size, fixed p (-1:
- * none), M correct counts, max_batch labels, then M x max_batch x k
- * knowledge values. */
+ * none), M cross-entropy sums as (hi, lo) float pairs, max_batch labels,
+ * then M x max_batch x k knowledge values. */
 START_TEST(test_collective_garbage_refused) {
   imml_config c;
   small_cfg(&c, 2, dims2);
@@ -875,7 +876,7 @@ START_TEST(test_collective_garbage_refused) {
   ck_assert_int_eq(imml_collective_set(m, &co), IMML_OK);
   drng r = {16};
   train_step(m, &r, 0); /* one good collective step */
-  const long cor = 2, lab = 2 + M, z = 2 + M + Bmax;
+  const long ce = 2, lab = 2 + 2 * M, z = 2 + 2 * M + Bmax;
   struct {
     long at;
     float v;
@@ -888,10 +889,10 @@ START_TEST(test_collective_garbage_refused) {
       {lab, NAN, IMML_ERR_LABEL, "label NaN"},
       {lab + 1, (float)C, IMML_ERR_LABEL, "label C"},
       {z + 1, INFINITY, IMML_ERR_NONFINITE, "knowledge Inf"},
-      {cor, NAN, IMML_OK, "correct count NaN"},
-      {cor, -1.0f, IMML_OK, "correct count -1"},
-      {cor + 1, 1e30f, IMML_OK, "correct count 1e30"},
-      {cor, 5.0f, IMML_OK, "correct count 5 > batch 4"},
+      {ce, NAN, IMML_OK, "cross-entropy sum NaN"},
+      {ce, -1.0f, IMML_OK, "cross-entropy sum -1"},
+      {ce + 1, INFINITY, IMML_OK, "cross-entropy sum low part Inf"},
+      {ce + 2, -INFINITY, IMML_OK, "cross-entropy sum of modality 1 -Inf"},
       {1, 0.0f, IMML_ERR_STATE, "the other rank has p = 0 fixed"},
       {1, NAN, IMML_ERR_STATE, "the other rank's p NaN"},
       {1, 2.0f, IMML_ERR_STATE, "the other rank's p out of range"},

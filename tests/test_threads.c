@@ -676,9 +676,10 @@ static void *rank_main(void *arg) {
 START_TEST(test_collective_over_threads) {
   group g;
   memset(&g, 0, sizeof g);
-  /* 2 + M + max_batch (1 + M k) floats per rank: batch size, fixed p,
-   * M unimodal counts, max_batch labels, M knowledge blocks */
-  g.cap = 2 + 2 + 4 * (1 + 2 * KD);
+  /* 2 + 2 M + max_batch (1 + M k) floats per rank: batch size, fixed p,
+   * M unimodal cross-entropy sums (two floats each), max_batch labels, M
+   * knowledge blocks */
+  g.cap = 2 + 2 * 2 + 4 * (1 + 2 * KD);
   g.msgs = calloc(N_RANKS * g.cap, sizeof(float));
   ck_assert_ptr_nonnull(g.msgs);
   {
