@@ -216,11 +216,11 @@ typedef struct imml_config {
   uint64_t seed;            /**< parameter initialisation seed (default 0) */
   imml_allocator allocator; /**< allocator (default: malloc/free) */
   int precision;            /**< an ::imml_precision (default fp32) */
-  /** Memory budget: a model whose arena, bounded from above from this
-   *  config (within about 10 KiB plus a few percent of the exact size),
-   *  could exceed it is refused with ::IMML_ERR_TOO_LARGE before anything
-   *  is allocated; imml_optim_setup() counts the optimiser state too
-   *  (default ::IMML_MEMORY_LIMIT_DEFAULT). */
+  /** Memory budget: a model whose arena (every buffer it will need,
+   *  counted exactly from this config) exceeds it is refused with
+   *  ::IMML_ERR_TOO_LARGE before the arena is allocated (only the handle
+   *  that then carries the message is); imml_optim_setup() counts the
+   *  optimiser state too (default ::IMML_MEMORY_LIMIT_DEFAULT). */
   size_t memory_limit;
 } imml_config;
 
@@ -296,7 +296,7 @@ typedef struct imml_load_options {
   imml_allocator allocator;
   /** Memory budget of the loaded model: as imml_config::memory_limit, for
    *  its arena plus the optimiser state the checkpoint holds, and for the
-   *  file's own size; checked before anything is allocated (default
+   *  file's own size; checked before either is allocated (default
    *  ::IMML_MEMORY_LIMIT_DEFAULT). */
   size_t memory_limit;
 } imml_load_options;

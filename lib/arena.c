@@ -25,15 +25,19 @@ void imml_free(const imml_allocator *a, void *p) {
     free(p);
 }
 
+/* Counting saturates: once a size overflows, used stays SIZE_MAX and the
+ * overflow flag tells (the memory limit then refuses the model). */
 void *imml_carve(imml_carver *c, size_t count, size_t elem) {
   size_t bytes, start = c->used;
   if (c->overflow || !imml_size_mul(&bytes, count, elem)) {
     c->overflow = 1;
+    c->used = SIZE_MAX;
     return NULL;
   }
   size_t pad = (CARVE_ALIGN - start % CARVE_ALIGN) % CARVE_ALIGN;
   if (!imml_size_add(&start, pad) || !imml_size_add(&bytes, start)) {
     c->overflow = 1;
+    c->used = SIZE_MAX;
     return NULL;
   }
   c->used = bytes;

@@ -514,13 +514,9 @@ static int peek_optimiser(const reader *r, const imml_config *c,
          r->p[at + 3] == 0;
 }
 
-static imml_status parse(const unsigned char *buf, size_t size,
-                         const imml_ft_ops *ft, const imml_load_options *opt,
-                         imml_model **out, char *err, size_t n) {
-  reader r = {buf, CKPT_HEADER, size, err, n, IMML_OK};
-  const imml_status hs = check_header(buf, size, err, n);
-  if (hs != IMML_OK)
-    return hs;
+/* The CRC-32 trailer against everything before it. */
+static imml_status check_crc(const unsigned char *buf, size_t size, char *err,
+                             size_t n) {
   const size_t crc_at = size - CKPT_TRAILER;
   const uint32_t stored =
       (uint32_t)buf[crc_at] | (uint32_t)buf[crc_at + 1] << 8 |
@@ -531,13 +527,12 @@ static imml_status parse(const unsigned char *buf, size_t size,
                  crc_at, stored, actual);
     return IMML_ERR_CHECKSUM;
   }
-  r.end = crc_at;
+  return IMML_OK;
+}
 
-  imml_config c;
-  int dims[IMML_MAX_MODALITIES];
-  int builtin = 0;
-  if (!read_config(&r, &c, dims, &builtin))
-    return r.st;
+/* The F&T the file was saved with against the one the caller passes. */
+static imml_status check_ft(int builtin, const imml_ft_ops *ft,
+                            imml_ft_ops *ops, char *err, size_t n) {
   if (!builtin && !ft) {
     imml_set_err(err, n,
                  "the checkpoint was saved with host F&T callbacks: "
@@ -550,168 +545,211 @@ static imml_status parse(const unsigned char *buf, size_t size,
                  "NULL");
     return IMML_ERR_INVALID_ARG;
   }
-  imml_ft_ops ops;
-  if (ft) {
-    imml_status st = imml_ft_validate(ft, &ops, err, n);
-    if (st != IMML_OK)
-      return st;
-  }
-  const int M = c.n_modalities, k = c.knowledge_dim;
-  /* predominant-modality state */
-  size_t at = r.pos;
-  const uint32_t p_fixed = get_u32(&r, "p_fixed");
-  const int32_t p = (int32_t)get_u32(&r, "p");
-  int steps = 0;
-  get_int(&r, "warmup steps", &steps);
+  return ft ? imml_ft_validate(ft, ops, err, n) : IMML_OK;
+}
+
+/* The predominant-modality section (METHOD.md section 5). */
+typedef struct pstate {
+  uint32_t fixed;
+  int32_t p;
+  int steps;
   float ema[IMML_MAX_MODALITIES];
-  if (!get_f32s(&r, ema, (size_t)M, "ema"))
-    return r.st;
-  if (p_fixed > 1 || (p_fixed && (p < 0 || p >= M)) || (!p_fixed && p != -1))
-    return bad(&r, IMML_ERR_FORMAT, at,
+} pstate;
+
+static int read_pstate(reader *r, const imml_config *c, pstate *s) {
+  const int M = c->n_modalities;
+  const size_t at = r->pos;
+  s->fixed = get_u32(r, "p_fixed");
+  s->p = (int32_t)get_u32(r, "p");
+  s->steps = 0;
+  get_int(r, "warmup steps", &s->steps);
+  if (!get_f32s(r, s->ema, (size_t)M, "ema"))
+    return 0;
+  if (s->fixed > 1 || (s->fixed && (s->p < 0 || s->p >= M)) ||
+      (!s->fixed && s->p != -1))
+    return bad(r, IMML_ERR_FORMAT, at,
                "predominant state (fixed %u, p %d) is invalid for %d "
                "modalities",
-               p_fixed, p, M),
-           r.st;
-  if (c.predominant >= 0 && (!p_fixed || p != c.predominant))
-    return bad(&r, IMML_ERR_FORMAT, at,
+               s->fixed, s->p, M);
+  if (c->predominant >= 0 && (!s->fixed || s->p != c->predominant))
+    return bad(r, IMML_ERR_FORMAT, at,
                "config names predominant %d but the state says %d",
-               c.predominant, p),
-           r.st;
-  if (!p_fixed && steps >= c.warmup_steps)
-    return bad(&r, IMML_ERR_FORMAT, at,
-               "warm-up steps %d >= warmup_steps %d but p is not fixed", steps,
-               c.warmup_steps),
-           r.st;
+               c->predominant, s->p);
+  if (!s->fixed && s->steps >= c->warmup_steps)
+    return bad(r, IMML_ERR_FORMAT, at,
+               "warm-up steps %d >= warmup_steps %d but p is not fixed",
+               s->steps, c->warmup_steps);
   /* EMAs of cross-entropies (METHOD.md section 5): finite, >= 0 */
   for (int mm = 0; mm < M; mm++)
-    if (!(ema[mm] >= 0.0f && ema[mm] <= FLT_MAX))
-      return bad(&r, IMML_ERR_FORMAT, at,
-                 "ema[%d] = %g: must be finite and >= 0", mm, (double)ema[mm]),
-             r.st;
+    if (!(s->ema[mm] >= 0.0f && s->ema[mm] <= FLT_MAX))
+      return bad(r, IMML_ERR_FORMAT, at,
+                 "ema[%d] = %g: must be finite and >= 0", mm,
+                 (double)s->ema[mm]);
+  return 1;
+}
+
+/* The tensors section: names and shapes as the config implies, then the
+ * values into the model's parameters. */
+static int read_tensors(reader *r, imml_model *m) {
+  size_t at = r->pos;
+  const uint32_t ntf = get_u32(r, "tensor count");
+  if (r->st == IMML_OK && ntf != (uint32_t)m->n_tensors)
+    return bad(r, IMML_ERR_FORMAT, at, "%u tensors, the config implies %d", ntf,
+               m->n_tensors);
+  for (int i = 0; i < m->n_tensors && r->st == IMML_OK; i++) {
+    const imml_tensor *t = &m->tensors[i];
+    at = r->pos;
+    const uint32_t len = get_u32(r, "tensor name length");
+    if (r->st != IMML_OK)
+      break;
+    if (len != strlen(t->name) || !need(r, len, "tensor name") ||
+        memcmp(r->p + r->pos, t->name, len) != 0) {
+      if (r->st == IMML_OK)
+        bad(r, IMML_ERR_FORMAT, at, "tensor %d: expected name '%s'", i,
+            t->name);
+      break;
+    }
+    r->pos += len;
+    at = r->pos;
+    const uint32_t rows = get_u32(r, "tensor rows");
+    const uint32_t cols = get_u32(r, "tensor cols");
+    if (r->st == IMML_OK &&
+        (rows != (uint32_t)t->rows || cols != (uint32_t)t->cols)) {
+      bad(r, IMML_ERR_FORMAT, at,
+          "tensor '%s' is %u x %u, the config implies %d x %d", t->name, rows,
+          cols, t->rows, t->cols);
+      break;
+    }
+    get_f32s(r, m->params + t->offset, (size_t)t->rows * t->cols, t->name);
+  }
+  return r->st == IMML_OK;
+}
+
+/* The strata dictionary section (METHOD.md section 2). */
+static int read_dictionary(reader *r, imml_model *m) {
+  const imml_config *c = &m->cfg;
+  const size_t at = r->pos;
+  int fill = 0, pos = 0;
+  get_int(r, "dictionary fill", &fill);
+  get_int(r, "dictionary position", &pos);
+  if (r->st == IMML_OK &&
+      (fill > c->dict_size || (fill < c->dict_size && pos != fill) ||
+       (fill == c->dict_size && pos >= c->dict_size)))
+    return bad(r, IMML_ERR_FORMAT, at,
+               "dictionary fill %d / position %d invalid for dict_size %d",
+               fill, pos, c->dict_size);
+  if (r->st != IMML_OK)
+    return 0;
+  m->dict_fill = fill;
+  m->dict_pos = pos;
+  return get_f32s(r, m->dict, (size_t)fill * c->n_modalities * c->knowledge_dim,
+                  "dictionary entries");
+}
+
+/* The optimiser section: a flag, then (if set) the configuration, the step
+ * count, the momentum flag and both moments. */
+static int read_optimiser(reader *r, imml_model *m) {
+  size_t at = r->pos;
+  const uint32_t has_opt = get_u32(r, "optimiser flag");
+  if (r->st == IMML_OK && has_opt > 1)
+    return bad(r, IMML_ERR_FORMAT, at, "optimiser flag = %u: must be 0 or 1",
+               has_opt);
+  if (r->st != IMML_OK || !has_opt)
+    return r->st == IMML_OK;
+  imml_optim_config o;
+  imml_optim_config_init(&o, IMML_OPTIM_ADAMW);
+  at = r->pos;
+  get_int(r, "optim.kind", &o.kind);
+  o.lr = get_f32(r, "optim.lr");
+  o.weight_decay = get_f32(r, "optim.weight_decay");
+  o.momentum = get_f32(r, "optim.momentum");
+  get_int(r, "optim.nesterov", &o.nesterov);
+  o.beta1 = get_f32(r, "optim.beta1");
+  o.beta2 = get_f32(r, "optim.beta2");
+  o.eps = get_f32(r, "optim.eps");
+  o.clip_norm = get_f32(r, "optim.clip_norm");
+  const uint64_t t = get_u64(r, "optim.step");
+  int has_buf = 0;
+  get_int(r, "optim.has_buf", &has_buf);
+  if (r->st != IMML_OK)
+    return 0;
+  char msg[200];
+  imml_optim_config ok;
+  if (imml_optim_validate(&o, &ok, msg, sizeof msg) != IMML_OK)
+    return bad(r, IMML_ERR_FORMAT, at, "%s", msg);
+  if (t > (uint64_t)IMML_OPTIM_STEPS_MAX || has_buf > 1)
+    return bad(r, IMML_ERR_FORMAT, at,
+               "optimiser step %llu / has_buf %d invalid (steps: at most "
+               "2^53)",
+               (unsigned long long)t, has_buf);
+  if ((r->st = imml_optim_alloc(m, &ok)) != IMML_OK) {
+    imml_set_err(r->err, r->err_size, "%s", m->errmsg);
+    return 0;
+  }
+  m->opt.t = (int64_t)t;
+  m->opt.has_buf = has_buf;
+  m->opt.max1 = m->opt.max2 = NAN; /* the first step measures them */
+  get_f32s(r, m->opt.m1, m->n_params, "optimiser moment 1");
+  const size_t at2 = r->pos;
+  if (get_f32s(r, m->opt.m2, m->n_params, "optimiser moment 2") &&
+      ok.kind == IMML_OPTIM_ADAMW)
+    for (size_t i = 0; i < m->n_params; i++)
+      if (m->opt.m2[i] < 0.0f)
+        return bad(r, IMML_ERR_FORMAT, at2 + 4 * i,
+                   "AdamW second moment %zu is negative (%g)", i,
+                   (double)m->opt.m2[i]);
+  return r->st == IMML_OK;
+}
+
+/* A checkpoint in memory, section by section (doc/FORMAT.md): header and
+ * CRC, config, predominant state, then - once the sizes the config implies
+ * are known to fit the bytes present and the memory limit - the model, its
+ * tensors, dictionary and optimiser. */
+static imml_status parse(const unsigned char *buf, size_t size,
+                         const imml_ft_ops *ft, const imml_load_options *opt,
+                         imml_model **out, char *err, size_t n) {
+  imml_status st = check_header(buf, size, err, n);
+  if (st == IMML_OK)
+    st = check_crc(buf, size, err, n);
+  if (st != IMML_OK)
+    return st;
+  reader r = {buf, CKPT_HEADER, size - CKPT_TRAILER, err, n, IMML_OK};
+  imml_config c;
+  int dims[IMML_MAX_MODALITIES];
+  int builtin = 0;
+  if (!read_config(&r, &c, dims, &builtin))
+    return r.st;
+  imml_ft_ops ops;
+  st = check_ft(builtin, ft, &ops, err, n);
+  if (st != IMML_OK)
+    return st;
+  pstate ps;
+  if (!read_pstate(&r, &c, &ps))
+    return r.st;
   imml_tensor layout[IMML_MAX_TENSORS];
   int nt = 0;
   const uint64_t np = imml_params_layout(&c, builtin, layout, &nt);
   if (!check_room(&r, &c, np))
     return r.st;
-  /* Sizes are now bounded by the bytes present; the memory limit bounds
-   * the arena and the optimiser state the file declares: then it is safe
-   * to allocate. */
   c.allocator = opt->allocator;
   c.memory_limit = opt->memory_limit;
-  const double opt_bytes =
-      peek_optimiser(&r, &c, layout, nt) ? 8.0 * (double)np : 0.0;
-  {
-    imml_status ms =
-        imml_memory_check(&c, opt_bytes, "load_options.memory_limit", err, n);
-    if (ms != IMML_OK)
-      return ms;
-  }
+  /* the optimiser state the file declares counts in the memory limit (np
+   * fits size_t: check_room bounded it by the bytes present) */
+  const size_t opt_bytes =
+      peek_optimiser(&r, &c, layout, nt) ? 2 * sizeof(float) * (size_t)np : 0;
   imml_model *m = NULL;
-  imml_status st = imml_model_build(&c, dims, ft ? &ops : NULL,
-                                    "load_options.memory_limit", 0, &m, err, n);
-  if (st != IMML_OK)
+  st = imml_model_build(&c, dims, ft ? &ops : NULL, "load_options.memory_limit",
+                        opt_bytes, &m, err, n);
+  if (st != IMML_OK) {
+    *out = m; /* NULL, or the failed handle of a refusal */
     return st;
-  m->p_fixed = (int)p_fixed;
-  m->p = p;
-  m->steps = steps;
-  memcpy(m->ema, ema, (size_t)M * sizeof(float));
-  at = r.pos;
-  const uint32_t ntf = get_u32(&r, "tensor count");
-  if (r.st == IMML_OK && ntf != (uint32_t)m->n_tensors)
-    bad(&r, IMML_ERR_FORMAT, at, "%u tensors, the config implies %d", ntf,
-        m->n_tensors);
-  for (int i = 0; i < m->n_tensors && r.st == IMML_OK; i++) {
-    const imml_tensor *t = &m->tensors[i];
-    at = r.pos;
-    const uint32_t len = get_u32(&r, "tensor name length");
-    if (r.st != IMML_OK)
-      break;
-    if (len != strlen(t->name) || !need(&r, len, "tensor name") ||
-        memcmp(r.p + r.pos, t->name, len) != 0) {
-      if (r.st == IMML_OK)
-        bad(&r, IMML_ERR_FORMAT, at, "tensor %d: expected name '%s'", i,
-            t->name);
-      break;
-    }
-    r.pos += len;
-    at = r.pos;
-    const uint32_t rows = get_u32(&r, "tensor rows");
-    const uint32_t cols = get_u32(&r, "tensor cols");
-    if (r.st == IMML_OK &&
-        (rows != (uint32_t)t->rows || cols != (uint32_t)t->cols)) {
-      bad(&r, IMML_ERR_FORMAT, at,
-          "tensor '%s' is %u x %u, the config implies %d x %d", t->name, rows,
-          cols, t->rows, t->cols);
-      break;
-    }
-    get_f32s(&r, m->params + t->offset, (size_t)t->rows * t->cols, t->name);
   }
-  at = r.pos;
-  int fill = 0, pos = 0;
-  get_int(&r, "dictionary fill", &fill);
-  get_int(&r, "dictionary position", &pos);
-  if (r.st == IMML_OK &&
-      (fill > c.dict_size || (fill < c.dict_size && pos != fill) ||
-       (fill == c.dict_size && pos >= c.dict_size)))
-    bad(&r, IMML_ERR_FORMAT, at,
-        "dictionary fill %d / position %d invalid for dict_size %d", fill, pos,
-        c.dict_size);
-  if (r.st == IMML_OK) {
-    m->dict_fill = fill;
-    m->dict_pos = pos;
-    get_f32s(&r, m->dict, (size_t)fill * M * k, "dictionary entries");
-  }
-  at = r.pos;
-  const uint32_t has_opt = get_u32(&r, "optimiser flag");
-  if (r.st == IMML_OK && has_opt > 1)
-    bad(&r, IMML_ERR_FORMAT, at, "optimiser flag = %u: must be 0 or 1",
-        has_opt);
-  if (r.st == IMML_OK && has_opt) {
-    imml_optim_config o;
-    imml_optim_config_init(&o, IMML_OPTIM_ADAMW);
-    at = r.pos;
-    get_int(&r, "optim.kind", &o.kind);
-    o.lr = get_f32(&r, "optim.lr");
-    o.weight_decay = get_f32(&r, "optim.weight_decay");
-    o.momentum = get_f32(&r, "optim.momentum");
-    get_int(&r, "optim.nesterov", &o.nesterov);
-    o.beta1 = get_f32(&r, "optim.beta1");
-    o.beta2 = get_f32(&r, "optim.beta2");
-    o.eps = get_f32(&r, "optim.eps");
-    o.clip_norm = get_f32(&r, "optim.clip_norm");
-    const uint64_t t = get_u64(&r, "optim.step");
-    int has_buf = 0;
-    get_int(&r, "optim.has_buf", &has_buf);
-    char msg[200];
-    if (r.st == IMML_OK) {
-      imml_optim_config ok;
-      if (imml_optim_validate(&o, &ok, msg, sizeof msg) != IMML_OK)
-        bad(&r, IMML_ERR_FORMAT, at, "%s", msg);
-      else if (t > (uint64_t)IMML_OPTIM_STEPS_MAX || has_buf > 1)
-        bad(&r, IMML_ERR_FORMAT, at,
-            "optimiser step %llu / has_buf %d invalid (steps: at most "
-            "2^53)",
-            (unsigned long long)t, has_buf);
-      else if ((r.st = imml_optim_alloc(m, &ok)) != IMML_OK) {
-        imml_set_err(err, n, "%s", m->errmsg);
-      } else {
-        m->opt.t = (int64_t)t;
-        m->opt.has_buf = has_buf;
-        m->opt.max1 = m->opt.max2 = NAN; /* the first step measures them */
-        get_f32s(&r, m->opt.m1, m->n_params, "optimiser moment 1");
-        const size_t at2 = r.pos;
-        if (get_f32s(&r, m->opt.m2, m->n_params, "optimiser moment 2") &&
-            ok.kind == IMML_OPTIM_ADAMW)
-          for (size_t i = 0; i < m->n_params; i++)
-            if (m->opt.m2[i] < 0.0f) {
-              bad(&r, IMML_ERR_FORMAT, at2 + 4 * i,
-                  "AdamW second moment %zu is negative (%g)", i,
-                  (double)m->opt.m2[i]);
-              break;
-            }
-      }
-    }
-  }
+  m->p_fixed = (int)ps.fixed;
+  m->p = ps.p;
+  m->steps = ps.steps;
+  memcpy(m->ema, ps.ema, (size_t)c.n_modalities * sizeof(float));
+  if (read_tensors(&r, m) && read_dictionary(&r, m))
+    read_optimiser(&r, m);
   if (r.st == IMML_OK && r.pos != r.end)
     bad(&r, IMML_ERR_FORMAT, r.pos, "%zu unexpected bytes before the CRC",
         r.end - r.pos);

@@ -11,48 +11,6 @@
  * leading dimension, far inside int and size_t. */
 #define LIMIT_DIM (1 << 24)
 #define LIMIT_SMALL (1 << 20)
-/* The most memory one model may ask for (4 TiB): each field is bounded on
- * its own, and this bounds their products, so that an absurd config or
- * checkpoint is refused before the allocator sees it. */
-#define LIMIT_MODEL_BYTES 4398046511104.0
-
-/* Bytes the model's arena will need, from above: parameters, gradients and
- * the staging buffer, the dictionary, two activation sets, the backward
- * scratch and the carving alignment (lib/arena.c, lib/model.c), evaluated
- * in double so that no product can overflow. */
-static double model_bytes_bound(const imml_config *c) {
-  const double M = c->n_modalities, H = c->hidden_dim, k = c->knowledge_dim,
-               C = c->n_classes, B = c->max_batch, J = c->dict_size;
-  const double Jx = J > B ? J : B;
-  double np = 2.0 * M * k * k + M * k * C + C, act = 0.0;
-  for (int m = 0; m < c->n_modalities; m++) {
-    const double d = c->dims[m];
-    np += d * H + H + H * k + k + k * C + C;
-    act += B * (d + H + 4.0 * k + 2.0 * C + 1.0 + 2.0 * B);
-  }
-  act += B * k + Jx * k + B * M * k + 2.0 * B * Jx + 2.0 * B * C + B;
-  const double scratch = 2.0 * B * C + 2.0 * M * B * k + 3.0 * B * k +
-                         2.0 * B * B + 2.0 * B * Jx + Jx * k + B * M * k +
-                         B * H;
-  /* the dictionary and the staging ring of the step's micro-batches */
-  const double floats = 3.0 * np + 2.0 * J * M * k + 2.0 * act + scratch;
-  return 4.0 * floats + 64.0 * (40.0 * M + 64.0);
-}
-
-imml_status imml_memory_check(const imml_config *c, double extra,
-                              const char *field, char *err, size_t n) {
-  const double need = model_bytes_bound(c) + extra;
-  if (need > (double)c->memory_limit) {
-    imml_set_err(err, n,
-                 "%s = %zu bytes: the model would need up to %.0f bytes "
-                 "(its arena%s)",
-                 field, c->memory_limit, need,
-                 extra > 0.0 ? " and optimiser state" : "");
-    return IMML_ERR_TOO_LARGE;
-  }
-  return IMML_OK;
-}
-
 void imml_config_init(imml_config *cfg) {
   if (!cfg)
     return;
@@ -201,16 +159,6 @@ imml_status imml_config_validate(const imml_config *in, imml_config *out,
                  "config.n_modalities * knowledge_dim = %lld exceeds the "
                  "limit %d",
                  (long long)c.n_modalities * c.knowledge_dim, LIMIT_DIM);
-    return IMML_ERR_TOO_LARGE;
-  }
-  const double need = model_bytes_bound(&c);
-  if (need > LIMIT_MODEL_BYTES) {
-    imml_set_err(err, n,
-                 "config: the model would need about %.3g bytes (dims x "
-                 "hidden_dim, hidden_dim x knowledge_dim, n_modalities x "
-                 "knowledge_dim x n_classes, max_batch, dict_size), over the "
-                 "limit of %.3g",
-                 need, LIMIT_MODEL_BYTES);
     return IMML_ERR_TOO_LARGE;
   }
   if (dims_out) {

@@ -35,9 +35,9 @@ imml_model *imml_failed_handle(const imml_allocator *a, const char *msg) {
 imml_status imml_hand_out(imml_status st, imml_model *m,
                           const imml_allocator *a, const char *err,
                           imml_model **out) {
-  if (st == IMML_OK) {
-    *out = m;
-    return IMML_OK;
+  if (st == IMML_OK || (m && m->failed)) {
+    *out = m; /* the model, or the failed handle a refusal already made */
+    return st;
   }
   *out = imml_failed_handle(a, err[0] ? err : imml_status_string(st));
   return st;

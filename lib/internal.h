@@ -277,11 +277,6 @@ void imml_rng_uniform_init(imml_rng *r, float *x, size_t n, int n_in);
  * size arithmetic. */
 imml_status imml_config_validate(const imml_config *cfg, imml_config *out,
                                  int *dims_out, char *err, size_t err_size);
-/* Refuses (IMML_ERR_TOO_LARGE, naming `field`) a model whose arena, as
- * bounded from its config, plus `extra` bytes exceeds c->memory_limit:
- * checked before anything is allocated. */
-imml_status imml_memory_check(const imml_config *c, double extra,
-                              const char *field, char *err, size_t n);
 imml_status imml_ft_validate(const imml_ft_ops *ft, imml_ft_ops *out, char *err,
                              size_t err_size);
 /* a += b, a *= b with overflow detection; return 0 on overflow. */
@@ -349,8 +344,15 @@ void fdc_forward(const imml_model *m, imml_acts *a, int p,
                  const float *const *z, float *const *slot, const fdc_view *v);
 void fdc_backward(imml_model *m, float *g);
 
+/* collective.c: gathers the global batch of a collective training forward
+ * into *g (this rank's rows start at g->off). */
+imml_status imml_coll_gather(const imml_model *m, imml_acts *a, imml_coll *g,
+                             char *err, size_t n);
+
 /* model.c */
-/* limit_name names the memory limit's field in a refusal. */
+/* limit_name names the memory limit's field in a refusal; a model over the
+ * limit is refused with IMML_ERR_TOO_LARGE and *out receives its handle,
+ * turned into a failed handle holding the message. */
 imml_status imml_model_build(const imml_config *cfg, const int *dims,
                              const imml_ft_ops *ft, const char *limit_name,
                              size_t extra_bytes, imml_model **out, char *err,

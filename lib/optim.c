@@ -318,6 +318,30 @@ static uint32_t run_pass(step_job *j, size_t n, int pass) {
   return r[0];
 }
 
+/* The coefficients of the next update: clipping (from the squared gradient
+ * norm ss), decay, and the bias corrections of step t + 1 in double. */
+static void step_coefs(const imml_optim *o, double ss, step_coef *k) {
+  memset(k, 0, sizeof *k);
+  k->clip = 1.0f;
+  if (o->cfg.clip_norm > 0.0f) {
+    const double coef = o->cfg.clip_norm / (sqrt(ss) + 1e-6);
+    if (coef < 1.0)
+      k->clip = (float)coef;
+  }
+  k->lr = o->cfg.lr;
+  k->wd = o->cfg.weight_decay;
+  k->mom = o->cfg.momentum;
+  k->nesterov = o->cfg.nesterov;
+  k->first = !o->has_buf;
+  k->b1 = o->cfg.beta1;
+  k->b2 = o->cfg.beta2;
+  k->eps = o->cfg.eps;
+  const double t = (double)(o->t + 1);
+  k->decay = (float)(1.0 - (double)k->lr * k->wd);
+  k->step_size = (float)((double)k->lr / (1.0 - pow((double)k->b1, t)));
+  k->bc2_sqrt = (float)sqrt(1.0 - pow((double)k->b2, t));
+}
+
 imml_status imml_optim_step(imml_model *m) {
   IMML_ENTER_TRAIN(m);
   imml_optim *o = &m->opt;
@@ -348,25 +372,7 @@ imml_status imml_optim_step(imml_model *m) {
                        ss);
   }
   step_coef k;
-  memset(&k, 0, sizeof k);
-  k.clip = 1.0f;
-  if (o->cfg.clip_norm > 0.0f) {
-    const double coef = o->cfg.clip_norm / (sqrt(ss) + 1e-6);
-    if (coef < 1.0)
-      k.clip = (float)coef;
-  }
-  k.lr = o->cfg.lr;
-  k.wd = o->cfg.weight_decay;
-  k.mom = o->cfg.momentum;
-  k.nesterov = o->cfg.nesterov;
-  k.first = !o->has_buf;
-  k.b1 = o->cfg.beta1;
-  k.b2 = o->cfg.beta2;
-  k.eps = o->cfg.eps;
-  const double t = (double)(o->t + 1);
-  k.decay = (float)(1.0 - (double)k.lr * k.wd);
-  k.step_size = (float)((double)k.lr / (1.0 - pow((double)k.b1, t)));
-  k.bc2_sqrt = (float)sqrt(1.0 - pow((double)k.b2, t));
+  step_coefs(o, ss, &k);
   const int adamw = o->cfg.kind == IMML_OPTIM_ADAMW;
   step_job j;
   memset(&j, 0, sizeof j);
