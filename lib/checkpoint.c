@@ -204,6 +204,29 @@ imml_status imml_model_save_mem(imml_model *m, void *buf, size_t capacity,
 #define TMP_SLOTS 8
 #define TMP_SUFFIX_SIZE 16
 
+/* Whether the open file fd, named `name`, is a temporary of ours to take:
+ * locked here (or on a file system without flock), a regular file with one
+ * link, still under that name, and empty (when allow_empty) or starting
+ * with the checkpoint magic. */
+static int claim_temp(const char *name, int fd, int allow_empty) {
+  struct stat a, b;
+  unsigned char head[8];
+  ssize_t got = 0;
+  /* a file system without flock (some network or FUSE mounts) cannot
+   * tell a live save from a stale one: the name is then used as is */
+  const int locked = flock(fd, LOCK_EX | LOCK_NB) == 0 || errno != EWOULDBLOCK;
+  /* never write through a second link to some other file */
+  if (!(locked && fstat(fd, &a) == 0 && S_ISREG(a.st_mode) && a.st_nlink == 1 &&
+        lstat(name, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino))
+    return 0;
+  if (a.st_size == 0)
+    return allow_empty;
+  do /* a crashed save's, or someone else's */
+    got = pread(fd, head, sizeof head, 0);
+  while (got < 0 && errno == EINTR);
+  return got > 0 && memcmp(head, CKPT_MAGIC, (size_t)got) == 0;
+}
+
 /* Returns a locked, empty temporary file for tmp[0..plen) (written into
  * tmp), or -1 with errno (0: every name is held or foreign). */
 static int open_temp(char *tmp, size_t plen) {
@@ -215,24 +238,27 @@ static int open_temp(char *tmp, size_t plen) {
       last_errno = errno;
       continue;
     }
-    struct stat a, b;
-    unsigned char head[8];
-    ssize_t got = 0;
-    int ours = flock(fd, LOCK_EX | LOCK_NB) == 0 && fstat(fd, &a) == 0 &&
-               S_ISREG(a.st_mode) && lstat(tmp, &b) == 0 &&
-               a.st_dev == b.st_dev && a.st_ino == b.st_ino;
-    if (ours && a.st_size > 0) { /* a crashed save's, or someone else's */
-      do
-        got = pread(fd, head, sizeof head, 0);
-      while (got < 0 && errno == EINTR);
-      ours = got > 0 && memcmp(head, CKPT_MAGIC, (size_t)got) == 0;
-    }
-    if (ours && ftruncate(fd, 0) == 0)
+    if (claim_temp(tmp, fd, 1) && ftruncate(fd, 0) == 0)
       return fd;
     close(fd); /* held by a live save, renamed away, or foreign */
   }
   errno = last_errno;
   return -1;
+}
+
+/* After a save: removes the other slots' stale temporaries (those of saves
+ * killed while another save held a lower slot), only those that start with
+ * the magic and no live save holds. */
+static void remove_stale_temps(char *tmp, size_t plen) {
+  for (int i = 0; i < TMP_SLOTS; i++) {
+    snprintf(tmp + plen, TMP_SUFFIX_SIZE, "%s-%d", TMP_SUFFIX, i);
+    const int fd = open(tmp, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0)
+      continue;
+    if (claim_temp(tmp, fd, 0))
+      unlink(tmp); /* while holding its lock */
+    close(fd);
+  }
 }
 
 imml_status imml_model_save(imml_model *m, const char *path) {
@@ -289,6 +315,8 @@ imml_status imml_model_save(imml_model *m, const char *path) {
     unlink(tmp);
   if (close(fd) != 0 && st == IMML_OK)
     st = imml_fail(m, IMML_ERR_IO, "closing '%s': %s", path, strerror(errno));
+  if (st == IMML_OK)
+    remove_stale_temps(tmp, plen);
 out:
   imml_free(&m->alloc, tmp);
   imml_free(&m->alloc, buf);
@@ -677,11 +705,14 @@ static int read_optimiser(reader *r, imml_model *m) {
   imml_optim_config ok;
   if (imml_optim_validate(&o, &ok, msg, sizeof msg) != IMML_OK)
     return bad(r, IMML_ERR_FORMAT, at, "%s", msg);
-  if (t > (uint64_t)IMML_OPTIM_STEPS_MAX || has_buf > 1)
+  if (t > (uint64_t)IMML_OPTIM_STEPS_MAX)
     return bad(r, IMML_ERR_FORMAT, at,
-               "optimiser step %llu / has_buf %d invalid (steps: at most "
-               "2^53)",
-               (unsigned long long)t, has_buf);
+               "optimiser step count %llu: at most 2^53 (the bias "
+               "corrections stay exact)",
+               (unsigned long long)t);
+  if (has_buf > 1)
+    return bad(r, IMML_ERR_FORMAT, at, "optim.has_buf = %d: must be 0 or 1",
+               has_buf);
   if ((r->st = imml_optim_alloc(m, &ok)) != IMML_OK) {
     imml_set_err(r->err, r->err_size, "%s", m->errmsg);
     return 0;
@@ -843,7 +874,12 @@ static imml_status load_file(const char *path, const imml_ft_ops *ft,
     return IMML_ERR_IO;
   }
   struct stat sb;
-  if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode) || sb.st_size < 0 ||
+  if (fstat(fd, &sb) != 0) {
+    imml_set_err(err, n, "cannot stat '%s': %s", path, strerror(errno));
+    close(fd);
+    return IMML_ERR_IO;
+  }
+  if (!S_ISREG(sb.st_mode) || sb.st_size < 0 ||
       (uint64_t)sb.st_size > (uint64_t)SIZE_MAX) {
     const char *kind = S_ISFIFO(sb.st_mode)   ? " (a FIFO)"
                        : S_ISDIR(sb.st_mode)  ? " (a directory)"

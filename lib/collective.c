@@ -75,8 +75,13 @@ imml_status imml_coll_gather(const imml_model *m, imml_acts *a, imml_coll *g,
       return IMML_ERR_STATE;
     }
     for (int mm = 0; mm < M; mm++) {
-      const double sum = (double)msg[2 + 2 * mm] + (double)msg[3 + 2 * mm];
-      if (!(sum >= 0.0 && sum <= DBL_MAX)) {
+      /* a rank's sum of br cross-entropies, each at most 2 FLT_MAX (two
+       * finite logits apart); both halves finite */
+      const float hi = msg[2 + 2 * mm], lo = msg[3 + 2 * mm];
+      const double sum = (double)hi + (double)lo;
+      if (!(hi <= FLT_MAX && hi >= -FLT_MAX && lo <= FLT_MAX &&
+            lo >= -FLT_MAX && sum >= 0.0 &&
+            sum <= 2.0 * (double)FLT_MAX * br)) {
         imml_set_err(err, n,
                      "allgather: rank %d sent a cross-entropy sum of %g for "
                      "modality %d (must be finite and >= 0)",

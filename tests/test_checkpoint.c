@@ -15,13 +15,18 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define DIM0 3
@@ -267,6 +272,8 @@ static int same_bits(const void *a, const void *b, size_t n) {
 static void assert_models_equal(imml_model *a, imml_model *b,
                                 const char *label) {
   imml_config ca, cb;
+  imml_config_init(&ca);
+  imml_config_init(&cb);
   ck_assert_int_eq(imml_model_get_config(a, &ca), IMML_OK);
   ck_assert_int_eq(imml_model_get_config(b, &cb), IMML_OK);
   ck_assert_msg(
@@ -1818,6 +1825,7 @@ START_TEST(test_predominant_set_saved) {
   ck_assert_int_eq(imml_predominant_get(r, &p, &fixed), IMML_OK);
   ck_assert_msg(p == 1 && fixed == 1, "loaded: p %d fixed %d", p, fixed);
   imml_config rc;
+  imml_config_init(&rc);
   ck_assert_int_eq(imml_model_get_config(r, &rc), IMML_OK);
   ck_assert_int_eq(rc.predominant, -1);
   assert_models_equal(m, r, "p fixed by the host");
@@ -1975,6 +1983,539 @@ START_TEST(test_load_options_newer_struct) {
 }
 END_TEST
 
+/* ---- hostile checkpoints (issue 13) ------------------------------------ */
+
+/* Finding 1: the optimiser's step count, crafted with the CRC recomputed.
+ * libimml 0.x loaded any count up to INT64_MAX: at INT64_MAX the next
+ * imml_step computed t + 1 (signed overflow, reported by UBSan) and left
+ * every parameter NaN; at INT64_MAX - 1 the second step did; counts past
+ * 2^53 loaded too.  A count over 2^53 must be refused with
+ * IMML_ERR_FORMAT naming the step field, from memory and from a file, with
+ * nothing but the failed handle allocated. */
+static const uint64_t steps_over[] = {
+    (uint64_t)INT64_MAX,      (uint64_t)INT64_MAX - 1, ((uint64_t)1 << 53) + 1,
+    ((uint64_t)1 << 53) + 2,  (uint64_t)1 << 62,       UINT64_MAX,
+    ((uint64_t)1 << 63) + 1u,
+};
+#define N_STEPS_OVER (int)(sizeof steps_over / sizeof steps_over[0])
+
+START_TEST(test_step_count_over_bound_refused) {
+  const uint64_t t = steps_over[_i];
+  size_t size;
+  unsigned char *buf = small_checkpoint(&size, 0, NULL);
+  layout L;
+  walk_layout(buf, size, &L);
+  ck_assert_int_eq(L.has_opt, 1);
+  wr64(buf, L.opt_t, t);
+  fix_crc(buf, size);
+  char label[64], err[256];
+  snprintf(label, sizeof label, "optimiser step %llu", (unsigned long long)t);
+  const imml_status st = load_refused(buf, size, NULL, err, sizeof err, label);
+  ck_assert_msg(st == IMML_ERR_FORMAT, "%s: status %d (%s) '%s'", label,
+                (int)st, imml_status_string(st), err);
+  char want[48];
+  snprintf(want, sizeof want, "offset %zu", L.opt_kind);
+  ck_assert_msg(strstr(err, "step") && strstr(err, "2^53") && strstr(err, want),
+                "%s: the message names neither the field, its bound nor "
+                "its offset: '%s'",
+                label, err);
+  /* the same from a file */
+  char dir[512], path[600];
+  make_tmpdir(dir, sizeof dir, "imml-ckpt-");
+  snprintf(path, sizeof path, "%s/steps.imml", dir);
+  write_file(path, buf, size);
+  counter cnt;
+  imml_load_options o;
+  counting_options(&o, &cnt);
+  cnt.expected = size; /* the file's bytes */
+  imml_model *m = NULL;
+  ck_assert_int_eq(imml_model_load(path, NULL, &o, &m), IMML_ERR_FORMAT);
+  failed_handle(m, IMML_ERR_FORMAT, &cnt, err, sizeof err, label);
+  ck_assert_msg(strstr(err, "2^53") != NULL, "'%s'", err);
+  remove_tree(dir);
+  free(buf);
+}
+END_TEST
+
+/* One forward, backward and commit on a batch of the small spec. */
+static void accumulate_one(imml_model *m, uint64_t seed) {
+  fixed_batch b;
+  make_batch(&b, seed, small_spec.B);
+  const imml_status st =
+      imml_forward(m, IMML_MODE_TRAIN, small_spec.B, b.f, b.y, NULL, NULL);
+  ck_assert_msg(st == IMML_OK, "forward: %s", imml_model_errmsg(m));
+  backward_ok(m, NULL);
+}
+
+static void expect_finite_params(imml_model *m, const char *what) {
+  float *p = NULL, *g = NULL;
+  size_t n = 0;
+  ck_assert_int_eq(imml_param_flat(m, &p, &g, &n), IMML_OK);
+  for (size_t i = 0; i < n; i++)
+    ck_assert_msg(isfinite(p[i]) && isfinite(g[i]) && isfinite(m->opt.m1[i]) &&
+                      isfinite(m->opt.m2[i]),
+                  "%s: parameter, gradient or moment %zu is not finite", what,
+                  i);
+}
+
+/* A count of exactly 2^53 (or 2^53 - 1, one step below) loads: the
+ * optimiser's steps up to 2^53 are exact in double.  Its next
+ * imml_optim_step is refused with IMML_ERR_STATE and changes nothing
+ * (parameters, gradients, moments, count); every value stays finite; the
+ * model saves and reloads at the bound; imml_optim_setup starts the count
+ * again and the step goes through.  _i: bit 0 SGD with momentum instead of
+ * AdamW, bit 1 start at 2^53 - 1 (one step succeeds, reaching 2^53). */
+START_TEST(test_step_count_at_bound) {
+  const int sgd = _i & 1, below = _i >> 1;
+  const int64_t bound = (int64_t)1 << 53;
+  spec sp = small_spec;
+  sp.opt = sgd ? IMML_OPTIM_SGD : IMML_OPTIM_ADAMW;
+  imml_model *orig = make_model(&sp);
+  train(orig, &sp, 0, 3);
+  size_t size;
+  unsigned char *buf = save_to_mem(orig, &size, 0);
+  layout L;
+  walk_layout(buf, size, &L);
+  wr64(buf, L.opt_t, (uint64_t)(below ? bound - 1 : bound));
+  fix_crc(buf, size);
+  imml_model *m = load_from_mem(buf, size, NULL);
+  ck_assert_int_eq(m->opt.t, below ? bound - 1 : bound);
+  if (below) {
+    accumulate_one(m, 501);
+    const imml_status st = imml_optim_step(m);
+    ck_assert_msg(st == IMML_OK, "step from 2^53 - 1: %s",
+                  imml_model_errmsg(m));
+    ck_assert_int_eq(m->opt.t, bound);
+    expect_finite_params(m, "after the step to 2^53");
+  }
+  accumulate_one(m, 502);
+  for (int attempt = 0; attempt < 2; attempt++) {
+    snap s0;
+    snap_take(m, &s0);
+    const imml_status st = imml_optim_step(m);
+    ck_assert_msg(st == IMML_ERR_STATE,
+                  "step at 2^53 (attempt %d): status %d (%s) '%s'", attempt,
+                  (int)st, imml_status_string(st), imml_model_errmsg(m));
+    ck_assert_msg(strstr(imml_model_errmsg(m), "2^53") != NULL, "'%s'",
+                  imml_model_errmsg(m));
+    expect_unchanged(m, &s0, "a step refused at 2^53");
+    snap_free(&s0);
+  }
+  ck_assert_int_eq(m->opt.t, bound);
+  expect_finite_params(m, "after the refused steps");
+  /* it saves at the bound, and that checkpoint loads */
+  size_t size2;
+  unsigned char *buf2 = save_to_mem(m, &size2, 0);
+  walk_layout(buf2, size2, &L);
+  ck_assert_uint_eq(rd64(buf2, L.opt_t), (uint64_t)bound);
+  imml_model *r = load_from_mem(buf2, size2, NULL);
+  ck_assert_int_eq(r->opt.t, bound);
+  imml_model_free(r);
+  free(buf2);
+  /* a new optimiser starts again from 0 */
+  imml_optim_config oc = m->opt.cfg;
+  ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
+  ck_assert_int_eq(imml_optim_step(m), IMML_OK);
+  ck_assert_int_eq(m->opt.t, 1);
+  expect_finite_params(m, "after a new optimiser's first step");
+  imml_model_free(m);
+  free(buf);
+  imml_model_free(orig);
+}
+END_TEST
+
+/* Finding 2: loading what is not a regular file.  libimml 0.x opened the
+ * path with fopen, which blocks on a FIFO without a writer until one
+ * comes: imml_load never returned.  Every load here runs in a child
+ * process with an alarm as a watchdog, so that a load that blocks fails
+ * the test instead of hanging it; the child reports what the load
+ * answered and what it allocated. */
+#define LOAD_WATCHDOG_S 30
+
+typedef struct load_report {
+  int status, have_handle;
+  long n_alloc;
+  size_t max_req, n_other;
+  long live_after_free;
+  char msg[IMML_ERRMSG_SIZE];
+} load_report;
+
+static void child_load(const char *path, size_t expected, int fd) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = SIG_DFL;
+  sigaction(SIGALRM, &sa, NULL);
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGALRM);
+  sigprocmask(SIG_UNBLOCK, &set, NULL);
+  alarm(LOAD_WATCHDOG_S);
+  load_report rep;
+  memset(&rep, 0, sizeof rep);
+  counter cnt;
+  imml_load_options o;
+  counting_options(&o, &cnt);
+  cnt.expected = expected;
+  imml_model *m = NULL;
+  rep.status = (int)imml_model_load(path, NULL, &o, &m);
+  rep.have_handle = m != NULL;
+  snprintf(rep.msg, sizeof rep.msg, "%s", imml_model_errmsg(m));
+  rep.n_alloc = cnt.n_alloc;
+  rep.max_req = cnt.max_req;
+  rep.n_other = (size_t)cnt.n_other;
+  imml_model_free(m);
+  rep.live_after_free = cnt.live;
+  const unsigned char *p = (const unsigned char *)&rep;
+  size_t done = 0;
+  while (done < sizeof rep) {
+    const ssize_t w = write(fd, p + done, sizeof rep - done);
+    if (w <= 0)
+      _exit(3);
+    done += (size_t)w;
+  }
+  _exit(0);
+}
+
+/* imml_model_load(path) with the counting allocator (a request of
+ * `expected` bytes is not counted in n_other), in a child process. */
+static void load_in_child(const char *path, size_t expected, load_report *rep) {
+  int fds[2];
+  ck_assert_int_eq(pipe(fds), 0);
+  fflush(stdout);
+  fflush(stderr);
+  const pid_t pid = fork();
+  ck_assert_int_ge(pid, 0);
+  if (pid == 0) {
+    close(fds[0]);
+    child_load(path, expected, fds[1]);
+  }
+  close(fds[1]);
+  unsigned char *p = (unsigned char *)rep;
+  size_t got = 0;
+  for (;;) {
+    const ssize_t r = read(fds[0], p + got, sizeof *rep - got);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r <= 0)
+      break;
+    got += (size_t)r;
+    if (got == sizeof *rep)
+      break;
+  }
+  close(fds[0]);
+  int ws = 0;
+  while (waitpid(pid, &ws, 0) < 0 && errno == EINTR)
+    ;
+  ck_assert_msg(!(WIFSIGNALED(ws) && WTERMSIG(ws) == SIGALRM),
+                "imml_model_load('%s') was still blocked after %d s", path,
+                LOAD_WATCHDOG_S);
+  ck_assert_msg(WIFEXITED(ws) && WEXITSTATUS(ws) == 0 && got == sizeof *rep,
+                "the loading child failed (wait status 0x%x, %zu bytes of "
+                "report)",
+                (unsigned)ws, got);
+}
+
+/* A refusal of a non-regular file: IMML_ERR_IO, a message naming the path
+ * and the kind of object, and nothing allocated but the failed handle. */
+static void expect_not_regular(const load_report *rep, const char *path,
+                               const char *kind, const char *label) {
+  ck_assert_msg(rep->status == IMML_ERR_IO, "%s: status %d (%s) '%s'", label,
+                rep->status, imml_status_string((imml_status)rep->status),
+                rep->msg);
+  ck_assert_msg(rep->have_handle, "%s: no failed handle", label);
+  ck_assert_msg(strstr(rep->msg, path) != NULL &&
+                    strstr(rep->msg, kind) != NULL,
+                "%s: the message names neither '%s' nor '%s': '%s'", label,
+                path, kind, rep->msg);
+  ck_assert_msg(rep->n_alloc == 1 && rep->max_req == sizeof(struct imml_model),
+                "%s: %ld allocations (largest %zu bytes): only the failed "
+                "handle expected",
+                label, rep->n_alloc, rep->max_req);
+  ck_assert_msg(rep->live_after_free == 0, "%s: %ld blocks leaked", label,
+                rep->live_after_free);
+}
+
+/* _i: 0 a FIFO without a writer; 1 a FIFO holding a whole valid
+ * checkpoint, its writer still open (the bytes stay in it: the loader
+ * reads nothing); 2 a symbolic link to a FIFO; 3 a directory; 4 /dev/null
+ * (a character device); 5 a UNIX socket (open fails: "cannot open"); 6 a
+ * symbolic link to a valid checkpoint, which loads. */
+START_TEST(test_load_not_regular_file) {
+  char dir[512], path[600], target[600], label[64];
+  make_tmpdir(dir, sizeof dir, "imml-ckpt-");
+  snprintf(path, sizeof path, "%s/object", dir);
+  snprintf(target, sizeof target, "%s/target", dir);
+  snprintf(label, sizeof label, "case %d", _i);
+  size_t size;
+  unsigned char *buf = small_checkpoint(&size, 0, NULL);
+  load_report rep;
+  int wfd = -1;
+  switch (_i) {
+  case 0:
+    ck_assert_int_eq(mkfifo(path, 0600), 0);
+    load_in_child(path, 0, &rep);
+    expect_not_regular(&rep, path, "FIFO", "a FIFO without a writer");
+    break;
+  case 1: {
+    ck_assert_int_eq(mkfifo(path, 0600), 0);
+    /* O_RDWR: a writer that does not wait for a reader (Linux) */
+    wfd = open(path, O_RDWR | O_NONBLOCK);
+    ck_assert_int_ge(wfd, 0);
+    ck_assert_int_eq(write(wfd, buf, size), (ssize_t)size);
+    load_in_child(path, 0, &rep);
+    expect_not_regular(&rep, path, "FIFO", "a FIFO holding a checkpoint");
+    unsigned char *back = xcalloc(size + 1, 1);
+    ck_assert_int_eq(read(wfd, back, size + 1), (ssize_t)size);
+    ck_assert_msg(memcmp(back, buf, size) == 0,
+                  "the refused load consumed bytes of the FIFO");
+    free(back);
+    close(wfd);
+    break;
+  }
+  case 2:
+    ck_assert_int_eq(mkfifo(target, 0600), 0);
+    ck_assert_int_eq(symlink(target, path), 0);
+    load_in_child(path, 0, &rep);
+    expect_not_regular(&rep, path, "FIFO", "a link to a FIFO");
+    break;
+  case 3:
+    ck_assert_int_eq(mkdir(path, 0700), 0);
+    load_in_child(path, 0, &rep);
+    expect_not_regular(&rep, path, "directory", "a directory");
+    break;
+  case 4: {
+    struct stat sb;
+    ck_assert_int_eq(stat("/dev/null", &sb), 0);
+    ck_assert(S_ISCHR(sb.st_mode));
+    load_in_child("/dev/null", 0, &rep);
+    expect_not_regular(&rep, "/dev/null", "character device", "/dev/null");
+    break;
+  }
+  case 5: {
+    const int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    ck_assert_int_ge(s, 0);
+    struct sockaddr_un sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    ck_assert_uint_lt(strlen(path), sizeof sa.sun_path);
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+    ck_assert_int_eq(bind(s, (struct sockaddr *)&sa, sizeof sa), 0);
+    ck_assert_int_eq(listen(s, 1), 0);
+    load_in_child(path, 0, &rep);
+    close(s);
+    /* open() itself fails (ENXIO): the same status, the path named */
+    expect_not_regular(&rep, path, "cannot open", "a UNIX socket");
+    break;
+  }
+  default:
+    write_file(target, buf, size);
+    ck_assert_int_eq(symlink(target, path), 0);
+    load_in_child(path, size, &rep);
+    ck_assert_msg(rep.status == IMML_OK, "a link to a checkpoint: %d '%s'",
+                  rep.status, rep.msg);
+    ck_assert_int_eq(rep.live_after_free, 0);
+    break;
+  }
+  free(buf);
+  remove_tree(dir);
+}
+END_TEST
+
+/* Finding 3: a file is judged by its header and its size before its body
+ * is read.  libimml 0.x allocated and read the whole file first: 64 MiB of
+ * zeros cost a 64 MiB allocation before the 8-byte magic was looked at.
+ * Every file here is refused with nothing allocated but the failed handle
+ * (the counting allocator refuses anything over 1 MiB besides, which would
+ * turn a large allocation into IMML_ERR_NOMEM).  Large files are sparse
+ * (ftruncate), so they cost no disk.  _i: 0 64 MiB of zeros; 1 a valid
+ * header declaring a 64 MiB payload, loaded under a 1 MiB memory_limit;
+ * 2 a valid checkpoint and one trailing byte; 3 a valid checkpoint and
+ * 64 MiB of trailing zeros; 4 a valid checkpoint without its last byte;
+ * 5 a valid checkpoint cut to 100 bytes; 6 a 28-byte header declaring a
+ * payload of 2^64 - 1 bytes; 7 a 4 GiB file whose header declares a
+ * payload exactly 2^32 bytes smaller than the file holds (sizes truncated
+ * to 32 bits would agree). */
+#define BIG_FILE ((off_t)64 << 20)
+
+static void sparse_file(const char *path, const void *head, size_t n,
+                        off_t size) {
+  const int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  ck_assert_int_ge(fd, 0);
+  if (n)
+    ck_assert_int_eq(write(fd, head, n), (ssize_t)n);
+  ck_assert_int_eq(ftruncate(fd, size), 0);
+  ck_assert_int_eq(close(fd), 0);
+}
+
+START_TEST(test_load_checks_size_first) {
+  char dir[512], path[600], err[256], label[64];
+  make_tmpdir(dir, sizeof dir, "imml-ckpt-");
+  snprintf(path, sizeof path, "%s/model.imml", dir);
+  snprintf(label, sizeof label, "case %d", _i);
+  size_t size;
+  unsigned char *buf = small_checkpoint(&size, 0, NULL);
+  unsigned char hdr[28];
+  memcpy(hdr, buf, 24);
+  imml_status want = IMML_ERR_FORMAT;
+  const char *needle = "trailing";
+  size_t limit = IMML_MEMORY_LIMIT_DEFAULT;
+  switch (_i) {
+  case 0:
+    sparse_file(path, NULL, 0, BIG_FILE);
+    want = IMML_ERR_BAD_MAGIC;
+    needle = "magic";
+    break;
+  case 1:
+    wr64(hdr, 16, (uint64_t)BIG_FILE - 28);
+    sparse_file(path, hdr, 24, BIG_FILE);
+    want = IMML_ERR_TOO_LARGE;
+    needle = "load_options.memory_limit";
+    limit = (size_t)1 << 20;
+    break;
+  case 2:
+    sparse_file(path, buf, size, (off_t)size + 1);
+    break;
+  case 3:
+    sparse_file(path, buf, size, (off_t)size + BIG_FILE);
+    break;
+  case 4:
+    write_file(path, buf, size - 1);
+    want = IMML_ERR_TRUNCATED;
+    needle = "payload size";
+    break;
+  case 5:
+    write_file(path, buf, 100);
+    want = IMML_ERR_TRUNCATED;
+    needle = "payload size";
+    break;
+  case 6:
+    wr64(hdr, 16, UINT64_MAX);
+    wr32(hdr, 24, 0);
+    write_file(path, hdr, 28);
+    want = IMML_ERR_TRUNCATED;
+    needle = "payload size";
+    break;
+  default:
+    wr64(hdr, 16, 28);
+    sparse_file(path, hdr, 24, ((off_t)1 << 32) + 56);
+    break;
+  }
+  counter cnt;
+  imml_load_options o;
+  counting_options(&o, &cnt);
+  o.memory_limit = limit;
+  imml_model *m = NULL;
+  const imml_status st = imml_model_load(path, NULL, &o, &m);
+  ck_assert_msg(st == want, "%s: status %d (%s), expected %d: '%s'", label,
+                (int)st, imml_status_string(st), (int)want,
+                imml_model_errmsg(m));
+  ck_assert_msg(cnt.n_alloc == 1 && cnt.n_other == 0 &&
+                    cnt.max_req == sizeof(struct imml_model),
+                "%s: %ld allocations, largest %zu bytes, before the refusal "
+                "(only the failed handle expected): '%s'",
+                label, cnt.n_alloc, cnt.max_req, imml_model_errmsg(m));
+  failed_handle(m, st, &cnt, err, sizeof err, label);
+  ck_assert_msg(strstr(err, needle) != NULL, "%s: '%s' does not say '%s'",
+                label, err, needle);
+  free(buf);
+  remove_tree(dir);
+}
+END_TEST
+
+/* Finding 4: sizes that the file does not scale.  A checkpoint of 42,576
+ * bytes (AdamW) with max_batch crafted to 2^17 (inside max_batch's own
+ * limit, CRC recomputed) made libimml 0.x ask its allocator for
+ * 1,099,898,595,584 bytes.  With the default load options (memory_limit 8 GiB)
+ * it is refused with IMML_ERR_TOO_LARGE naming load_options.memory_limit and
+ * its value, before anything of the model is allocated: from memory nothing but
+ * the failed handle, from a file the file's own bytes besides. _i: 0 max_batch
+ * 2^17 from memory, 1 the same from a file, 2 max_batch 2^20 (the field's
+ * own limit) from memory, 3 dict_size 2^20 from memory under a 64 MiB
+ * memory_limit (its ~0.3 GB arena fits the default). */
+START_TEST(test_load_crafted_batch_budget) {
+  static const int dims[2] = {16, 8};
+  imml_config c;
+  imml_config_init(&c);
+  c.dims = dims;
+  c.hidden_dim = 40;
+  c.knowledge_dim = 16;
+  c.n_classes = 2;
+  c.max_batch = 4;
+  c.dict_size = 8;
+  imml_model *orig = create_ok(&c, NULL);
+  imml_optim_config oc;
+  imml_optim_config_init(&oc, IMML_OPTIM_ADAMW);
+  ck_assert_int_eq(imml_optim_setup(orig, &oc), IMML_OK);
+  size_t size;
+  unsigned char *buf = save_to_mem(orig, &size, 0);
+  imml_model_free(orig);
+  ck_assert_msg(size > 38000 && size < 46000, "the checkpoint is %zu bytes",
+                size);
+  /* unchanged, it loads under the default options without a request
+   * larger than the counting allocator's 1 MiB */
+  counter cnt;
+  imml_load_options o;
+  counting_options(&o, &cnt);
+  imml_model *m = NULL;
+  ck_assert_int_eq(imml_model_load_mem(buf, size, NULL, &o, &m), IMML_OK);
+  imml_model_free(m);
+  ck_assert_int_eq(cnt.live, 0);
+  /* the offsets of max_batch, dict_size and the dictionary position, for
+   * M = 2 (walk_layout's) */
+  const size_t at_batch = 24 + 4 + 8 + 12, at_dict = at_batch + 4;
+  ck_assert_uint_eq(rd32(buf, at_batch), 4);
+  ck_assert_uint_eq(rd32(buf, at_dict), 8);
+  const int via_file = _i == 1;
+  if (_i <= 1)
+    wr32(buf, at_batch, 1u << 17);
+  else if (_i == 2)
+    wr32(buf, at_batch, 1u << 20);
+  else
+    wr32(buf, at_dict, 1u << 20); /* fill 0 = position 0: still valid */
+  fix_crc(buf, size);
+  counting_options(&o, &cnt);
+  if (_i == 3)
+    o.memory_limit = (size_t)64 << 20;
+  char dir[512] = "", path[600], err[256], label[64];
+  snprintf(label, sizeof label, "case %d", _i);
+  m = NULL;
+  imml_status st;
+  if (via_file) {
+    make_tmpdir(dir, sizeof dir, "imml-ckpt-");
+    snprintf(path, sizeof path, "%s/budget.imml", dir);
+    write_file(path, buf, size);
+    cnt.expected = size;
+    st = imml_model_load(path, NULL, &o, &m);
+  } else {
+    st = imml_model_load_mem(buf, size, NULL, &o, &m);
+  }
+  ck_assert_msg(st == IMML_ERR_TOO_LARGE, "%s: status %d (%s) '%s'", label,
+                (int)st, imml_status_string(st), imml_model_errmsg(m));
+  const size_t handle = sizeof(struct imml_model);
+  ck_assert_msg(cnt.n_other == 0 && cnt.n_alloc == 1 + via_file &&
+                    cnt.max_req <= (via_file && size > handle ? size : handle),
+                "%s: %ld allocations (%ld of neither a handle nor the file), "
+                "largest %zu bytes",
+                label, cnt.n_alloc, cnt.n_other, cnt.max_req);
+  failed_handle(m, st, &cnt, err, sizeof err, label);
+  /* 2^20 rows: the memory_limit, or a size limit of the config's that
+   * names the field, refuses them */
+  char want[80];
+  if (_i == 2)
+    snprintf(want, sizeof want, "%s",
+             strstr(err, "memory_limit") ? "load_options.memory_limit"
+                                         : "max_batch");
+  else
+    snprintf(want, sizeof want, "load_options.memory_limit = %zu bytes",
+             o.memory_limit);
+  ck_assert_msg(strstr(err, want) != NULL, "%s: '%s' does not say '%s'", label,
+                err, want);
+  if (dir[0])
+    remove_tree(dir);
+  free(buf);
+}
+END_TEST
+
 static Suite *checkpoint_suite(void) {
   Suite *s = suite_create("checkpoint");
   TCase *tc = tcase_create("roundtrip");
@@ -2002,6 +2543,13 @@ static Suite *checkpoint_suite(void) {
   tcase_add_loop_test(tc, test_predominant_set_saved, 0, 4);
   tcase_add_loop_test(tc, test_load_memory_limit, 0, 4);
   tcase_add_loop_test(tc, test_load_options_newer_struct, 0, 17);
+  suite_add_tcase(s, tc);
+  tc = tcase_create("hostile");
+  tcase_add_loop_test(tc, test_step_count_over_bound_refused, 0, N_STEPS_OVER);
+  tcase_add_loop_test(tc, test_step_count_at_bound, 0, 4);
+  tcase_add_loop_test(tc, test_load_not_regular_file, 0, 7);
+  tcase_add_loop_test(tc, test_load_checks_size_first, 0, 8);
+  tcase_add_loop_test(tc, test_load_crafted_batch_budget, 0, 4);
   suite_add_tcase(s, tc);
   tc = tcase_create("threads");
   tcase_add_test(tc, test_concurrent_predict);

@@ -16,6 +16,9 @@
  * header and trailing canaries, so a leak, a double free, an overrun or a
  * block freed through the wrong allocator is seen here as well as by
  * ASan/LeakSanitizer and valgrind. */
+/* flock(): BSD and Linux, outside POSIX */
+#define _DEFAULT_SOURCE
+
 #include "check_main.h"
 #include "common.h"
 
@@ -23,12 +26,18 @@
 #include "internal.h"
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ------------------------------------------------------------------ */
@@ -62,6 +71,7 @@ static void adamw(imml_model *m) {
  * commit, and (with_step) imml_optim_step. */
 static void train_step(imml_model *m, drng *r, int with_step) {
   imml_config c;
+  imml_config_init(&c);
   ck_assert_int_eq(imml_model_get_config(m, &c), IMML_OK);
   batch b;
   batch_random(&b, c.n_modalities, c.dims, 1 + (int)(drng_u64(r) % 6),
@@ -255,6 +265,7 @@ static void nomem_outcome(imml_status st, imml_model *h, fa *c,
                 what, c->mallocs - c->frees - outstanding);
   ck_assert_int_eq(imml_param_count(h), 0);
   imml_config cfg;
+  imml_config_init(&cfg);
   ck_assert_int_eq(imml_model_get_config(h, &cfg), IMML_ERR_STATE);
   imml_model_free(h);
   ck_assert_msg(c->mallocs - c->frees == outstanding,
@@ -1600,6 +1611,410 @@ START_TEST(test_absurd_products_too_large) {
 }
 END_TEST
 
+/* ------------------------------------------------------------------ */
+/* Temporary files of imml_model_save (issue 13, finding 6)            */
+/* ------------------------------------------------------------------ */
+
+/* imml_model_save writes PATH.imml-tmp-N (N = 0..7, the first one no other
+ * save holds) and renames it over PATH (doc/FORMAT.md).  libimml 0.x wrote
+ * PATH.tmp.XXXXXX (mkstemp): a save killed with -9 left its file behind,
+ * every later crash added one more, and no save ever removed them. */
+
+/* path.imml-tmp-i */
+static void tmp_name(char *out, size_t n, const char *path, int i) {
+  snprintf(out, n, "%s.imml-tmp-%d", path, i);
+}
+
+/* The file holds exactly size bytes of buf. */
+static int file_holds(const char *path, const void *buf, size_t size) {
+  size_t n;
+  unsigned char *b = read_file(path, &n);
+  const int same = n == size && (size == 0 || memcmp(b, buf, size) == 0);
+  free(b);
+  return same;
+}
+
+/* A small trained model and its checkpoint. */
+static imml_model *saver_model(uint64_t seed, unsigned char **buf,
+                               size_t *size) {
+  imml_config c;
+  small_cfg(&c, 2, dims2);
+  imml_model *m = create_ok(&c, NULL);
+  adamw(m);
+  drng r = {seed};
+  for (int s = 0; s < 3; s++)
+    train_step(m, &r, 1);
+  *buf = save_to_mem(m, size);
+  return m;
+}
+
+/* A save killed with -9 leaves PATH.imml-tmp-0 holding what it had
+ * written; the next save to PATH takes that name, and leaves no temporary
+ * behind.  Files that are not PATH's temporaries are left alone: another
+ * checkpoint's (other.imml.imml-tmp-0), names outside the eight
+ * (PATH.imml-tmp-8, PATH.imml-tmp-00), and 0.x's PATH.tmp.XXXXXX.  _i: what
+ * the killed save had written: 0 half the checkpoint, 1 all of it (killed
+ * between fsync and rename), 2 nothing (killed right after creating the
+ * file), 3 five bytes (a prefix of the magic), 4 half, beside the files of
+ * others. */
+START_TEST(test_stale_temporary_reused) {
+  unsigned char *buf;
+  size_t size;
+  imml_model *m = saver_model(31, &buf, &size);
+  char dir[512], path[600], t0[640], names[512];
+  make_tmpdir(dir, sizeof dir, "imml-faults.");
+  snprintf(path, sizeof path, "%s/model.imml", dir);
+  tmp_name(t0, sizeof t0, path, 0);
+  static const char *const others[] = {
+      "other.imml.imml-tmp-0", "model.imml.imml-tmp-8",
+      "model.imml.imml-tmp-00", "model.imml.tmp.AbC123"};
+  const size_t n_written[] = {size / 2, size, 0, 5, size / 2};
+  write_file(t0, buf, n_written[_i]);
+  if (_i == 4) {
+    for (int i = 0; i < 4; i++) {
+      char o[700];
+      snprintf(o, sizeof o, "%s/%s", dir, others[i]);
+      write_file(o, buf, size / 2);
+    }
+  } else {
+    write_file(path, "an older checkpoint", 19);
+  }
+  const imml_status st = imml_model_save(m, path);
+  ck_assert_msg(st == IMML_OK, "save beside a stale temporary: %d '%s'",
+                (int)st, imml_model_errmsg(m));
+  list_dir(dir, names, sizeof names);
+  if (_i == 4) {
+    ck_assert_str_eq(names, "model.imml,model.imml.imml-tmp-00,"
+                            "model.imml.imml-tmp-8,model.imml.tmp.AbC123,"
+                            "other.imml.imml-tmp-0,");
+    for (int i = 0; i < 4; i++) {
+      char o[700];
+      snprintf(o, sizeof o, "%s/%s", dir, others[i]);
+      ck_assert_msg(file_holds(o, buf, size / 2), "%s was changed", others[i]);
+    }
+  } else {
+    ck_assert_str_eq(names, "model.imml,");
+  }
+  ck_assert_msg(file_holds(path, buf, size), "PATH is not the checkpoint");
+  imml_model *r = NULL;
+  ck_assert_int_eq(imml_model_load(path, NULL, NULL, &r), IMML_OK);
+  ck_assert_msg(same_checkpoint(r, buf, size), "the loaded model differs");
+  imml_model_free(r);
+  imml_model_free(m);
+  free(buf);
+  remove_tree(dir);
+}
+END_TEST
+
+/* A file under a temporary's name that no save of libimml wrote is never
+ * touched: not opened for writing, truncated, renamed or removed, and not
+ * followed when it is a link; the save takes the next name.  When all
+ * eight names are taken the save fails with IMML_ERR_IO, naming them, and
+ * PATH keeps its old content.  _i: PATH.imml-tmp-0 is 0 a regular file
+ * that does not start with the magic, 1 a link to a file of the user's,
+ * 2 a directory, 3 a FIFO, 4 a file starting with 7 bytes of the magic;
+ * 5 every one of the eight names is such a regular file. */
+START_TEST(test_foreign_temporary_untouched) {
+  unsigned char *buf;
+  size_t size;
+  imml_model *m = saver_model(32, &buf, &size);
+  char dir[512], path[600], t0[640], victim[600], names[1024];
+  make_tmpdir(dir, sizeof dir, "imml-faults.");
+  snprintf(path, sizeof path, "%s/model.imml", dir);
+  snprintf(victim, sizeof victim, "%s/victim", dir);
+  tmp_name(t0, sizeof t0, path, 0);
+  static const char notes[] = "the user's notes, not a checkpoint\n";
+  const char old[] = "an older checkpoint";
+  write_file(path, old, sizeof old);
+  static const char magic7[] = "IMMLCKPx and more";
+  switch (_i) {
+  case 0:
+  case 5:
+    write_file(t0, notes, sizeof notes);
+    break;
+  case 1:
+    write_file(victim, notes, sizeof notes);
+    ck_assert_int_eq(symlink(victim, t0), 0);
+    break;
+  case 2:
+    ck_assert_int_eq(mkdir(t0, 0700), 0);
+    break;
+  case 3:
+    ck_assert_int_eq(mkfifo(t0, 0600), 0);
+    break;
+  default:
+    write_file(t0, magic7, sizeof magic7);
+    break;
+  }
+  for (int i = 1; _i == 5 && i < 8; i++) {
+    char ti[640];
+    tmp_name(ti, sizeof ti, path, i);
+    write_file(ti, notes, sizeof notes);
+  }
+  struct stat before, after;
+  ck_assert_int_eq(lstat(t0, &before), 0);
+  const imml_status st = imml_model_save(m, path);
+  ck_assert_int_eq(lstat(t0, &after), 0);
+  ck_assert_msg(before.st_ino == after.st_ino &&
+                    before.st_mode == after.st_mode &&
+                    before.st_size == after.st_size,
+                "case %d: PATH.imml-tmp-0 was replaced or changed", _i);
+  list_dir(dir, names, sizeof names);
+  if (_i == 5) {
+    ck_assert_msg(st == IMML_ERR_IO, "every name foreign: status %d (%s)",
+                  (int)st, imml_status_string(st));
+    ck_assert_msg(strstr(imml_model_errmsg(m), "imml-tmp") != NULL, "'%s'",
+                  imml_model_errmsg(m));
+    ck_assert_msg(file_holds(path, old, sizeof old), "PATH was changed");
+    for (int i = 0; i < 8; i++) {
+      char ti[640];
+      tmp_name(ti, sizeof ti, path, i);
+      ck_assert_msg(file_holds(ti, notes, sizeof notes),
+                    "foreign temporary %d was changed", i);
+    }
+    ck_assert_int_eq(list_dir(dir, names, sizeof names), 9);
+  } else {
+    ck_assert_msg(st == IMML_OK, "case %d: save: %d '%s'", _i, (int)st,
+                  imml_model_errmsg(m));
+    ck_assert_msg(file_holds(path, buf, size), "PATH is not the checkpoint");
+    if (_i == 1) {
+      ck_assert_str_eq(names, "model.imml,model.imml.imml-tmp-0,victim,");
+      ck_assert_msg(file_holds(victim, notes, sizeof notes),
+                    "the link's target was written");
+      char link[640];
+      const ssize_t n = readlink(t0, link, sizeof link - 1);
+      ck_assert_int_eq(n, (ssize_t)strlen(victim));
+      link[n] = '\0';
+      ck_assert_str_eq(link, victim);
+    } else {
+      ck_assert_str_eq(names, "model.imml,model.imml.imml-tmp-0,");
+    }
+    if (_i == 0)
+      ck_assert(file_holds(t0, notes, sizeof notes));
+    if (_i == 4)
+      ck_assert(file_holds(t0, magic7, sizeof magic7));
+  }
+  imml_model_free(m);
+  free(buf);
+  remove_tree(dir);
+}
+END_TEST
+
+/* A temporary held under flock (a save in progress, in another process or
+ * through another open file description of this one) is not taken: the
+ * save uses the next name and the held file keeps its bytes.  Once it is
+ * released (its saver died), the next save takes it over and nothing is
+ * left of it.  _i: 0 held by another open file description of this
+ * process, 1 held by another process, 2 all eight names held (the save
+ * fails with IMML_ERR_IO, PATH unchanged; after the release
+ * PATH.imml-tmp-0 is taken over, and the seven others are left as their
+ * savers wrote them, or removed, but not changed). */
+START_TEST(test_held_temporary_not_stolen) {
+  unsigned char *buf;
+  size_t size;
+  imml_model *m = saver_model(33, &buf, &size);
+  char dir[512], path[600], t0[640], names[1024];
+  make_tmpdir(dir, sizeof dir, "imml-faults.");
+  snprintf(path, sizeof path, "%s/model.imml", dir);
+  tmp_name(t0, sizeof t0, path, 0);
+  const char old[] = "an older checkpoint";
+  write_file(path, old, sizeof old);
+  const int n_held = _i == 2 ? 8 : 1;
+  int held[8];
+  pid_t holder = -1;
+  int ready[2] = {-1, -1}, go[2] = {-1, -1};
+  for (int i = 0; i < n_held; i++) {
+    char ti[640];
+    tmp_name(ti, sizeof ti, path, i);
+    write_file(ti, buf, size / 2); /* a save's partial file */
+  }
+  if (_i == 1) {
+    ck_assert_int_eq(pipe(ready), 0);
+    ck_assert_int_eq(pipe(go), 0);
+    fflush(stdout);
+    fflush(stderr);
+    holder = fork();
+    ck_assert_int_ge(holder, 0);
+    if (holder == 0) {
+      alarm(120); /* never outlive a test that died */
+      const int fd = open(t0, O_RDWR);
+      char c = 'r';
+      if (fd < 0 || flock(fd, LOCK_EX) != 0 || write(ready[1], &c, 1) != 1)
+        _exit(2);
+      if (read(go[0], &c, 1) < 0)
+        _exit(3);
+      _exit(0);
+    }
+    char c;
+    ck_assert_int_eq(read(ready[0], &c, 1), 1);
+  } else {
+    for (int i = 0; i < n_held; i++) {
+      char ti[640];
+      tmp_name(ti, sizeof ti, path, i);
+      held[i] = open(ti, O_RDWR);
+      ck_assert_int_ge(held[i], 0);
+      ck_assert_int_eq(flock(held[i], LOCK_EX), 0);
+    }
+  }
+  struct stat before, after;
+  ck_assert_int_eq(stat(t0, &before), 0);
+  imml_status st = imml_model_save(m, path);
+  ck_assert_int_eq(stat(t0, &after), 0);
+  ck_assert_msg(before.st_ino == after.st_ino,
+                "the held temporary was renamed away");
+  for (int i = 0; i < n_held; i++) {
+    char ti[640];
+    tmp_name(ti, sizeof ti, path, i);
+    ck_assert_msg(file_holds(ti, buf, size / 2),
+                  "held temporary %d was written", i);
+  }
+  if (_i == 2) {
+    ck_assert_msg(st == IMML_ERR_IO, "all eight held: status %d (%s)", (int)st,
+                  imml_status_string(st));
+    ck_assert_msg(strstr(imml_model_errmsg(m), "imml-tmp") != NULL, "'%s'",
+                  imml_model_errmsg(m));
+    ck_assert_msg(file_holds(path, old, sizeof old), "PATH was changed");
+    ck_assert_int_eq(list_dir(dir, names, sizeof names), 9);
+  } else {
+    ck_assert_msg(st == IMML_OK, "save beside a held temporary: %d '%s'",
+                  (int)st, imml_model_errmsg(m));
+    ck_assert_msg(file_holds(path, buf, size), "PATH is not the checkpoint");
+    list_dir(dir, names, sizeof names);
+    ck_assert_str_eq(names, "model.imml,model.imml.imml-tmp-0,");
+  }
+  /* the holder goes away without cleaning up, as a killed save does */
+  if (_i == 1) {
+    char c = 'g';
+    ck_assert_int_eq(write(go[1], &c, 1), 1);
+    int ws = 0;
+    ck_assert_int_eq(waitpid(holder, &ws, 0), holder);
+    ck_assert_msg(WIFEXITED(ws) && WEXITSTATUS(ws) == 0, "holder: 0x%x",
+                  (unsigned)ws);
+    close(ready[0]);
+    close(ready[1]);
+    close(go[0]);
+    close(go[1]);
+  } else {
+    for (int i = 0; i < n_held; i++)
+      close(held[i]);
+  }
+  st = imml_model_save(m, path);
+  ck_assert_msg(st == IMML_OK, "save after the release: %d '%s'", (int)st,
+                imml_model_errmsg(m));
+  ck_assert_msg(file_holds(path, buf, size), "PATH is not the checkpoint");
+  struct stat sb;
+  ck_assert_msg(lstat(t0, &sb) != 0, "the released temporary is still there");
+  /* the other released names: still holding what their savers wrote, or
+   * gone, but nothing else */
+  for (int i = 1; i < n_held; i++) {
+    char ti[640];
+    tmp_name(ti, sizeof ti, path, i);
+    ck_assert_msg(lstat(ti, &sb) != 0 || file_holds(ti, buf, size / 2),
+                  "released temporary %d was changed", i);
+  }
+  ck_assert_int_le(list_dir(dir, names, sizeof names), n_held);
+  ck_assert_msg(!strncmp(names, "model.imml,", 11), "%s", names);
+  imml_model_free(m);
+  free(buf);
+  remove_tree(dir);
+}
+END_TEST
+
+/* Real crashes: a child process saves the model to PATH again and again;
+ * the test stops it (SIGSTOP) at a pseudo-random moment until it is caught
+ * with its temporary file open, and kills it with -9.  Three such crashes
+ * in a row leave at most one temporary (each new saver takes the dead
+ * one's file), PATH always holds a complete checkpoint (the rename is
+ * atomic), and one more save leaves PATH alone in the directory.  (0.x
+ * left one more PATH.tmp.XXXXXX per crash, for ever.) */
+#define KILL_ROUNDS 3
+#define KILL_ATTEMPTS 20000
+
+static void saver_child(imml_model *m, const char *path, int fd) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = SIG_DFL;
+  sigaction(SIGALRM, &sa, NULL);
+  alarm(300); /* never outlive a test that died */
+  for (long i = 0;; i++) {
+    if (imml_model_save(m, path) != IMML_OK)
+      _exit(2);
+    const char c = 's';
+    if (i == 0 && write(fd, &c, 1) != 1)
+      _exit(3);
+  }
+}
+
+START_TEST(test_kill9_during_saves) {
+  /* large enough that writing the file is a good part of each save */
+  static const int dims[2] = {300, 200};
+  imml_config c;
+  small_cfg(&c, 2, dims);
+  c.hidden_dim = 256;
+  c.knowledge_dim = 32;
+  imml_model *m = create_ok(&c, NULL);
+  adamw(m);
+  size_t size;
+  unsigned char *buf = save_to_mem(m, &size);
+  char dir[512], path[600], t0[640], names[1024];
+  make_tmpdir(dir, sizeof dir, "imml-faults.");
+  snprintf(path, sizeof path, "%s/model.imml", dir);
+  tmp_name(t0, sizeof t0, path, 0);
+  drng r = {34};
+  for (int round = 0; round < KILL_ROUNDS; round++) {
+    int fds[2];
+    ck_assert_int_eq(pipe(fds), 0);
+    fflush(stdout);
+    fflush(stderr);
+    const pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+      close(fds[0]);
+      saver_child(m, path, fds[1]);
+    }
+    close(fds[1]);
+    char ch;
+    ck_assert_int_eq(read(fds[0], &ch, 1), 1); /* one save done */
+    close(fds[0]);
+    int caught = 0, ws = 0;
+    for (int a = 0; a < KILL_ATTEMPTS && !caught; a++) {
+      const struct timespec ts = {0, 20000 + (long)(drng_u64(&r) % 1000000)};
+      nanosleep(&ts, NULL);
+      ck_assert_int_eq(kill(pid, SIGSTOP), 0);
+      ck_assert_int_eq(waitpid(pid, &ws, WUNTRACED), pid);
+      ck_assert_msg(WIFSTOPPED(ws), "the saver ended: status 0x%x",
+                    (unsigned)ws);
+      struct stat sb;
+      caught = lstat(t0, &sb) == 0;
+      ck_assert_int_eq(kill(pid, caught ? SIGKILL : SIGCONT), 0);
+    }
+    if (!caught)
+      kill(pid, SIGKILL);
+    ck_assert_int_eq(waitpid(pid, &ws, 0), pid);
+    ck_assert_msg(caught,
+                  "round %d: the saver was never caught with its "
+                  "temporary file in %d attempts",
+                  round, KILL_ATTEMPTS);
+    ck_assert(WIFSIGNALED(ws) && WTERMSIG(ws) == SIGKILL);
+    /* one stale file, however many savers died */
+    list_dir(dir, names, sizeof names);
+    ck_assert_msg(!strcmp(names, "model.imml,model.imml.imml-tmp-0,"),
+                  "after crash %d: %s", round + 1, names);
+    ck_assert_msg(file_holds(path, buf, size),
+                  "after crash %d, PATH is not a whole checkpoint", round + 1);
+  }
+  const imml_status st = imml_model_save(m, path);
+  ck_assert_msg(st == IMML_OK, "save after the crashes: %d '%s'", (int)st,
+                imml_model_errmsg(m));
+  list_dir(dir, names, sizeof names);
+  ck_assert_str_eq(names, "model.imml,");
+  ck_assert(file_holds(path, buf, size));
+  imml_model_free(m);
+  free(buf);
+  remove_tree(dir);
+}
+END_TEST
+
 static Suite *faults_suite(void) {
   Suite *s = suite_create("faults");
   TCase *tc = tcase_create("nomem");
@@ -1626,6 +2041,12 @@ static Suite *faults_suite(void) {
   suite_add_tcase(s, tc);
   tc = tcase_create("checkpoint");
   tcase_add_test(tc, test_negative_second_moment_refused);
+  suite_add_tcase(s, tc);
+  tc = tcase_create("temporaries");
+  tcase_add_loop_test(tc, test_stale_temporary_reused, 0, 5);
+  tcase_add_loop_test(tc, test_foreign_temporary_untouched, 0, 6);
+  tcase_add_loop_test(tc, test_held_temporary_not_stolen, 0, 3);
+  tcase_add_test(tc, test_kill9_during_saves);
   suite_add_tcase(s, tc);
   return s;
 }

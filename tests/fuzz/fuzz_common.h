@@ -49,6 +49,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 typedef struct fuzz_alloc {
   size_t live;    /* bytes outstanding */
+  size_t peak;    /* most bytes outstanding at once */
   long blocks;    /* blocks outstanding */
   long calls;     /* malloc_fn calls */
   long refused;   /* calls answered with NULL */
@@ -72,6 +73,8 @@ static inline void *fuzz_malloc(size_t size, void *ud) {
   memcpy(p, &size, sizeof size);
   memset(p + FUZZ_HDR + size, FUZZ_CANARY, FUZZ_TAIL);
   a->live += size;
+  if (a->live > a->peak)
+    a->peak = a->live;
   a->blocks++;
   return p + FUZZ_HDR;
 }
@@ -124,6 +127,7 @@ static inline void fuzz_failed_handle(imml_status st, imml_model *h,
     return;
   fuzz_check_failure(st, imml_model_errmsg(h), call);
   imml_config c;
+  imml_config_init(&c);
   FUZZ_CHECK(imml_model_get_config(h, &c) == IMML_ERR_STATE,
              "%s: a failed handle gives a config", call);
   FUZZ_CHECK(imml_param_count(h) == 0 && imml_fdc_dict_fill(h) == 0,
@@ -326,6 +330,7 @@ static inline void fuzz_check_prediction(int B, int C, const float *logits,
  * imml_commit, imml_optim_step. */
 static inline void fuzz_exercise(imml_model *m, int train) {
   imml_config c;
+  imml_config_init(&c);
   FUZZ_CHECK(imml_model_get_config(m, &c) == IMML_OK, "model_get_config");
   const int M = c.n_modalities;
   const int B = c.max_batch < 3 ? c.max_batch : 3;
@@ -434,6 +439,136 @@ static inline void fuzz_exercise(imml_model *m, int train) {
   free(probs);
   free(logits2);
   free(probs2);
+}
+
+/* ---- the checkpoint oracle (fuzz_load.c, fuzz_struct.c) ------------- */
+
+#define FUZZ_LOAD_LIMIT (FUZZ_MEM_CAP / 4)
+/* More than a model handle takes (the one block memory_limit does not
+ * count) */
+#define FUZZ_HANDLE_SLACK ((size_t)64 << 10)
+
+/* One imml_model_load_mem through a's allocator, retried with the host
+ * callbacks when the checkpoint needs them.  A refusal is checked and its
+ * failed handle freed (NULL returned). */
+static inline imml_model *fuzz_load(const uint8_t *data, size_t size,
+                                    fuzz_alloc *a, size_t limit,
+                                    imml_status *st_out) {
+  imml_load_options o;
+  imml_load_options_init(&o);
+  o.allocator = fuzz_hooks(a);
+  if (limit)
+    o.memory_limit = limit;
+  imml_model *m = (imml_model *)&o; /* must be overwritten */
+  const long calls0 = a->calls;
+  imml_status st = imml_model_load_mem(data, size, NULL, &o, &m);
+  if (st == IMML_ERR_NEED_CALLBACKS) {
+    FUZZ_CHECK(m != (imml_model *)&o, "*out not written");
+    fuzz_failed_handle(st, m, "imml_model_load_mem");
+    FUZZ_CHECK(a->live == 0 && a->blocks == 0,
+               "a refused load leaked %zu bytes", a->live);
+    const imml_ft_ops ops = fuzz_host_ops();
+    m = (imml_model *)&o;
+    st = imml_model_load_mem(data, size, &ops, &o, &m);
+  }
+  *st_out = st;
+  FUZZ_CHECK(m != (imml_model *)&o, "*out not written");
+  /* the budget: the model's memory (arena and optimiser state) within
+   * memory_limit, the handle besides; no larger request even reaches the
+   * allocator */
+  FUZZ_CHECK(!limit || (a->peak <= limit + FUZZ_HANDLE_SLACK &&
+                        a->max_req <= limit + FUZZ_HANDLE_SLACK),
+             "%zu bytes held at once, %zu asked for at once, under "
+             "memory_limit %zu (%s)",
+             a->peak, a->max_req, limit, imml_status_string(st));
+  if (st != IMML_OK) {
+    FUZZ_CHECK(st != IMML_ERR_NOMEM || a->refused > 0,
+               "IMML_ERR_NOMEM without a refused allocation: %s",
+               imml_model_errmsg(m));
+    /* nothing bigger than a handle was asked for: the failed handle is the
+     * only block held */
+    FUZZ_CHECK(
+        st != IMML_ERR_TOO_LARGE ||
+            (a->blocks == 1 ? a->max_req <= a->live : a->calls == calls0),
+        "TOO_LARGE after %ld allocations (largest %zu bytes, %ld "
+        "held): %s",
+        a->calls - calls0, a->max_req, a->blocks, imml_model_errmsg(m));
+    FUZZ_CHECK(a->blocks <= 1, "a refused load holds %ld blocks", a->blocks);
+    fuzz_failed_handle(st, m, "imml_model_load_mem");
+    FUZZ_CHECK(a->live == 0 && a->blocks == 0,
+               "a refused load leaked %zu bytes", a->live);
+    return NULL;
+  }
+  FUZZ_CHECK(m != NULL && imml_model_errmsg(m)[0] == '\0',
+             "loaded, message '%s'", m ? imml_model_errmsg(m) : "(null)");
+  return m;
+}
+
+/* The size query (buf NULL) is answered with the size, as OK or as
+ * IMML_ERR_BUFFER_SMALL; the save itself must succeed. */
+static inline unsigned char *fuzz_save(imml_model *m, size_t *size) {
+  size_t need = 0;
+  const imml_status sq = imml_model_save_mem(m, NULL, 0, &need);
+  FUZZ_CHECK((sq == IMML_OK || sq == IMML_ERR_BUFFER_SMALL) && need > 28,
+             "size query: %s (%s)", imml_status_string(sq),
+             imml_model_errmsg(m));
+  unsigned char *buf = malloc(need);
+  FUZZ_CHECK(buf != NULL, "test allocation");
+  FUZZ_CHECK(imml_model_save_mem(m, buf, need, size) == IMML_OK &&
+                 *size == need,
+             "imml_model_save_mem: %s", imml_model_errmsg(m));
+  return buf;
+}
+
+/* The promises about one checkpoint (fuzz_load.c's header comment): the
+ * bytes are loaded with memory_limit `limit` (and, when that is too small,
+ * with the default, where the capped allocator stops what it cannot hold);
+ * a refusal is checked and its status returned; a checkpoint that loads
+ * must save back to the same bytes, predict, train one step and save a
+ * checkpoint that loads again.  With `after` given, a loaded checkpoint's
+ * last save is handed back in *after (malloc'ed, *after_size bytes) and
+ * left untouched otherwise. */
+static inline imml_status fuzz_checkpoint(const uint8_t *data, size_t size,
+                                          size_t limit, unsigned char **after,
+                                          size_t *after_size) {
+  fuzz_alloc a;
+  memset(&a, 0, sizeof a);
+  imml_status st;
+  imml_model *m = fuzz_load(data, size, &a, limit, &st);
+  if (!m && st == IMML_ERR_TOO_LARGE) {
+    /* over the limit: let the capped allocator refuse it instead */
+    memset(&a, 0, sizeof a);
+    m = fuzz_load(data, size, &a, 0, &st);
+  }
+  if (!m)
+    return st;
+  /* the loader validated every field: the model saves to the same bytes */
+  size_t n = 0;
+  unsigned char *again = fuzz_save(m, &n);
+  FUZZ_CHECK(n == size && memcmp(again, data, size) == 0,
+             "re-saved checkpoint differs (%zu vs %zu bytes)", n, size);
+  free(again);
+  /* it predicts and trains (a small arena only: time, not memory, is the
+   * limit here) and still saves a checkpoint that loads */
+  fuzz_exercise(m, a.live <= ((size_t)4 << 20));
+  again = fuzz_save(m, &n);
+  fuzz_alloc b;
+  memset(&b, 0, sizeof b);
+  imml_model *r = fuzz_load(again, n, &b, 0, &st);
+  FUZZ_CHECK(r != NULL || st == IMML_ERR_NOMEM,
+             "the model's own checkpoint does not load: %s",
+             imml_status_string(st));
+  imml_model_free(r);
+  if (after) {
+    *after = again;
+    *after_size = n;
+  } else {
+    free(again);
+  }
+  imml_model_free(m);
+  FUZZ_CHECK(a.live == 0 && a.blocks == 0 && b.live == 0 && b.blocks == 0,
+             "imml_model_free left %zu + %zu bytes", a.live, b.live);
+  return IMML_OK;
 }
 
 #endif

@@ -8,7 +8,11 @@
  *   DIR/config/  inputs for fuzz_config (fuzz_common.h's encoding): valid
  *                configurations and ones beyond each limit, and the fields
  *                of 1.0 (precision, memory_limit, a struct from a newer
- *                header with a zero or non-zero tail).
+ *                header with a zero or non-zero tail);
+ *   DIR/struct/  edit programs for fuzz_struct (its header comment): every
+ *                seed unedited, and one edit of each kind, among them the
+ *                findings of issue 13 (step counts around 2^53 and
+ *                INT64_MAX, max_batch 2^17, dict_size 2^20).
  * The committed tests/fuzz/corpus was written by it (meson compile -C
  * BUILD fuzz-corpus); the fuzzers add what they find beside it. */
 #include "fuzz_common.h"
@@ -741,6 +745,160 @@ static void config_seeds(void) {
   }
 }
 
+/* ---- fuzz_struct programs --------------------------------------------- */
+
+/* fuzz_struct's op codes and field numbers (tests/fuzz/fuzz_struct.c) */
+enum {
+  OP_SET_U32,
+  OP_ADD_U32,
+  OP_SET_F32,
+  OP_SET_U64,
+  OP_ADD_U64,
+  OP_SET_ELEM,
+  OP_SET_VAL,
+  OP_RESHAPE,
+  OP_NAME,
+  OP_TENSORS,
+  OP_FRAMING,
+  OP_SCALE
+};
+enum {
+  U_VERSION,
+  U_RESERVED,
+  U_M,
+  U_H,
+  U_K,
+  U_C,
+  U_B,
+  U_J,
+  U_PREDOMINANT,
+  U_WARMUP,
+  U_SLOT,
+  U_BUILTIN,
+  U_P_FIXED,
+  U_P,
+  U_STEPS,
+  U_N_TENSORS,
+  U_FILL,
+  U_POS,
+  U_HAS_OPT,
+  U_KIND,
+  U_NESTEROV,
+  U_HAS_BUF
+};
+/* fs_u32 / fs_u64 codes: 2^e, 2^e - 1, 2^e + 1 */
+#define P32(e) (0x40 + (e))
+#define P64(e) (0x40 + (e))
+#define P64_MINUS1(e) (0x80 + (e))
+#define P64_PLUS1(e) (0xc1 + (e))
+/* fuzz_common.h's float table */
+#define F_NEG1 4
+#define F_NAN 5
+#define F_INF 6
+#define F_1E30 8
+#define F_ZERO 0
+#define F_ONE 1
+#define F_TWO 13
+
+typedef struct program {
+  const char *name;
+  unsigned char b[24];
+  size_t n;
+} program;
+
+#define PROG(name, ...)                                                        \
+  { name, {__VA_ARGS__}, sizeof((unsigned char[]){__VA_ARGS__}) }
+
+static const program programs[] = {
+    PROG("seed-0-adamw", 0, 0),
+    PROG("seed-1-fresh", 1, 1),
+    PROG("seed-2-host-sgd-warmup", 2, 2),
+    PROG("seed-3-strict-m3", 3, 3),
+    PROG("seed-4-host-noopt", 4, 0),
+    PROG("seed-5-predominant-set", 5, 1),
+    PROG("seed-6-plain-sgd", 6, 2),
+    PROG("seed-7-adamw-clip", 7, 3),
+    /* finding 1: the optimiser's step count */
+    PROG("step-int64-max", 0, 0, OP_SET_U64, 1, P64_MINUS1(63)),
+    PROG("step-int64-max-minus-1", 0, 0, OP_SET_U64, 1, P64_MINUS1(63),
+         OP_ADD_U64, 1, 0xff),
+    PROG("step-2p53", 0, 0, OP_SET_U64, 1, P64(53)),
+    PROG("step-2p53-plus-1", 0, 0, OP_SET_U64, 1, P64_PLUS1(53)),
+    PROG("step-2p53-minus-1", 0, 0, OP_SET_U64, 1, P64_MINUS1(53)),
+    PROG("step-2p53-sgd", 2, 0, OP_SET_U64, 1, P64(53)),
+    PROG("step-uint64-max", 7, 0, OP_SET_U64, 1, 0xc0),
+    /* finding 4: sizes the file does not scale */
+    PROG("max-batch-2p17", 0, 3, OP_SET_U32, U_B, P32(17)),
+    PROG("max-batch-2p17-limit-256k", 0, 0, OP_SET_U32, U_B, P32(17)),
+    PROG("dict-size-2p20", 1, 3, OP_RESHAPE, 8, P32(20)),
+    PROG("dict-size-2p16-limit-1m", 0, 1, OP_RESHAPE, 8, P32(16)),
+    /* consistent reshapes: valid checkpoints of other models */
+    PROG("reshape-m3", 0, 0, OP_RESHAPE, 0, 3),
+    PROG("reshape-m64", 1, 3, OP_RESHAPE, 0, 0xa1),
+    PROG("reshape-m65", 1, 3, OP_RESHAPE, 0, 0xa2),
+    PROG("reshape-m1", 0, 0, OP_RESHAPE, 0, 1),
+    PROG("reshape-dims0-1000", 0, 2, OP_RESHAPE, 1, 0, 0xff, 0xe8, 0x03, 0, 0),
+    PROG("reshape-hidden-0", 0, 0, OP_RESHAPE, 2, 0),
+    PROG("reshape-knowledge-5", 4, 0, OP_RESHAPE, 3, 5),
+    PROG("reshape-classes-1", 0, 0, OP_RESHAPE, 4, 1),
+    PROG("reshape-to-host", 0, 0, OP_RESHAPE, 5),
+    PROG("reshape-to-builtin", 2, 0, OP_RESHAPE, 5),
+    PROG("reshape-fill-over", 0, 0, OP_RESHAPE, 6, 5),
+    PROG("reshape-fill-2", 7, 0, OP_RESHAPE, 6, 2),
+    PROG("reshape-add-optimiser", 1, 0, OP_RESHAPE, 7),
+    PROG("reshape-drop-optimiser", 0, 0, OP_RESHAPE, 7),
+    /* fields with the arrays left as they are */
+    PROG("set-m3", 0, 0, OP_SET_U32, U_M, 3),
+    PROG("set-p-5", 0, 0, OP_SET_U32, U_P, 5),
+    PROG("set-p-unfixed", 0, 0, OP_SET_U32, U_P_FIXED, 0),
+    PROG("set-steps-2p31", 5, 0, OP_SET_U32, U_STEPS, P32(31)),
+    PROG("set-steps-warmup", 5, 0, OP_SET_U32, U_STEPS, 20),
+    PROG("set-warmup-0-unfixed", 2, 0, OP_SET_U32, U_WARMUP, 0),
+    PROG("set-predominant-0", 0, 0, OP_SET_U32, U_PREDOMINANT, 0),
+    PROG("tensor-count-minus-1", 0, 0, OP_ADD_U32, U_N_TENSORS, 0xff),
+    PROG("has-opt-2", 0, 0, OP_SET_U32, U_HAS_OPT, 2),
+    PROG("sgd-as-adamw", 6, 0, OP_SET_U32, U_KIND, 1),
+    PROG("kind-2", 0, 0, OP_SET_U32, U_KIND, 2),
+    PROG("has-buf-2", 2, 0, OP_SET_U32, U_HAS_BUF, 2),
+    PROG("adamw-nesterov", 0, 0, OP_SET_U32, U_NESTEROV, 1),
+    PROG("version-2", 0, 0, OP_SET_U32, U_VERSION, 2),
+    PROG("reserved-1", 0, 0, OP_SET_U32, U_RESERVED, 1),
+    PROG("slot-2", 3, 0, OP_SET_U32, U_SLOT, 2),
+    PROG("fill-dict-size", 7, 0, OP_SET_U32, U_FILL, 8),
+    PROG("pos-over", 0, 0, OP_SET_U32, U_POS, 4),
+    PROG("dims0-2p24", 0, 0, OP_SET_ELEM, 0, 0, P32(24)),
+    PROG("rows-plus-1", 0, 0, OP_SET_ELEM, 1, 0, 4),
+    PROG("name-length-15", 0, 0, OP_SET_ELEM, 3, 1, 15),
+    /* values */
+    PROG("ema-nan", 0, 0, OP_SET_VAL, 0, 0, 0, 0, F_NAN),
+    PROG("ema-negative", 3, 0, OP_SET_VAL, 0, 0, 1, 0, F_NEG1),
+    PROG("ema-1e30", 5, 0, OP_SET_VAL, 0, 0, 2, 0, F_1E30),
+    PROG("param-inf", 0, 0, OP_SET_VAL, 1, 2, 0, 0, F_INF),
+    PROG("m2-negative", 0, 0, OP_SET_VAL, 4, 0, 3, 0, F_NEG1),
+    PROG("m1-negative-sgd", 2, 0, OP_SET_VAL, 3, 0, 3, 0, F_NEG1),
+    PROG("dict-nan", 0, 0, OP_SET_VAL, 2, 0, 1, 0, F_NAN),
+    PROG("params-times-1e30", 0, 0, OP_SCALE, 1, F_1E30),
+    PROG("moments-times-zero", 7, 0, OP_SCALE, 4, F_ZERO),
+    PROG("tau-nan", 0, 0, OP_SET_F32, 3, F_NAN),
+    PROG("beta-2", 0, 0, OP_SET_F32, 0, F_TWO),
+    PROG("lr-negative", 0, 0, OP_SET_F32, 4, F_NEG1),
+    PROG("eps-0", 0, 0, OP_SET_F32, 9, F_ZERO),
+    PROG("beta2-1", 0, 0, OP_SET_F32, 8, F_ONE),
+    /* names, tensors, framing */
+    PROG("name-byte", 0, 0, OP_NAME, 1, 0, 'x'),
+    PROG("drop-tensor", 0, 0, OP_TENSORS, 0, 3, 0),
+    PROG("duplicate-tensor", 0, 0, OP_TENSORS, 1, 0, 0),
+    PROG("swap-tensors", 0, 0, OP_TENSORS, 2, 0, 1),
+    PROG("unaccounted-bytes", 0, 0, OP_FRAMING, 0, 4),
+    PROG("payload-size-minus-1", 0, 0, OP_FRAMING, 1, 0xff),
+    PROG("payload-size-plus-1", 6, 0, OP_FRAMING, 1, 1),
+};
+
+static void struct_seeds(void) {
+  for (size_t i = 0; i < sizeof programs / sizeof programs[0]; i++)
+    put_file("struct", programs[i].name, programs[i].b, programs[i].n);
+}
+
 int main(int argc, char **argv) {
   if (argc != 2) {
     fprintf(stderr, "usage: make_corpus DIR\n");
@@ -750,6 +908,7 @@ int main(int argc, char **argv) {
   make_dir(NULL);
   make_dir("load");
   make_dir("config");
+  make_dir("struct");
   for (int i = 0; i < N_SPECS; i++) {
     size_t size;
     unsigned char *buf = checkpoint(&specs[i], &size);
@@ -761,6 +920,7 @@ int main(int argc, char **argv) {
     free(buf);
   }
   config_seeds();
+  struct_seeds();
   printf("make_corpus: %d files, %zu bytes in %s\n", n_written, bytes_written,
          out_dir);
   return 0;

@@ -5,6 +5,7 @@
  * broken promise aborts (fuzz_common.h's FUZZ_CHECK); under ASan/UBSan or
  * valgrind a memory error or a leak fails the input too.  Output is TAP,
  * one line per input; the exit status is non-zero if any input failed.
+ * A target's LLVMFuzzerInitialize, if it has one, runs once first.
  * usage: replay PATH... */
 #include "fuzz_common.h"
 
@@ -14,6 +15,11 @@
 #include <unistd.h>
 
 static int n_inputs, n_failed;
+
+/* libFuzzer calls it once, before the first input, when the target defines
+ * it; so does the replay, before it forks the children, which then share
+ * what it prepared (fuzz_struct's seeds). */
+int LLVMFuzzerInitialize(int *argc, char ***argv) __attribute__((weak));
 
 /* Runs one input in a child; 0 if it returned normally. */
 static int run_child(const unsigned char *data, size_t n, char *why,
@@ -132,6 +138,8 @@ int main(int argc, char **argv) {
     fprintf(stderr, "usage: replay PATH...\n");
     return 2;
   }
+  if (LLVMFuzzerInitialize)
+    LLVMFuzzerInitialize(&argc, &argv);
   for (int i = 1; i < argc; i++)
     replay_dir(argv[i]);
   if (n_inputs == 0) {
