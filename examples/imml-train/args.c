@@ -36,6 +36,7 @@ static const arg_opt train_opt_table[TRAIN_OPT_COUNT] = {
     [O_MINACC] = {"min-test-acc", 1},
     [O_QUIET] = {"quiet", 0},
     [O_NOSTD] = {"no-standardize", 0},
+    [O_PRECISION] = {"precision", 1},
     [O_HELP] = {"help", 0},
     [O_VERSION] = {"version", 0},
 };
@@ -60,6 +61,7 @@ void train_opts_init(train_opts *o) {
   o->epochs = 60;
   o->batch = 64;
   o->threads = 0;
+  o->precision = IMML_PRECISION_FP32;
   o->test_fraction = 0.5;
   o->min_test_acc = 0.0;
 }
@@ -174,6 +176,14 @@ static int train_opt_set(const arg_ctx *c, train_opts *o, int id,
     return 0;
   case O_NOSTD:
     o->no_standardize = 1;
+    return 0;
+  case O_PRECISION:
+    if (strcmp(v, "fp32") == 0)
+      o->precision = IMML_PRECISION_FP32;
+    else if (strcmp(v, "bf16") == 0)
+      o->precision = IMML_PRECISION_BF16;
+    else
+      return value_error(c, name, "fp32 or bf16", v);
     return 0;
   default:
     return 0;

@@ -28,6 +28,7 @@ typedef struct train_opts {
   /* loop */
   int epochs, batch;
   int threads;          /* BLAS threads; 0: the program's default */
+  int precision;        /* imml_precision of the products (--precision) */
   double test_fraction; /* stratified test share in [0, 1) */
   double min_test_acc;  /* floor of the final test accuracy, 0..1 */
   const char *metrics;  /* per-epoch CSV, or NULL */
@@ -67,6 +68,7 @@ enum train_opt_id {
   O_MINACC,
   O_QUIET,
   O_NOSTD,
+  O_PRECISION,
   O_HELP,
   O_VERSION,
   TRAIN_OPT_COUNT

@@ -97,13 +97,57 @@ void csv_free(csv_table *t) {
   memset(t, 0, sizeof *t);
 }
 
-int csv_read(const char *path, csv_table *t, char *err, size_t n) {
+/* Parses one cell [s, cend): 0 and *v, 1 (not a number), 2 (not finite),
+ * 3 (empty). */
+static int parse_cell(const char *s, const char *cend, double *v) {
+  while (s < cend && is_blank(*s))
+    s++;
+  if (s == cend)
+    return 3;
+  /* strtod stops at the ',' or the line end: both are non-numeric. */
+  char *num_end = NULL;
+  errno = 0;
+  *v = strtod(s, &num_end);
+  const char *r = num_end;
+  while (r < cend && is_blank(*r))
+    r++;
+  if (num_end == s || r != cend || !decimal_chars(s, num_end))
+    return 1;
+  return isfinite(*v) ? 0 : 2;
+}
+
+/* CSV_HEADER_AUTO's rule for the first non-blank line [p, end) of `cols`
+ * cells: 1 (a header) when a cell is not a number or the cells but the last
+ * count 0, 1, 2, ... or 1, 2, 3, ... (two or more of them). */
+static int looks_like_header(const char *p, const char *end, int cols) {
+  double first = 0.0;
+  int counting = cols >= 3;
+  const char *cell = p;
+  for (int c = 0; c < cols; c++) {
+    const char *cend = memchr(cell, ',', (size_t)(end - cell));
+    if (!cend)
+      cend = end;
+    double v;
+    if (parse_cell(cell, cend, &v) != 0)
+      return 1;
+    if (c == 0)
+      first = v;
+    if (c < cols - 1 && counting &&
+        !((first == 0.0 || first == 1.0) && v == first + c))
+      counting = 0;
+    cell = cend + 1;
+  }
+  return counting;
+}
+
+int csv_read(const char *path, int header_mode, int label_last, csv_table *t,
+             char *err, size_t n) {
   memset(t, 0, sizeof *t);
   size_t len = 0;
   char *buf = slurp(path, &len, err, n);
   if (!buf)
     return -1;
-  int rc = -1, lineno = 0, header_line = 0;
+  int rc = -1, lineno = 0, header_line = 0, first_line = 1;
   size_t cap = 0;
   char *p = buf, *const bufend = buf + len;
   while (p < bufend) {
@@ -124,25 +168,33 @@ int csv_read(const char *path, csv_table *t, char *err, size_t n) {
       seterr(err, n, "%s:%d: NUL byte: not a text CSV file", path, lineno);
       goto out;
     }
-    if (!t->header) {
+    if (first_line) {
+      first_line = 0;
       t->cols = count_cells(p, end);
-      t->header = malloc((size_t)(end - p) + 1);
-      if (!t->header) {
-        seterr(err, n, "%s: out of memory", path);
-        goto out;
-      }
-      memcpy(t->header, p, (size_t)(end - p));
-      t->header[end - p] = '\0';
       header_line = lineno;
-      p = next;
-      continue;
+      const int is_header =
+          header_mode == CSV_HEADER_YES || (header_mode == CSV_HEADER_AUTO &&
+                                            looks_like_header(p, end, t->cols));
+      if (is_header) {
+        t->header = malloc((size_t)(end - p) + 1);
+        if (!t->header) {
+          seterr(err, n, "%s: out of memory", path);
+          goto out;
+        }
+        memcpy(t->header, p, (size_t)(end - p));
+        t->header[end - p] = '\0';
+        p = next;
+        continue;
+      }
+      t->header_guessed_absent = header_mode == CSV_HEADER_AUTO;
     }
     const int cells = count_cells(p, end);
     if (cells != t->cols) {
       seterr(err, n,
-             "%s:%d: ragged row: %d cells, expected %d (as in the header "
-             "on line %d)",
-             path, lineno, cells, t->cols, header_line);
+             "%s:%d: ragged row: %d cells, expected %d (as in the %s on line "
+             "%d)",
+             path, lineno, cells, t->cols, t->header ? "header" : "first row",
+             header_line);
       goto out;
     }
     if ((size_t)t->rows == cap) {
@@ -173,34 +225,31 @@ int csv_read(const char *path, csv_table *t, char *err, size_t n) {
       if (!cend)
         cend = end;
       const int column = (int)(cell - p) + 1;
+      const int is_label = label_last && c == t->cols - 1;
       if (c == t->cols - 1)
         t->lastcol[t->rows] = column;
-      const char *s = cell;
-      while (s < cend && is_blank(*s))
-        s++;
       char shown[40];
-      if (s == cend) {
-        seterr(err, n, "%s:%d:%d: empty cell (column %d of %d)", path, lineno,
-               column, c + 1, t->cols);
+      double v = 0.0;
+      const int bad = parse_cell(cell, cend, &v);
+      if (bad == 3) {
+        seterr(err, n, "%s:%d:%d: empty cell (column %d of %d)%s", path, lineno,
+               column, c + 1, t->cols,
+               is_label ? ": the last column is the class label, an integer "
+                          "0..C-1"
+                        : "");
         goto out;
       }
-      /* strtod stops at the ',' or the line end: both are non-numeric. */
-      char *num_end = NULL;
-      errno = 0;
-      const double v = strtod(s, &num_end);
-      const char *r = num_end;
-      while (r < cend && is_blank(*r))
-        r++;
-      if (num_end == s || r != cend || !decimal_chars(s, num_end)) {
+      if (bad) {
         cell_text(cell, cend, shown, sizeof shown);
-        seterr(err, n, "%s:%d:%d: not a number: '%s' (column %d of %d)", path,
-               lineno, column, shown, c + 1, t->cols);
-        goto out;
-      }
-      if (!isfinite(v)) {
-        cell_text(cell, cend, shown, sizeof shown);
-        seterr(err, n, "%s:%d:%d: not a finite number: '%s' (column %d of %d)",
-               path, lineno, column, shown, c + 1, t->cols);
+        if (is_label)
+          seterr(err, n,
+                 "%s:%d:%d: label '%s' is not a number: the last column is "
+                 "the class label, an integer 0..C-1 (C classes)",
+                 path, lineno, column, shown);
+        else
+          seterr(err, n, "%s:%d:%d: not a %snumber: '%s' (column %d of %d)",
+                 path, lineno, column, bad == 2 ? "finite " : "", shown, c + 1,
+                 t->cols);
         goto out;
       }
       row[c] = v;
@@ -210,7 +259,7 @@ int csv_read(const char *path, csv_table *t, char *err, size_t n) {
     t->rows++;
     p = next;
   }
-  if (!t->header) {
+  if (first_line) {
     seterr(err, n, "%s: empty file: expected a header row and data rows", path);
     goto out;
   }

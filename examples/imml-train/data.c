@@ -4,12 +4,14 @@
 #include "rng.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static void seterr(char *err, size_t n, const char *fmt, ...) {
   va_list ap;
@@ -48,6 +50,11 @@ static int label_of(double v, int *out) {
 
 int raw_load(raw_data *rd, int m, char *const *paths, const int *dims,
              char *err, size_t n) {
+  return raw_load_ex(rd, m, paths, dims, CSV_HEADER_AUTO, err, n);
+}
+
+int raw_load_ex(raw_data *rd, int m, char *const *paths, const int *dims,
+                int header_mode, char *err, size_t n) {
   memset(rd, 0, sizeof *rd);
   if (m < 1 || m > IMML_MAX_MODALITIES) {
     seterr(err, n, "%d modality files given: need 1..%d", m,
@@ -59,10 +66,11 @@ int raw_load(raw_data *rd, int m, char *const *paths, const int *dims,
   int *line0 = NULL; /* source lines of the first labelled file */
   for (int i = 0; i < m; i++) {
     csv_table t;
-    if (csv_read(paths[i], &t, err, n) != 0)
+    if (csv_read(paths[i], header_mode, dims == NULL, &t, err, n) != 0)
       goto fail;
     rd->path[i] = dup_str(paths[i]);
     rd->header[i] = t.header;
+    rd->headerless[i] = t.header_guessed_absent;
     t.header = NULL;
     if (!rd->path[i]) {
       csv_free(&t);
@@ -118,8 +126,8 @@ int raw_load(raw_data *rd, int m, char *const *paths, const int *dims,
         continue;
       if (label_of(row[d], &labels[r]) != 0) {
         seterr(err, n,
-               "%s:%d:%d: label %.17g is not a class index (an integer >= 0 "
-               "in the last column)",
+               "%s:%d:%d: label %.17g is not a class: the last column is the "
+               "class label, an integer 0..C-1 (C classes)",
                paths[i], t.line[r], t.lastcol[r], row[d]);
         free(labels);
         csv_free(&t);
@@ -218,6 +226,14 @@ static int cmp_int(const void *a, const void *b) {
 int split_stratified(const int *y, int n, int c, double frac, uint64_t seed,
                      int **train, int *n_train, int **test, int *n_test,
                      char *err, size_t errsize) {
+  return split_stratified_stream(y, n, c, frac, seed, 1, train, n_train, test,
+                                 n_test, err, errsize);
+}
+
+int split_stratified_stream(const int *y, int n, int c, double frac,
+                            uint64_t seed, uint64_t stream, int **train,
+                            int *n_train, int **test, int *n_test, char *err,
+                            size_t errsize) {
   *train = *test = NULL;
   *n_train = *n_test = 0;
   int *tr = malloc((size_t)n * sizeof(int));
@@ -231,7 +247,7 @@ int split_stratified(const int *y, int n, int c, double frac, uint64_t seed,
     return -1;
   }
   trng r;
-  trng_seed(&r, seed, 1);
+  trng_seed(&r, seed, stream);
   int ntr = 0, nte = 0;
   for (int k = 0; k < c; k++) {
     int nc = 0;
@@ -356,11 +372,26 @@ int stdz_apply(const stdz *s, const raw_data *rd, const int *rows, int nrows,
 }
 
 /* Format: a first line "imml-train-stats 1", a line "modalities M", then per
- * modality "modality INDEX D", "mean" + D numbers, "std" + D numbers. */
+ * modality "modality INDEX D", "mean" + D numbers, "std" + D numbers.
+ * Written to PATH.tmp-PID (created 0666 & ~umask, like the library's
+ * checkpoint), flushed to disk, then renamed over PATH. */
 int stdz_save(const stdz *s, const char *path, char *err, size_t n) {
-  FILE *f = fopen(path, "w");
+  const size_t plen = strlen(path);
+  char *tmp = malloc(plen + 32);
+  if (!tmp) {
+    seterr(err, n, "%s: out of memory", path);
+    return -1;
+  }
+  snprintf(tmp, plen + 32, "%s.tmp-%ld", path, (long)getpid());
+  const int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+  FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
   if (!f) {
-    seterr(err, n, "%s: cannot create: %s", path, strerror(errno));
+    seterr(err, n, "%s: cannot create: %s", tmp, strerror(errno));
+    if (fd >= 0) {
+      close(fd);
+      unlink(tmp);
+    }
+    free(tmp);
     return -1;
   }
   fprintf(f, "imml-train-stats 1\nmodalities %d\n", s->m);
@@ -373,12 +404,20 @@ int stdz_save(const stdz *s, const char *path, char *err, size_t n) {
       fprintf(f, " %.17g", s->sd[m][j]);
     fprintf(f, "\n");
   }
-  const int bad = ferror(f);
-  if (fclose(f) != 0 || bad) {
-    seterr(err, n, "%s: write error: %s", path, strerror(errno));
-    return -1;
+  int bad = ferror(f) || fflush(f) != 0 || fsync(fileno(f)) != 0;
+  const int saved = errno;
+  if (fclose(f) != 0)
+    bad = 1;
+  if (bad) {
+    seterr(err, n, "%s: write error: %s", tmp, strerror(saved));
+  } else if (rename(tmp, path) != 0) {
+    seterr(err, n, "renaming %s to %s: %s", tmp, path, strerror(errno));
+    bad = 1;
   }
-  return 0;
+  if (bad)
+    unlink(tmp);
+  free(tmp);
+  return bad ? -1 : 0;
 }
 
 /* Reads the next whitespace-separated token into buf. */
@@ -452,8 +491,14 @@ int write_rows(const raw_data *rd, int m, const int *rows, int nrows,
     seterr(err, n, "%s: cannot create: %s", path, strerror(errno));
     return -1;
   }
-  fprintf(f, "%s\n", rd->header[m]);
   const int d = rd->d[m];
+  if (rd->header[m]) {
+    fprintf(f, "%s\n", rd->header[m]);
+  } else {
+    for (int j = 0; j < d; j++)
+      fprintf(f, "%d,", j);
+    fprintf(f, "label\n");
+  }
   for (int i = 0; i < nrows; i++) {
     const double *x = rd->x[m] + (size_t)rows[i] * (size_t)d;
     for (int j = 0; j < d; j++)

@@ -4,6 +4,8 @@
 #ifndef IMML_TRAIN_DATA_H
 #define IMML_TRAIN_DATA_H
 
+#include "csv.h"
+
 #include <imml.h>
 
 #include <stddef.h>
@@ -11,13 +13,16 @@
 
 /* Raw values as read, one matrix per modality, same rows in every file. */
 typedef struct raw_data {
-  int m;                           /* modalities */
-  int n;                           /* rows (samples) */
-  int c;                           /* classes (max label + 1), 0: no labels */
-  int d[IMML_MAX_MODALITIES];      /* feature columns of each modality */
-  double *x[IMML_MAX_MODALITIES];  /* n x d[m] */
-  char *path[IMML_MAX_MODALITIES]; /* file names (copies) */
-  char *header[IMML_MAX_MODALITIES];
+  int m;                             /* modalities */
+  int n;                             /* rows (samples) */
+  int c;                             /* classes (max label + 1), 0: no labels */
+  int d[IMML_MAX_MODALITIES];        /* feature columns of each modality */
+  double *x[IMML_MAX_MODALITIES];    /* n x d[m] */
+  char *path[IMML_MAX_MODALITIES];   /* file names (copies) */
+  char *header[IMML_MAX_MODALITIES]; /* the header line, or NULL (none) */
+  /* 1: the file's first line was read as data because it looks like data
+   * (csv_read's CSV_HEADER_AUTO rule); the caller warns */
+  int headerless[IMML_MAX_MODALITIES];
   int *y; /* n labels, or NULL */
 } raw_data;
 
@@ -37,12 +42,17 @@ typedef struct stdz {
   double *sd[IMML_MAX_MODALITIES]; /* population std; 0 is stored as 1 */
 } stdz;
 
-/*! raw_load() : reads m CSV files.  With dims NULL (training) the last
+/*! raw_load_ex() : reads m CSV files, each with a header row or not as
+ *  header_mode (a csv_header) says.  With dims NULL (training) the last
  *  column of every file is the label: an integer >= 0, the same in every
  *  file row by row.  With dims (prediction) file m must have dims[m]
  *  feature columns, plus optionally a label column; labels are kept when
  *  present.  rd->c is max label + 1 (classes are not checked here).
  *  @return 0, or -1 with a message in err. */
+int raw_load_ex(raw_data *rd, int m, char *const *paths, const int *dims,
+                int header_mode, char *err, size_t errsize);
+/*! raw_load() : raw_load_ex() with the header row detected
+ *  (CSV_HEADER_AUTO). */
 int raw_load(raw_data *rd, int m, char *const *paths, const int *dims,
              char *err, size_t errsize);
 void raw_free(raw_data *rd);
@@ -59,6 +69,12 @@ int check_classes(const int *y, int n, int c, const char *what, char *err,
 int split_stratified(const int *y, int n, int c, double frac, uint64_t seed,
                      int **train, int *n_train, int **test, int *n_test,
                      char *err, size_t errsize);
+/*! split_stratified_stream() : split_stratified() drawing from the
+ *  seed's generator stream `stream` (split_stratified() uses stream 1). */
+int split_stratified_stream(const int *y, int n, int c, double frac,
+                            uint64_t seed, uint64_t stream, int **train,
+                            int *n_train, int **test, int *n_test, char *err,
+                            size_t errsize);
 
 /*! stdz_fit() : statistics of rows[0..nrows-1] of rd, computed in double
  *  (two passes).  A column with std 0 gets std 1.  identity: mean 0 and
@@ -74,12 +90,16 @@ int stdz_apply(const stdz *s, const raw_data *rd, const int *rows, int nrows,
 void dataset_free(dataset *ds);
 
 /*! stdz_save() / stdz_load() : the text sidecar MODEL.stats (exact: every
- *  double is written with 17 significant digits). */
+ *  double is written with 17 significant digits).  stdz_save() writes a
+ *  temporary file beside `path` and renames it over `path`, so the file
+ *  is created with mode 0666 & ~umask, as imml_model_save() creates the
+ *  model. */
 int stdz_save(const stdz *s, const char *path, char *err, size_t errsize);
 int stdz_load(stdz *s, const char *path, char *err, size_t errsize);
 
 /*! write_rows() : writes rows[0..nrows-1] of modality m of rd as a CSV with
- *  the original header and the label column (values exact to the double
+ *  the original header (or, for a file read without one, the column indices
+ *  0..d-1 and "label") and the label column (values exact to the double
  *  parsed). */
 int write_rows(const raw_data *rd, int m, const int *rows, int nrows,
                const char *path, char *err, size_t errsize);

@@ -5,11 +5,13 @@
 #include "args.h"
 #include "compare.h"
 #include "data.h"
+#include "rng.h"
 #include "train.h"
 
 #include <imml.h>
 
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,17 +37,25 @@ static const char *const usage_text[] = {
     "Usage:\n"
     "  imml-train [OPTIONS] MOD1.csv MOD2.csv [...]       train, 50/50 split\n"
     "  imml-train [OPTIONS] --train A.csv,B.csv --test A2.csv,B2.csv\n"
+    "  imml-train --write-split DIR [OPTIONS] MOD1.csv MOD2.csv [...]\n"
     "  imml-train --compare N [OPTIONS] MOD1.csv MOD2.csv [...]\n"
+    "  imml-train --compare N [OPTIONS] --train A.csv,B.csv --test "
+    "A2.csv,B2.csv\n"
     "  imml-train --demo [--data-dir DIR] [OPTIONS]\n"
-    "  imml-train --predict MODEL [--stats FILE] [--out FILE] MOD1.csv ...\n"
+    "  imml-train --predict MODEL [--stats FILE] [--out FILE] [--aux-shuffled]"
+    "\n"
+    "             MOD1.csv ...\n"
     "\n"
     "Data: one CSV file per modality, in the same modality order every time.\n"
     "Each file has a header row, then one sample per row, the same samples in\n"
     "the same order in every file, and the class label in the last column:\n"
     "integers 0..C-1 (C = largest label + 1; every class must occur), equal\n"
-    "across files.  Features are standardised per column with the training\n"
-    "rows' mean and (population) standard deviation; a constant column gets\n"
-    "std 1.\n"
+    "across files.  A first line with a non-numeric cell, or whose cells but\n"
+    "the last are the column indices 0,1,2,... (or 1,2,3,...), is the header;\n"
+    "any other first line is read as the first sample, with a warning\n"
+    "(--header yes|no decides instead).  Features are standardised per\n"
+    "column with the fitting rows' mean and (population) standard deviation;\n"
+    "a constant column gets std 1.\n"
     "\n",
     "Model (doc/METHOD.md):\n"
     "  --hidden H            branch hidden width (256)\n"
@@ -55,10 +65,21 @@ static const char *const usage_text[] = {
     "  --gamma1 G            weight of the contrastive loss (0.1)\n"
     "  --gamma2 G            weight of the unimodal heads' loss (1.0)\n"
     "  --tau T               contrastive temperature (0.1)\n"
-    "  --warmup N            warm-up steps before p is chosen (100)\n"
+    "  --warmup N            warm-up steps before p is fixed (100); the\n"
+    "                        default is scaled down to 20% of the training\n"
+    "                        steps when it would cover more (a note says so)\n"
     "  --slot-mode MODE      conditional | strict (conditional)\n"
     "  --predominant P       auto | modality index, 0-based in file order\n"
-    "                        (auto)\n"
+    "                        (auto); an index is fixed from the start, with\n"
+    "                        no warm-up\n"
+    "  --choose-p HOW        with --predominant auto, how p is fixed after\n"
+    "                        the warm-up: heldout (the unimodal head with the\n"
+    "                        lowest validation cross-entropy; heads the\n"
+    "                        validation rows cannot tell apart from it are\n"
+    "                        ranked on every training row), library (the\n"
+    "                        library's rule: lowest warm-up EMA of the heads'\n"
+    "                        training cross-entropy) or a modality index\n"
+    "                        (heldout)\n"
     "  --seed S              seed of the split, shuffles and initial weights\n"
     "                        (0)\n"
     "Optimiser:\n"
@@ -66,9 +87,9 @@ static const char *const usage_text[] = {
     "  --lr X                learning rate (0.001)\n"
     "  --weight-decay X      decoupled for AdamW, L2 for SGD (0: AdamW = "
     "Adam)\n"
-    "  --momentum X          SGD momentum in [0,1) (0)\n"
+    "  --momentum X          SGD momentum in [0,1) (0)\n",
     "Training:\n"
-    "  --epochs N            (60)\n"
+    "  --epochs N            most epochs (60)\n"
     "  --batch N             batch size; the last batch may be smaller (64)\n"
     "  --threads N           BLAS threads (imml_threads_set); default: "
     "BLAS's\n"
@@ -76,18 +97,31 @@ static const char *const usage_text[] = {
     "  --test-fraction F     stratified test share in [0,1) (0.5); 0 trains "
     "on\n"
     "                        every row and reports no test accuracy\n"
+    "  --val-fraction F      stratified validation share of the training rows\n"
+    "                        in [0,1) (0.2): chooses p (--choose-p heldout)\n"
+    "                        and the best epoch; 0: neither\n"
+    "  --patience N          stop after N epochs without a better validation\n"
+    "                        accuracy (10); 0: never stop early.  The best\n"
+    "                        epoch's model is kept either way\n"
+    "  --train-subsample F   keep a stratified share F in (0,1] of the\n"
+    "                        training rows (1): the small-data regime\n"
     "  --train LIST          comma-separated training files (instead of the\n"
     "                        positional files)\n"
     "  --test LIST           comma-separated test files, one per modality: no\n"
     "                        split, the training files are all training rows\n"
+    "  --header MODE         auto | yes | no: whether each CSV's first line "
+    "is\n"
+    "                        a header row (auto)\n"
     "  --metrics FILE        per-epoch CSV: epoch,loss,ce,con,dis,train_acc,\n"
-    "                        test_acc,seconds (accuracies in 0..1, seconds\n"
-    "                        since the start of training)\n"
+    "                        test_acc,seconds,val_acc (accuracies in 0..1,\n"
+    "                        seconds since the start of training)\n"
     "  --save FILE           save the model (imml_model_save) and its "
     "standardisation\n"
     "                        statistics to FILE.stats\n"
-    "  --write-split DIR     write the split as DIR/NAME.train.csv and\n"
-    "                        DIR/NAME.test.csv (raw values, exact)\n"
+    "  --write-split DIR     write the split as DIR/NAME.train.csv (training\n"
+    "                        rows, validation included) and DIR/NAME.test.csv\n"
+    "                        (raw values, exact); trains only when --save,\n"
+    "                        --metrics or --min-test-acc asks for a model\n"
     "  --min-test-acc X      exit with status 3 if the final test accuracy\n"
     "                        (0..1) is below X\n"
     "  --no-standardize      use the features as read (the saved statistics\n"
@@ -98,38 +132,47 @@ static const char *const usage_text[] = {
     "                        predict every row of the given files\n"
     "  --stats FILE          statistics file (default MODEL.stats)\n"
     "  --out FILE            write predictions here (default stdout)\n"
+    "  --aux-shuffled        also report the accuracy with the rows of every\n"
+    "                        modality but p permuted (seeded by --seed; p: "
+    "the\n"
+    "                        model's, or --predominant INDEX)\n"
     "  Each file must have the model's feature columns, optionally followed "
     "by\n"
-    "  the label column; with labels the accuracy is printed on stderr.\n"
-    "  Output: a header 'index,predicted,p_0,...,p_{C-1}', then one line per\n"
-    "  row: 0-based row index, predicted class, class probabilities.\n",
+    "  the label column; with labels the accuracy and macro-F1 are printed on\n"
+    "  stderr.  Output: a header 'index,predicted,p_0,...,p_{C-1}', then one\n"
+    "  line per row: 0-based row index, predicted class, class "
+    "probabilities.\n",
     "Comparison:\n"
-    "  --compare N           for seeds S..S+N-1 (S = --seed), split with that\n"
-    "                        seed and train on the same split and seed:\n"
-    "    unimodal            the predominant modality alone: an M=2 model "
-    "whose\n"
-    "                        second input is a constant 0 of width 1, gamma1 "
-    "=\n"
-    "                        gamma2 = 0, no front-door (a unimodal MLP)\n"
+    "  --compare N           for seeds S..S+N-1 (S = --seed): split with that\n"
+    "                        seed (or use --train/--test), carve the\n"
+    "                        validation rows, and train on the same rows with\n"
+    "                        the same seed, each keeping its best validation\n"
+    "                        epoch:\n"
+    "    unimodal            every modality alone: an M=2 model whose second\n"
+    "                        input is a constant 0 of width 1, gamma1 =\n"
+    "                        gamma2 = 0, no front-door (a unimodal MLP); the\n"
+    "                        table's row is the predominant modality's\n"
     "    late fusion         all modalities, gamma1 = gamma2 = 0, no "
     "front-door\n"
     "                        (automatic p with a warm-up longer than "
     "training,\n"
     "                        so every slot stays z_m)\n"
     "    late fusion + heads as late fusion with gamma2 = --gamma2\n"
+    "    OGM-GE              late fusion with on-the-fly gradient modulation\n"
+    "                        and Gaussian noise (Peng et al., CVPR 2022)\n"
+    "    QMF                 confidence-weighted late fusion (Zhang et al.,\n"
+    "                        ICML 2023); doc/BASELINES.md has both\n"
     "    IMML conditional    the full method, --slot-mode conditional\n"
     "    IMML strict         the full method, --slot-mode strict\n"
-    "                        With --predominant auto the predominant modality\n"
-    "                        of a seed is the one its IMML conditional run\n"
-    "                        chose; the unimodal baseline uses it, and the\n"
-    "                        shuffled test permutes the test rows of every\n"
-    "                        other modality (one seeded permutation, labels\n"
+    "                        The predominant modality of a seed is the one\n"
+    "                        its IMML conditional run fixed; the shuffled\n"
+    "                        test permutes the test rows of every other\n"
+    "                        modality (one seeded permutation, labels\n"
     "                        unchanged).  The table gives test accuracy,\n"
     "                        macro-F1 and the shuffled accuracy, mean +- "
     "sample\n"
-    "                        std over seeds, and each modality's unimodal "
-    "head\n"
-    "                        accuracy from the IMML conditional runs.\n"
+    "                        std over seeds, each modality's accuracy alone\n"
+    "                        and from the IMML conditional runs' heads.\n"
     "  --demo                --compare " STR(
         DEMO_SEEDS) " on fac (predominant) +\n"
                     "                        mor (auxiliary) of the shipped "
@@ -161,15 +204,31 @@ enum opt_id {
   O_COMPARE,
   O_DEMO,
   O_DATADIR,
+  O_VAL,
+  O_PATIENCE,
+  O_CHOOSE,
+  O_SUBSAMPLE,
+  O_HEADER,
+  O_AUXSHUF,
   O_COUNT
 };
 
 static const arg_opt opt_table[O_COUNT] = {
-    [O_TRAIN] = {"train", 1},       [O_TEST] = {"test", 1},
-    [O_SPLIT] = {"write-split", 1}, [O_PREDICT] = {"predict", 1},
-    [O_STATS] = {"stats", 1},       [O_OUT] = {"out", 1},
-    [O_COMPARE] = {"compare", 1},   [O_DEMO] = {"demo", 0},
+    [O_TRAIN] = {"train", 1},
+    [O_TEST] = {"test", 1},
+    [O_SPLIT] = {"write-split", 1},
+    [O_PREDICT] = {"predict", 1},
+    [O_STATS] = {"stats", 1},
+    [O_OUT] = {"out", 1},
+    [O_COMPARE] = {"compare", 1},
+    [O_DEMO] = {"demo", 0},
     [O_DATADIR] = {"data-dir", 1},
+    [O_VAL] = {"val-fraction", 1},
+    [O_PATIENCE] = {"patience", 1},
+    [O_CHOOSE] = {"choose-p", 1},
+    [O_SUBSAMPLE] = {"train-subsample", 1},
+    [O_HEADER] = {"header", 1},
+    [O_AUXSHUF] = {"aux-shuffled", 0},
 };
 
 static const arg_spec args_spec = {&args_ctx, opt_table, O_COUNT, usage_text,
@@ -177,6 +236,7 @@ static const arg_spec args_spec = {&args_ctx, opt_table, O_COUNT, usage_text,
 
 typedef struct cli {
   train_opts o;
+  fit_opts f;
   int given[O_COUNT];
   int compare;
   const char *split_dir, *predict, *stats, *out, *data_dir;
@@ -255,6 +315,45 @@ static int set_option(cli *c, int id, const char *v) {
   case O_DATADIR:
     c->data_dir = v;
     return 0;
+  case O_VAL:
+    return arg_num(&args_ctx, name, v, 0, 0, 1, 1, &c->f.val_fraction);
+  case O_PATIENCE:
+    return arg_int(&args_ctx, name, v, 0, 1000000, &c->f.patience);
+  case O_SUBSAMPLE:
+    return arg_num(&args_ctx, name, v, 0, 1, 1, 0, &c->f.subsample);
+  case O_CHOOSE:
+    if (strcmp(v, "heldout") == 0) {
+      c->f.choose_p = CHOOSE_HELDOUT;
+      return 0;
+    }
+    if (strcmp(v, "library") == 0) {
+      c->f.choose_p = CHOOSE_LIBRARY;
+      return 0;
+    }
+    if (v[0] >= '0' && v[0] <= '9')
+      return arg_int(&args_ctx, name, v, 0, IMML_MAX_MODALITIES - 1,
+                     &c->f.choose_p);
+    fprintf(stderr,
+            "imml-train: error: --%s: expected heldout, library or a "
+            "modality index, got '%s'\n",
+            name, v);
+    return -1;
+  case O_HEADER:
+    if (strcmp(v, "auto") == 0)
+      c->f.header = CSV_HEADER_AUTO;
+    else if (strcmp(v, "yes") == 0)
+      c->f.header = CSV_HEADER_YES;
+    else if (strcmp(v, "no") == 0)
+      c->f.header = CSV_HEADER_NO;
+    else {
+      fprintf(stderr,
+              "imml-train: error: --%s: expected auto, yes or no, got '%s'\n",
+              name, v);
+      return -1;
+    }
+    return 0;
+  case O_AUXSHUF:
+    return 0;
   default:
     return 0;
   }
@@ -297,18 +396,29 @@ static int check_args(cli *c) {
   if (c->o.momentum > 0.0f && c->o.optimizer != IMML_OPTIM_SGD)
     return arg_usage(&args_ctx, "--momentum applies to --optimizer sgd only");
   if (c->predict) {
-    static const int train_only[] = {O_COMPARE, O_DEMO,  O_TEST,   O_METRICS,
-                                     O_SAVE,    O_SPLIT, O_MINACC, O_FRAC};
+    static const int train_only[] = {
+        O_COMPARE, O_DEMO, O_TEST, O_METRICS,  O_SAVE,   O_SPLIT,
+        O_MINACC,  O_FRAC, O_VAL,  O_PATIENCE, O_CHOOSE, O_SUBSAMPLE};
     for (size_t k = 0; k < sizeof train_only / sizeof *train_only; k++)
       if (g[train_only[k]])
         return arg_usage(&args_ctx, "--%s cannot be used with --predict",
                          arg_opt_name(opt_table, train_only[k]));
+    if (g[O_PRED] && !g[O_AUXSHUF])
+      return arg_usage(&args_ctx,
+                       "--predominant with --predict needs --aux-shuffled (it "
+                       "names the modality left unshuffled)");
     if (c->n_files < 1)
       return arg_usage(&args_ctx, "--predict needs the modality CSV files");
+    if (c->o.predominant >= c->n_files)
+      return arg_usage(&args_ctx,
+                       "--predominant %d: modality indices are 0..%d",
+                       c->o.predominant, c->n_files - 1);
     return -1;
   }
-  if (g[O_STATS] || g[O_OUT])
-    return arg_usage(&args_ctx, "--stats and --out are options of --predict");
+  if (g[O_STATS] || g[O_OUT] || g[O_AUXSHUF])
+    return arg_usage(&args_ctx,
+                     "--stats, --out and --aux-shuffled are options of "
+                     "--predict");
   if (g[O_DEMO]) {
     if (c->n_files > 0)
       return arg_usage(&args_ctx,
@@ -335,14 +445,14 @@ static int check_args(cli *c) {
                      "modality), got %s",
                      c->n_files == 0 ? "none" : "one");
   if (c->compare || g[O_DEMO]) {
-    static const int no_compare[] = {O_TEST, O_SAVE, O_METRICS, O_SPLIT,
-                                     O_MINACC};
+    static const int no_compare[] = {O_SAVE, O_METRICS, O_SPLIT, O_MINACC};
     for (size_t k = 0; k < sizeof no_compare / sizeof *no_compare; k++)
       if (g[no_compare[k]])
         return arg_usage(&args_ctx, "--%s cannot be used with --compare",
                          arg_opt_name(opt_table, no_compare[k]));
-    if (c->o.test_fraction <= 0.0)
-      return arg_usage(&args_ctx, "--compare needs --test-fraction > 0");
+    if (!g[O_TEST] && c->o.test_fraction <= 0.0)
+      return arg_usage(&args_ctx, "--compare needs test rows: --test-fraction "
+                                  "> 0 or --test");
   }
   if (g[O_TEST]) {
     if (g[O_FRAC] || g[O_SPLIT])
@@ -362,6 +472,21 @@ static int check_args(cli *c) {
   if (c->o.predominant >= c->n_files)
     return arg_usage(&args_ctx, "--predominant %d: modality indices are 0..%d",
                      c->o.predominant, c->n_files - 1);
+  if (g[O_CHOOSE]) {
+    if (c->o.predominant >= 0)
+      return arg_usage(&args_ctx,
+                       "--choose-p applies with --predominant auto (an index "
+                       "given to --predominant is fixed from the start)");
+    if (c->f.choose_p >= c->n_files)
+      return arg_usage(&args_ctx, "--choose-p %d: modality indices are 0..%d",
+                       c->f.choose_p, c->n_files - 1);
+    if (c->f.choose_p == CHOOSE_HELDOUT && c->f.val_fraction <= 0.0)
+      return arg_usage(&args_ctx, "--choose-p heldout needs validation rows "
+                                  "(--val-fraction > 0)");
+  } else if (c->f.val_fraction <= 0.0) {
+    c->f.choose_p = CHOOSE_LIBRARY; /* no validation rows: the library's */
+  }
+  c->f.warmup_given = g[O_WARMUP];
   return -1;
 }
 
@@ -378,103 +503,150 @@ static int check_test_labels(const raw_data *te, int c) {
   return 0;
 }
 
-static int write_split_files(const cli *c, const raw_data *rd, const int *tr,
-                             int ntr, const int *te, int nte) {
+/* Warns about every file whose first line was read as a sample. */
+static void warn_headerless(const cli *c, const raw_data *rd) {
+  for (int m = 0; m < rd->m; m++)
+    if (rd->headerless[m])
+      notef(c->o.quiet,
+            "imml-train: warning: %s: no header row (line 1 is numbers, not "
+            "column indices): read as the first sample; --header yes reads "
+            "it as a header\n",
+            rd->path[m]);
+}
+
+static int load_files(const cli *c, raw_data *rd, int n, char *const *files,
+                      const int *dims) {
+  char err[1024];
+  if (raw_load_ex(rd, n, files, dims, c->f.header, err, sizeof err) != 0) {
+    errorf("%s", err);
+    return -1;
+  }
+  warn_headerless(c, rd);
+  return 0;
+}
+
+/* The --test files: same widths as the training files, training classes. */
+static int load_test(const cli *c, const raw_data *rd, raw_data *rt) {
+  if (load_files(c, rt, c->n_test_files, c->test_files, NULL) != 0)
+    return -1;
+  for (int m = 0; m < rd->m; m++)
+    if (rt->d[m] != rd->d[m]) {
+      errorf("%s has %d feature columns but the training file %s has %d",
+             rt->path[m], rt->d[m], rd->path[m], rd->d[m]);
+      return -1;
+    }
+  return check_test_labels(rt, rd->c);
+}
+
+static int cmp_int(const void *a, const void *b) {
+  const int x = *(const int *)a, y = *(const int *)b;
+  return (x > y) - (x < y);
+}
+
+/* DIR/NAME.train.csv (fitting and validation rows, in file order) and
+ * DIR/NAME.test.csv. */
+static int write_split_files(const cli *c, const raw_data *rd, const int *fit,
+                             int nfit, const int *va, int nva, const int *te,
+                             int nte) {
+  int *tr = malloc((size_t)(nfit + nva > 0 ? nfit + nva : 1) * sizeof(int));
+  int rc = -1;
+  if (!tr) {
+    errorf("out of memory");
+    return -1;
+  }
+  memcpy(tr, fit, (size_t)nfit * sizeof(int));
+  memcpy(tr + nfit, va, (size_t)nva * sizeof(int));
+  qsort(tr, (size_t)(nfit + nva), sizeof(int), cmp_int);
   for (int m = 0; m < rd->m; m++) {
     char base[256], path[4096], err[512];
     base_name(rd->path[m], base, sizeof base);
     snprintf(path, sizeof path, "%s/%s.train.csv", c->split_dir, base);
-    if (write_rows(rd, m, tr, ntr, path, err, sizeof err) != 0) {
+    if (write_rows(rd, m, tr, nfit + nva, path, err, sizeof err) != 0) {
       errorf("%s", err);
-      return -1;
+      goto out;
     }
     snprintf(path, sizeof path, "%s/%s.test.csv", c->split_dir, base);
     if (write_rows(rd, m, te, nte, path, err, sizeof err) != 0) {
       errorf("%s", err);
-      return -1;
+      goto out;
     }
   }
-  return 0;
+  rc = 0;
+out:
+  free(tr);
+  return rc;
 }
 
 static int do_train(cli *c) {
   train_opts *o = &c->o;
   raw_data rd = {0}, rt = {0};
-  dataset tr = {0}, te = {0};
+  dataset tr = {0}, va = {0}, te = {0};
   stdz sz = {0};
-  int *tr_idx = NULL, *te_idx = NULL, ntr = 0, nte = 0;
+  int *fit = NULL, *va_idx = NULL, *te_idx = NULL, nfit = 0, nva = 0, nte = 0;
   imml_model *model = NULL;
   FILE *metrics = NULL;
   int rc = 1;
   char err[1024];
-  if (raw_load(&rd, c->n_files, c->files, NULL, err, sizeof err) != 0) {
+  const int fixed_test = c->given[O_TEST];
+  if (load_files(c, &rd, c->n_files, c->files, NULL) != 0)
+    goto out;
+  if (check_classes(rd.y, rd.n, rd.c,
+                    fixed_test ? "training rows" : "data rows", err,
+                    sizeof err) != 0) {
     errorf("%s", err);
     goto out;
   }
-  if (c->given[O_TEST]) {
-    if (raw_load(&rt, c->n_test_files, c->test_files, NULL, err, sizeof err) !=
-        0) {
-      errorf("%s", err);
+  if (fixed_test && load_test(c, &rd, &rt) != 0)
+    goto out;
+  if (seed_rows(&rd, fixed_test, o, &c->f, o->seed, &fit, &nfit, &va_idx, &nva,
+                &te_idx, &nte) != 0)
+    goto out;
+  if (c->split_dir) {
+    if (write_split_files(c, &rd, fit, nfit, va_idx, nva, te_idx, nte) != 0)
+      goto out;
+    if (!c->o.save && !c->o.metrics && !c->given[O_MINACC]) {
+      printf("wrote the split to %s: %d training rows (%d of them for "
+             "validation), %d test rows; not training (--save, --metrics or "
+             "--min-test-acc would)\n",
+             c->split_dir, nfit + nva, nva, nte);
+      rc = 0;
       goto out;
     }
-    for (int m = 0; m < rd.m; m++)
-      if (rt.d[m] != rd.d[m]) {
-        errorf("%s has %d feature columns but the training file %s has %d",
-               rt.path[m], rt.d[m], rd.path[m], rd.d[m]);
-        goto out;
-      }
-    if (check_classes(rd.y, rd.n, rd.c, "training rows", err, sizeof err) !=
-        0) {
-      errorf("%s", err);
-      goto out;
-    }
-    if (check_test_labels(&rt, rd.c) != 0)
-      goto out;
-    tr_idx = malloc((size_t)rd.n * sizeof(int));
-    if (!tr_idx)
-      goto oom;
-    for (int i = 0; i < rd.n; i++)
-      tr_idx[i] = i;
-    ntr = rd.n;
-    if (stdz_fit(&sz, &rd, tr_idx, ntr, o->no_standardize) != 0 ||
-        stdz_apply(&sz, &rd, NULL, 0, &tr) != 0 ||
-        stdz_apply(&sz, &rt, NULL, 0, &te) != 0)
-      goto oom;
-  } else {
-    if (check_classes(rd.y, rd.n, rd.c, "data rows", err, sizeof err) != 0) {
-      errorf("%s", err);
-      goto out;
-    }
-    if (split_stratified(rd.y, rd.n, rd.c, c->o.test_fraction, o->seed, &tr_idx,
-                         &ntr, &te_idx, &nte, err, sizeof err) != 0) {
-      errorf("%s", err);
-      goto out;
-    }
-    if (stdz_fit(&sz, &rd, tr_idx, ntr, o->no_standardize) != 0 ||
-        stdz_apply(&sz, &rd, tr_idx, ntr, &tr) != 0 ||
-        stdz_apply(&sz, &rd, te_idx, nte, &te) != 0)
-      goto oom;
-    if (c->split_dir &&
-        write_split_files(c, &rd, tr_idx, ntr, te_idx, nte) != 0)
-      goto out;
   }
+  if (stdz_fit(&sz, &rd, fit, nfit, o->no_standardize) != 0 ||
+      stdz_apply(&sz, &rd, fit, nfit, &tr) != 0 ||
+      stdz_apply(&sz, &rd, va_idx, nva, &va) != 0 ||
+      (fixed_test ? stdz_apply(&sz, &rt, NULL, 0, &te)
+                  : stdz_apply(&sz, &rd, te_idx, nte, &te)) != 0)
+    goto oom;
   if (c->o.metrics) {
     metrics = fopen(c->o.metrics, "w");
     if (!metrics) {
       errorf("%s: cannot create: %s", c->o.metrics, strerror(errno));
       goto out;
     }
-    fprintf(metrics, "epoch,loss,ce,con,dis,train_acc,test_acc,seconds\n");
+    fprintf(metrics,
+            "epoch,loss,ce,con,dis,train_acc,test_acc,seconds,val_acc\n");
   }
   notef(o->quiet,
-        "imml-train: %d modalities, %d classes, %d training rows, %d test "
-        "rows\n",
-        rd.m, rd.c, tr.n, te.n);
+        "imml-train: %d modalities, %d classes, %d training rows (%d for "
+        "validation), %d test rows\n",
+        rd.m, rd.c, tr.n + va.n, va.n, te.n);
+  const long steps = (long)o->epochs * ((tr.n + o->batch - 1) / o->batch);
+  char note[256];
+  train_opts ro = *o;
+  if (o->predominant < 0) {
+    ro.warmup = warmup_effective(o->warmup, c->f.warmup_given, steps, note,
+                                 sizeof note);
+    if (note[0])
+      notef(o->quiet, "imml-train: %s\n", note);
+  }
   imml_config cfg;
-  make_config(o, rd.m, rd.d, rd.c, &cfg);
-  run_spec spec = {"", 1, 1, 0, metrics};
-  epoch_report rep;
-  if (train_run(o, &cfg, &tr, &te, &spec, &model, &rep) != 0)
+  make_config(&ro, rd.m, rd.d, rd.c, &cfg);
+  const int choose = ro.warmup == 0 ? CHOOSE_LIBRARY : c->f.choose_p;
+  run_spec spec = {"", 1, 1, 0, metrics, choose, 1, c->f.patience, NULL};
+  run_result res;
+  if (train_run(&ro, &cfg, &tr, &va, &te, &spec, &model, &res) != 0)
     goto out;
   if (metrics) {
     const int bad = ferror(metrics);
@@ -485,20 +657,56 @@ static int do_train(cli *c) {
     }
     metrics = NULL;
   }
-  int p = -1, fixed = 0;
-  imml_predominant_get(model, &p, &fixed);
-  char pname[256] = "not chosen yet (warm-up longer than training)";
-  if (p >= 0) {
-    char b[200];
-    base_name(rd.path[p], b, sizeof b);
-    snprintf(pname, sizeof pname, "%d (%s)%s", p, b,
-             o->predominant >= 0 ? ", given" : ", chosen after warm-up");
+  char pname[512] = "not fixed (warm-up longer than training)";
+  if (res.p >= 0) {
+    char b[200], how[256];
+    base_name(rd.path[res.p], b, sizeof b);
+    if (o->predominant >= 0)
+      snprintf(how, sizeof how, "given");
+    else if (res.p_by_host && choose == CHOOSE_HELDOUT)
+      snprintf(how, sizeof how, "held-out choice after %d warm-up step%s",
+               res.p_step, res.p_step == 1 ? "" : "s");
+    else if (res.p_by_host)
+      snprintf(how, sizeof how, "given by --choose-p after %d warm-up step%s",
+               res.p_step, res.p_step == 1 ? "" : "s");
+    else
+      snprintf(how, sizeof how,
+               "the library's choice after %d warm-up step%s%s", ro.warmup,
+               ro.warmup == 1 ? "" : "s",
+               res.heldout_fallback
+                   ? " (no validation rows: too few training rows per class)"
+                   : "");
+    snprintf(pname, sizeof pname, "%d (%s), %s", res.p, b, how);
   }
-  printf("train accuracy %.6f\n", rep.train_acc);
+  printf("rows: %d fitting, %d validation, %d test\n", tr.n, va.n, te.n);
+  printf("train accuracy %.6f\n", res.last.train_acc);
+  if (va.n > 0)
+    printf("validation accuracy %.6f\n", res.last.val_acc);
   if (te.n > 0)
-    printf("test accuracy %.6f\n", rep.test_acc);
+    printf("test accuracy %.6f\n", res.last.test_acc);
   printf("predominant modality %s\n", pname);
-  printf("training time %.1fs\n", rep.seconds);
+  if (res.p_by_host && choose == CHOOSE_HELDOUT) {
+    printf("validation cross-entropy (accuracy) of each unimodal head at the "
+           "choice:");
+    for (int m = 0; m < rd.m; m++)
+      printf(" %d=%.4f (%.4f)", m, res.head_val_ce[m], res.head_val_acc[m]);
+    printf("\n");
+    if (res.p_tied > 1) {
+      printf("the validation rows could not tell %d heads apart; their "
+             "cross-entropy on every training row:",
+             res.p_tied);
+      for (int m = 0; m < rd.m; m++)
+        if (!isnan(res.head_all_ce[m]))
+          printf(" %d=%.4f", m, res.head_all_ce[m]);
+      printf("\n");
+    }
+  }
+  if (va.n > 0)
+    printf("best epoch %d of %d trained (%s)\n", res.best_epoch, res.epochs_run,
+           res.stopped_early ? "stopped early, best epoch restored"
+           : res.restored    ? "best epoch restored"
+                             : "the last epoch");
+  printf("training time %.1fs\n", res.last.seconds);
   fflush(stdout);
   if (c->o.save) {
     imml_status st = imml_model_save(model, c->o.save);
@@ -515,8 +723,8 @@ static int do_train(cli *c) {
     notef(o->quiet, "imml-train: saved %s and %s\n", c->o.save, spath);
   }
   rc = 0;
-  if (c->given[O_MINACC] && !(rep.test_acc >= c->o.min_test_acc)) {
-    errorf("test accuracy %.6f is below --min-test-acc %.6f", rep.test_acc,
+  if (c->given[O_MINACC] && !(res.last.test_acc >= c->o.min_test_acc)) {
+    errorf("test accuracy %.6f is below --min-test-acc %.6f", res.last.test_acc,
            c->o.min_test_acc);
     rc = EXIT_BELOW_MIN;
   }
@@ -527,9 +735,11 @@ out:
   if (metrics)
     fclose(metrics);
   imml_model_free(model);
-  free(tr_idx);
+  free(fit);
+  free(va_idx);
   free(te_idx);
   dataset_free(&tr);
+  dataset_free(&va);
   dataset_free(&te);
   stdz_free(&sz);
   raw_free(&rd);
@@ -542,7 +752,7 @@ static int do_predict(cli *c) {
   stdz sz = {0};
   raw_data rd = {0};
   dataset ds = {0};
-  int *pred = NULL;
+  int *pred = NULL, *perm = NULL;
   float *probs = NULL;
   FILE *out = NULL;
   int rc = 1;
@@ -557,6 +767,7 @@ static int do_predict(cli *c) {
     goto out;
   }
   imml_config cfg;
+  imml_config_init(&cfg);
   imml_model_get_config(model, &cfg);
   char spath[4096];
   snprintf(spath, sizeof spath, "%s.stats", c->predict);
@@ -582,14 +793,29 @@ static int do_predict(cli *c) {
            cfg.n_modalities, c->n_files);
     goto out;
   }
-  if (raw_load(&rd, c->n_files, c->files, cfg.dims, err, sizeof err) != 0) {
-    errorf("%s", err);
+  if (load_files(c, &rd, c->n_files, c->files, cfg.dims) != 0)
     goto out;
-  }
   if (rd.y && rd.c > cfg.n_classes) {
     errorf("%s: label %d is outside the model's classes 0..%d", c->files[0],
            rd.c - 1, cfg.n_classes - 1);
     goto out;
+  }
+  int p = c->o.predominant;
+  if (c->given[O_AUXSHUF]) {
+    if (!rd.y) {
+      errorf("--aux-shuffled needs the label column in the files");
+      goto out;
+    }
+    int fixed = 0, mp = -1;
+    imml_predominant_get(model, &mp, &fixed);
+    if (p < 0 && !fixed) {
+      errorf("%s has not fixed its predominant modality (its warm-up did not "
+             "end): give --predominant INDEX for --aux-shuffled",
+             c->predict);
+      goto out;
+    }
+    if (p < 0)
+      p = mp;
   }
   const int C = cfg.n_classes;
   pred = malloc((size_t)rd.n * sizeof(int));
@@ -626,14 +852,42 @@ static int do_predict(cli *c) {
     int ok = 0;
     for (int i = 0; i < rd.n; i++)
       ok += pred[i] == rd.y[i];
-    notef(c->o.quiet, "imml-train: accuracy %.6f (%d of %d rows)\n",
-          (double)ok / rd.n, ok, rd.n);
+    notef(c->o.quiet,
+          "imml-train: accuracy %.6f (%d of %d rows), macro-F1 %.6f\n",
+          (double)ok / rd.n, ok, rd.n, macro_f1(rd.y, pred, rd.n, C));
+  }
+  if (c->given[O_AUXSHUF]) {
+    /* One seeded permutation of the rows for every modality but p (the
+     * permutation --compare uses for the same seed). */
+    perm = malloc((size_t)rd.n * sizeof(int));
+    if (!perm) {
+      errorf("out of memory");
+      goto out;
+    }
+    for (int i = 0; i < rd.n; i++)
+      perm[i] = i;
+    trng r;
+    trng_seed(&r, c->o.seed, 3);
+    trng_shuffle(&r, perm, (size_t)rd.n);
+    int *swap[IMML_MAX_MODALITIES] = {0};
+    for (int m = 0; m < rd.m; m++)
+      swap[m] = m == p ? NULL : perm;
+    if (predict_rows(model, &ds, swap, pred, NULL) != 0)
+      goto out;
+    char b[200];
+    base_name(rd.path[p], b, sizeof b);
+    notef(c->o.quiet,
+          "imml-train: accuracy with the auxiliary modalities shuffled %.6f "
+          "(every modality but %d (%s) permuted, seed %llu), macro-F1 %.6f\n",
+          accuracy(rd.y, pred, rd.n), p, b, (unsigned long long)c->o.seed,
+          macro_f1(rd.y, pred, rd.n, C));
   }
   rc = 0;
 out:
   if (out && out != stdout)
     fclose(out);
   free(pred);
+  free(perm);
   free(probs);
   dataset_free(&ds);
   raw_free(&rd);
@@ -643,25 +897,29 @@ out:
 }
 
 static int do_compare(cli *c) {
-  raw_data rd = {0};
+  raw_data rd = {0}, rt = {0};
   char err[1024];
   int rc = 1;
-  if (raw_load(&rd, c->n_files, c->files, NULL, err, sizeof err) != 0) {
-    errorf("%s", err);
+  const int fixed_test = c->given[O_TEST];
+  if (load_files(c, &rd, c->n_files, c->files, NULL) != 0)
     return 1;
-  }
-  if (check_classes(rd.y, rd.n, rd.c, "data rows", err, sizeof err) != 0) {
+  if (check_classes(rd.y, rd.n, rd.c,
+                    fixed_test ? "training rows" : "data rows", err,
+                    sizeof err) != 0) {
     errorf("%s", err);
     goto out;
   }
+  if (fixed_test && load_test(c, &rd, &rt) != 0)
+    goto out;
   if (c->given[O_DEMO])
     notef(c->o.quiet,
           "imml-train --demo: fac (predominant) + mor (auxiliary), same as\n"
           "  imml-train --compare %d --epochs %d %s %s\n",
           c->compare, c->o.epochs, c->files[0], c->files[1]);
-  rc = run_compare(&c->o, &rd, c->compare, c->o.test_fraction);
+  rc = run_compare(&c->o, &c->f, &rd, fixed_test ? &rt : NULL, c->compare);
 out:
   raw_free(&rd);
+  raw_free(&rt);
   return rc;
 }
 
@@ -669,6 +927,7 @@ int main(int argc, char **argv) {
   cli c;
   memset(&c, 0, sizeof c);
   train_opts_init(&c.o);
+  fit_opts_init(&c.f);
   if (imml_version_number() != IMML_VERSION_NUMBER) {
     fprintf(stderr, "imml-train: built for libimml %s but linked with %s\n",
             IMML_VERSION_STRING, imml_version_string());

@@ -4,6 +4,7 @@
 
 #include "rng.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -115,14 +116,17 @@ static void fmt_acc(char *buf, size_t n, double a) {
 static void progress_text(char *buf, size_t n, const char *title, int epoch,
                           int epochs, int b, int nb, const epoch_report *r,
                           double elapsed, double frac_done, int show_acc) {
-  char tr[16], te[16], el[16], left[16];
+  char tr[16], te[16], va[16], el[16], left[16];
   fmt_acc(tr, sizeof tr, r->train_acc);
   fmt_acc(te, sizeof te, r->test_acc);
+  fmt_acc(va, sizeof va, r->val_acc);
   fmt_time(el, sizeof el, elapsed);
   fmt_time(left, sizeof left,
            frac_done > 0.0 ? elapsed / frac_done - elapsed : -1.0);
-  char acc[64] = "";
-  if (show_acc)
+  char acc[80] = "";
+  if (show_acc && !isnan(r->val_acc))
+    snprintf(acc, sizeof acc, " | train %s val %s test %s", tr, va, te);
+  else if (show_acc)
     snprintf(acc, sizeof acc, " | train %s test %s", tr, te);
   snprintf(buf, n,
            "%sepoch %d/%d, batch %d/%d | %s, %s left%s | loss %.4f ce %.4f "
@@ -134,6 +138,72 @@ static void progress_text(char *buf, size_t n, const char *title, int epoch,
 /* ------------------------------------------------------------------ */
 /* Options                                                             */
 /* ------------------------------------------------------------------ */
+
+void fit_opts_init(fit_opts *f) {
+  memset(f, 0, sizeof *f);
+  f->val_fraction = 0.2;
+  f->patience = 10;
+  f->choose_p = CHOOSE_HELDOUT;
+  f->subsample = 1.0;
+  f->header = CSV_HEADER_AUTO;
+}
+
+int warmup_effective(int warmup, int given, long total, char *note,
+                     size_t size) {
+  if (size)
+    note[0] = '\0';
+  if (total <= 0 || warmup <= 0)
+    return warmup;
+  const long cap = (long)floor(WARMUP_CAP * (double)total);
+  if ((long)warmup <= cap)
+    return warmup;
+  const double share = 100.0 * (double)warmup / (double)total;
+  if (given) {
+    snprintf(note, size,
+             "--warmup %d covers %.0f%% of the %ld training steps%s", warmup,
+             share > 999.0 ? 999.0 : share, total,
+             (long)warmup >= total
+                 ? ": p is never fixed and the front-door never applied (plain "
+                   "late fusion)"
+                 : "");
+    return warmup;
+  }
+  const int w = cap >= 1 ? (int)cap : 1;
+  snprintf(note, size,
+           "warm-up %d steps (scaled from %d: the default warm-up would cover "
+           "%.0f%% of the %ld training steps; capped at %.0f%%, --warmup N "
+           "sets it)",
+           w, warmup, share > 999.0 ? 999.0 : share, total, 100.0 * WARMUP_CAP);
+  return w;
+}
+
+/* Whether bf16 products are available (--precision bf16): a probe model
+ * of the smallest shape asks the library.  Where they are not, a warning
+ * says why, once, and training goes on in fp32. */
+static int bf16_available(void) {
+  static int known = -1;
+  if (known >= 0)
+    return known;
+  const int dims[2] = {1, 1};
+  imml_config c;
+  imml_config_init(&c);
+  c.dims = dims;
+  c.n_classes = 2;
+  c.hidden_dim = c.knowledge_dim = c.max_batch = c.dict_size = 1;
+  c.precision = IMML_PRECISION_BF16;
+  imml_model *probe = NULL;
+  const imml_status st = imml_model_create(&c, NULL, &probe);
+  known = st == IMML_OK;
+  if (!known) {
+    end_line();
+    fprintf(stderr,
+            "imml-train: warning: --precision bf16 is unavailable (%s: %s); "
+            "training in fp32\n",
+            imml_status_string(st), probe ? imml_model_errmsg(probe) : "");
+  }
+  imml_model_free(probe);
+  return known;
+}
 
 /* Evaluation runs in batches of max_batch: at least 256 rows when the
  * training batch is smaller, so BLAS gets larger matrices. */
@@ -155,6 +225,91 @@ void make_config(const train_opts *o, int m, const int *dims, int c,
   cfg->warmup_steps = o->warmup;
   cfg->slot_mode = o->slot_mode;
   cfg->seed = o->seed;
+  cfg->precision = o->precision == IMML_PRECISION_BF16 && bf16_available()
+                       ? IMML_PRECISION_BF16
+                       : IMML_PRECISION_FP32;
+}
+
+/* ------------------------------------------------------------------ */
+/* Rows                                                                */
+/* ------------------------------------------------------------------ */
+
+/* Maps idx[0..n) through map (idx[i] <- map[idx[i]]). */
+static void remap(int *idx, int n, const int *map) {
+  for (int i = 0; i < n; i++)
+    idx[i] = map[idx[i]];
+}
+
+/* Splits the rows rows[0..n) of rd by their labels: frac of each class to
+ * *b, the rest to *a (stratified, seeded stream), as indices of rd. */
+static int split_rows(const raw_data *rd, const int *rows, int n, double frac,
+                      uint64_t seed, uint64_t stream, int **a, int *na, int **b,
+                      int *nb) {
+  char err[256];
+  int *y = malloc((size_t)(n > 0 ? n : 1) * sizeof(int));
+  if (!y) {
+    errorf("out of memory");
+    return -1;
+  }
+  for (int i = 0; i < n; i++)
+    y[i] = rd->y[rows[i]];
+  const int rc = split_stratified_stream(y, n, rd->c, frac, seed, stream, a, na,
+                                         b, nb, err, sizeof err);
+  free(y);
+  if (rc != 0) {
+    errorf("%s", err);
+    return -1;
+  }
+  remap(*a, *na, rows);
+  remap(*b, *nb, rows);
+  return 0;
+}
+
+int seed_rows(const raw_data *rd, int fixed_test, const train_opts *o,
+              const fit_opts *f, uint64_t seed, int **fit, int *nfit, int **va,
+              int *nva, int **te, int *nte) {
+  int *all = malloc((size_t)rd->n * sizeof(int)), *tr = NULL, *drop = NULL;
+  int ntr = 0, ndrop = 0, rc = -1;
+  *fit = *va = *te = NULL;
+  *nfit = *nva = *nte = 0;
+  if (!all) {
+    errorf("out of memory");
+    return -1;
+  }
+  for (int i = 0; i < rd->n; i++)
+    all[i] = i;
+  if (fixed_test) {
+    tr = all;
+    ntr = rd->n;
+    all = NULL;
+  } else if (split_rows(rd, all, rd->n, o->test_fraction, seed, 1, &tr, &ntr,
+                        te, nte) != 0) {
+    goto out;
+  }
+  if (f->subsample < 1.0) {
+    int *kept = NULL, nkept = 0;
+    if (split_rows(rd, tr, ntr, 1.0 - f->subsample, seed, 4, &kept, &nkept,
+                   &drop, &ndrop) != 0)
+      goto out;
+    free(tr);
+    tr = kept;
+    ntr = nkept;
+  }
+  if (split_rows(rd, tr, ntr, f->val_fraction, seed, 7, fit, nfit, va, nva) !=
+      0)
+    goto out;
+  rc = 0;
+out:
+  free(all);
+  free(tr);
+  free(drop);
+  if (rc != 0) {
+    free(*fit);
+    free(*va);
+    free(*te);
+    *fit = *va = *te = NULL;
+  }
+  return rc;
 }
 
 /* ------------------------------------------------------------------ */
@@ -202,6 +357,7 @@ double macro_f1(const int *y, const int *pred, int n, int c) {
 int predict_rows(imml_model *model, const dataset *ds, int *const *swap,
                  int *classes, float *probs) {
   imml_config cfg;
+  imml_config_init(&cfg);
   imml_model_get_config(model, &cfg);
   const int M = ds->m, C = cfg.n_classes, mb = cfg.max_batch;
   float *buf[IMML_MAX_MODALITIES] = {0};
@@ -244,45 +400,79 @@ out:
   return rc;
 }
 
-/* Classes from modality m's unimodal head o_m, as the library computes it
- * (imml_unimodal_get after each imml_predict batch). */
-int head_predict(imml_model *model, int m, const dataset *ds, int *classes) {
+double mean_ce(const float *probs, const int *y, int n, int c) {
+  if (n <= 0)
+    return NAN;
+  double sum = 0.0;
+  for (int i = 0; i < n; i++) {
+    const double q = (double)probs[(size_t)i * (size_t)c + (size_t)y[i]];
+    sum -= log(q > 1e-30 ? q : 1e-30);
+  }
+  return sum / n;
+}
+
+/* Accuracy and cross-entropy of every unimodal head o_m, as the library
+ * computes it (imml_unimodal_get after each imml_predict batch). */
+int heads_eval(imml_model *model, const dataset *ds, double *acc, double *ce,
+               double *row_ce) {
   imml_config cfg;
+  imml_config_init(&cfg);
   imml_model_get_config(model, &cfg);
-  const int C = cfg.n_classes, mb = cfg.max_batch;
+  const int C = cfg.n_classes, mb = cfg.max_batch, M = ds->m;
   float *o = malloc((size_t)mb * (size_t)C * sizeof(float));
+  long *ok = calloc((size_t)M, sizeof(long));
+  double *sum = calloc((size_t)M, sizeof(double));
   int rc = -1;
-  if (!o) {
+  if (!o || !ok || !sum) {
     errorf("out of memory");
     goto out;
   }
   for (int i0 = 0; i0 < ds->n; i0 += mb) {
     const int b = ds->n - i0 < mb ? ds->n - i0 : mb;
     const float *feat[IMML_MAX_MODALITIES];
-    for (int k = 0; k < ds->m; k++)
+    for (int k = 0; k < M; k++)
       feat[k] = ds->x[k] + (size_t)i0 * (size_t)ds->d[k];
     imml_status st = imml_predict(model, b, feat, NULL, NULL, NULL);
     if (st != IMML_OK) {
       lib_error("imml_predict", st, model);
       goto out;
     }
-    st = imml_unimodal_get(model, m, o);
-    if (st != IMML_OK) {
-      lib_error("imml_unimodal_get", st, model);
-      goto out;
+    for (int m = 0; m < M; m++) {
+      st = imml_unimodal_get(model, m, o);
+      if (st != IMML_OK) {
+        lib_error("imml_unimodal_get", st, model);
+        goto out;
+      }
+      for (int i = 0; i < b; i++) {
+        const float *row = o + (size_t)i * (size_t)C;
+        const int y = ds->y[i0 + i];
+        int best = 0;
+        float mx = row[0];
+        for (int c = 1; c < C; c++)
+          if (row[c] > row[best])
+            best = c;
+        mx = row[best];
+        double se = 0.0;
+        for (int c = 0; c < C; c++)
+          se += exp((double)row[c] - (double)mx);
+        const double l = (double)mx + log(se) - (double)row[y];
+        sum[m] += l;
+        if (row_ce)
+          row_ce[(size_t)(i0 + i) * (size_t)M + (size_t)m] = l;
+        ok[m] += best == y;
+      }
     }
-    for (int i = 0; i < b; i++) {
-      const float *row = o + (size_t)i * (size_t)C;
-      int best = 0;
-      for (int c = 1; c < C; c++)
-        if (row[c] > row[best])
-          best = c;
-      classes[i0 + i] = best;
-    }
+  }
+  for (int m = 0; m < M; m++) {
+    acc[m] = ds->n > 0 ? (double)ok[m] / ds->n : NAN;
+    if (ce)
+      ce[m] = ds->n > 0 ? sum[m] / ds->n : NAN;
   }
   rc = 0;
 out:
   free(o);
+  free(ok);
+  free(sum);
   return rc;
 }
 
@@ -290,19 +480,165 @@ out:
 /* Training                                                            */
 /* ------------------------------------------------------------------ */
 
-int train_run(const train_opts *o, const imml_config *cfg, const dataset *tr,
-              const dataset *te, const run_spec *spec, imml_model **out,
-              epoch_report *last) {
+/* CHOOSE_HELDOUT: the head with the lowest validation cross-entropy,
+ * when the validation rows tell it apart from the others; the heads they
+ * cannot tell apart from it (mean per-row difference below twice its
+ * standard error, a paired test) are ranked by their cross-entropy on every
+ * training row, fitting and validation.  @return the index. */
+static int heldout_choice(imml_model *model, const dataset *tr,
+                          const dataset *va, run_result *res) {
+  const int M = va->m, n = va->n;
+  double *rc = malloc((size_t)n * (size_t)M * sizeof(double));
+  if (!rc) {
+    errorf("out of memory");
+    return -1;
+  }
+  if (heads_eval(model, va, res->head_val_acc, res->head_val_ce, rc) != 0) {
+    free(rc);
+    return -1;
+  }
+  int best = 0;
+  for (int m = 1; m < M; m++) {
+    const double a = res->head_val_ce[m], b = res->head_val_ce[best];
+    if (a < b || (a == b && res->head_val_acc[m] > res->head_val_acc[best]))
+      best = m;
+  }
+  int tied[IMML_MAX_MODALITIES] = {0}, n_tied = 1;
+  tied[best] = 1;
+  for (int m = 0; m < M; m++) {
+    if (m == best)
+      continue;
+    double s1 = 0.0, s2 = 0.0;
+    for (int i = 0; i < n; i++) {
+      const double d = rc[(size_t)i * M + m] - rc[(size_t)i * M + best];
+      s1 += d;
+      s2 += d * d;
+    }
+    const double mean = s1 / n;
+    const double var = n > 1 ? (s2 - n * mean * mean) / (n - 1) : INFINITY;
+    const double se = sqrt(var > 0.0 ? var : 0.0) / sqrt((double)n);
+    if (mean <= 2.0 * se) {
+      tied[m] = 1;
+      n_tied++;
+    }
+  }
+  free(rc);
+  res->p_tied = n_tied;
+  if (n_tied == 1)
+    return best;
+  double acc[IMML_MAX_MODALITIES], ce[IMML_MAX_MODALITIES];
+  if (heads_eval(model, tr, acc, ce, NULL) != 0)
+    return -1;
+  int p = -1;
+  for (int m = 0; m < M; m++) {
+    res->head_all_ce[m] =
+        ((double)tr->n * ce[m] + (double)n * res->head_val_ce[m]) /
+        (double)(tr->n + n);
+    if (tied[m] && (p < 0 || res->head_all_ce[m] < res->head_all_ce[p]))
+      p = m;
+  }
+  return p;
+}
+
+/* Fixes p with imml_predominant_set() between two steps: the held-out
+ * choice (CHOOSE_HELDOUT) or the given index. */
+static int fix_p(imml_model *model, const dataset *tr, const dataset *va,
+                 int how, int step, run_result *res) {
+  const int p =
+      how == CHOOSE_HELDOUT ? heldout_choice(model, tr, va, res) : how;
+  if (p < 0)
+    return -1;
+  const imml_status st = imml_predominant_set(model, p);
+  if (st != IMML_OK) {
+    lib_error("imml_predominant_set", st, model);
+    return -1;
+  }
+  res->p = p;
+  res->p_by_host = 1;
+  res->p_step = step;
+  return 0;
+}
+
+/* The model's state at the best epoch so far: its checkpoint in memory. */
+typedef struct snapshot {
+  unsigned char *buf;
+  size_t size, cap;
+} snapshot;
+
+static int snapshot_take(imml_model *model, snapshot *s,
+                         const method_hooks *h) {
+  size_t need = 0;
+  imml_status st = imml_model_save_mem(model, NULL, 0, &need);
+  if (st == IMML_OK && need > s->cap) {
+    unsigned char *nb = realloc(s->buf, need);
+    if (!nb) {
+      errorf("out of memory for a %zu-byte copy of the model", need);
+      return -1;
+    }
+    s->buf = nb;
+    s->cap = need;
+  }
+  if (st == IMML_OK)
+    st = imml_model_save_mem(model, s->buf, s->cap, &s->size);
+  if (st != IMML_OK) {
+    lib_error("imml_model_save_mem", st, model);
+    return -1;
+  }
+  return h && h->snapshot ? h->snapshot(h->ctx) : 0;
+}
+
+/* Replaces *model by the snapshot's model. */
+static int snapshot_restore(imml_model **model, const snapshot *s,
+                            const method_hooks *h) {
+  imml_model *m = NULL;
+  const imml_status st =
+      imml_model_load_mem(s->buf, s->size, h ? h->ft : NULL, NULL, &m);
+  if (st != IMML_OK) {
+    lib_error("imml_model_load_mem", st, m);
+    imml_model_free(m);
+    return -1;
+  }
+  imml_model_free(*model);
+  *model = m;
+  if (h && h->restore && h->restore(h->ctx) != 0)
+    return -1;
+  return h && h->attach ? h->attach(h->ctx, m) : 0;
+}
+
+int train_run(const train_opts *o, const imml_config *cfg0, const dataset *tr,
+              const dataset *va, const dataset *te, const run_spec *spec,
+              imml_model **out, run_result *res) {
   *out = NULL;
-  const int M = tr->m, B = o->batch, N = tr->n;
+  memset(res, 0, sizeof *res);
+  res->p = -1;
+  for (int m = 0; m < IMML_MAX_MODALITIES; m++)
+    res->head_val_acc[m] = res->head_val_ce[m] = res->head_all_ce[m] = NAN;
+  const int M = tr->m, B = o->batch, N = tr->n, C = cfg0->n_classes;
   const int nb = (N + B - 1) / B;
   const int tty = !o->quiet && stderr_is_tty();
   const int lines = !o->quiet && !tty && spec->epoch_lines;
+  const method_hooks *h = spec->hooks;
+  imml_config cfg = *cfg0;
+  /* The host fixes p after W steps: the library's own choice would come
+   * only after step W + 1. */
+  const int W = cfg.warmup_steps;
+  int how = spec->choose_p;
+  if (how == CHOOSE_HELDOUT && va->n == 0) {
+    /* too few rows for a validation share: the library's rule */
+    how = CHOOSE_LIBRARY;
+    res->heldout_fallback = spec->front_door && cfg.predominant < 0;
+  }
+  const int host_choice = spec->front_door && cfg.predominant < 0 &&
+                          how != CHOOSE_LIBRARY && W > 0 && W < INT_MAX;
+  if (host_choice)
+    cfg.warmup_steps = W + 1;
   imml_model *model = NULL;
   float *xb[IMML_MAX_MODALITIES] = {0};
-  int *perm = NULL, *yb = NULL, *pred = NULL;
+  int *perm = NULL, *yb = NULL, *rb = NULL, *pred = NULL;
+  float *vprob = NULL;
+  snapshot snap = {NULL, 0, 0};
   int rc = -1;
-  imml_status st = imml_model_create(cfg, NULL, &model);
+  imml_status st = imml_model_create(&cfg, h ? h->ft : NULL, &model);
   if (st != IMML_OK) {
     /* model: NULL, or the failed handle that holds the message */
     lib_error("imml_model_create", st, model);
@@ -319,10 +655,16 @@ int train_run(const train_opts *o, const imml_config *cfg, const dataset *tr,
     lib_error("imml_optim_setup", st, model);
     goto out;
   }
+  if (h && h->attach && h->attach(h->ctx, model) != 0)
+    goto out;
   perm = malloc((size_t)N * sizeof(int));
   yb = malloc((size_t)B * sizeof(int));
-  pred = malloc((size_t)(N > te->n ? N : te->n) * sizeof(int));
-  if (!perm || !yb || !pred)
+  rb = malloc((size_t)B * sizeof(int));
+  const int most =
+      N > te->n ? (N > va->n ? N : va->n) : (te->n > va->n ? te->n : va->n);
+  pred = malloc((size_t)(most > 0 ? most : 1) * sizeof(int));
+  vprob = malloc((size_t)(va->n > 0 ? va->n : 1) * (size_t)C * sizeof(float));
+  if (!perm || !yb || !rb || !pred || !vprob)
     goto oom;
   for (int m = 0; m < M; m++) {
     xb[m] = malloc((size_t)B * (size_t)tr->d[m] * sizeof(float));
@@ -336,7 +678,10 @@ int train_run(const train_opts *o, const imml_config *cfg, const dataset *tr,
   const double t0 = now_seconds();
   double last_draw = -1.0;
   epoch_report r = {0};
-  r.train_acc = r.test_acc = NAN;
+  r.train_acc = r.test_acc = r.val_acc = r.val_ce = NAN;
+  epoch_report best = r;
+  long step = 0;
+  int since_best = 0;
   for (int ep = 1; ep <= o->epochs; ep++) {
     trng_shuffle(&rng, perm, (size_t)N);
     double sum[4] = {0, 0, 0, 0};
@@ -351,8 +696,12 @@ int train_run(const train_opts *o, const imml_config *cfg, const dataset *tr,
                  d * sizeof(float));
         feat[m] = xb[m];
       }
-      for (int i = 0; i < bs; i++)
-        yb[i] = tr->y[perm[i0 + i]];
+      for (int i = 0; i < bs; i++) {
+        rb[i] = perm[i0 + i];
+        yb[i] = tr->y[rb[i]];
+      }
+      if (h && h->batch && h->batch(h->ctx, model, bs, rb, yb, feat) != 0)
+        goto out;
       imml_losses L;
       st = imml_forward(model, IMML_MODE_TRAIN, bs, feat, yb, NULL, &L);
       if (st != IMML_OK) {
@@ -369,11 +718,16 @@ int train_run(const train_opts *o, const imml_config *cfg, const dataset *tr,
         lib_error("imml_commit", st, model);
         goto out;
       }
+      if (h && h->before_update && h->before_update(h->ctx, model) != 0)
+        goto out;
       st = imml_optim_step(model);
       if (st != IMML_OK) {
         lib_error("imml_optim_step", st, model);
         goto out;
       }
+      step++;
+      if (host_choice && step == W && fix_p(model, tr, va, how, W, res) != 0)
+        goto out;
       sum[0] += L.total * bs;
       sum[1] += L.ce * bs;
       sum[2] += L.con * bs;
@@ -394,7 +748,8 @@ int train_run(const train_opts *o, const imml_config *cfg, const dataset *tr,
         last_draw = t;
       }
     }
-    if (spec->eval_each_epoch || ep == o->epochs) {
+    res->epochs_run = ep;
+    if (spec->eval_each_epoch) {
       if (predict_rows(model, tr, NULL, pred, NULL) != 0)
         goto out;
       r.train_acc = accuracy(tr->y, pred, N);
@@ -405,31 +760,92 @@ int train_run(const train_opts *o, const imml_config *cfg, const dataset *tr,
         r.test_acc = accuracy(te->y, pred, te->n);
       }
     }
+    int p_now = -1, fixed = 0;
+    imml_predominant_get(model, &p_now, &fixed);
+    const int eligible = !spec->front_door || fixed;
+    int stop = 0;
+    if (va->n > 0) {
+      if (predict_rows(model, va, NULL, pred, vprob) != 0)
+        goto out;
+      r.val_acc = accuracy(va->y, pred, va->n);
+      r.val_ce = mean_ce(vprob, va->y, va->n, C);
+      if (eligible) {
+        if (!res->best_epoch || r.val_acc > best.val_acc ||
+            (r.val_acc == best.val_acc && r.val_ce < best.val_ce)) {
+          if (snapshot_take(model, &snap, h) != 0)
+            goto out;
+          res->best_epoch = ep;
+          since_best = 0;
+        } else {
+          since_best++;
+        }
+        stop = spec->patience > 0 && since_best >= spec->patience;
+      }
+    }
     r.seconds = now_seconds() - t0;
+    if (res->best_epoch == ep)
+      best = r;
     char text[512];
     progress_text(text, sizeof text, spec->title, ep, o->epochs, nb, nb, &r,
-                  r.seconds, (double)ep / o->epochs,
-                  spec->eval_each_epoch || ep == o->epochs);
+                  r.seconds, (double)ep / o->epochs, spec->eval_each_epoch);
     if (tty)
       draw_line(text);
     else if (lines)
       fprintf(stderr, "%s\n", text);
     if (spec->metrics) {
-      fprintf(spec->metrics, "%d,%.6f,%.6f,%.6f,%.6f,%.6f,", ep, r.loss, r.ce,
-              r.con, r.dis, r.train_acc);
-      if (isnan(r.test_acc))
-        fprintf(spec->metrics, "nan");
+      fprintf(spec->metrics, "%d,%.6f,%.6f,%.6f,%.6f,", ep, r.loss, r.ce, r.con,
+              r.dis);
+      const double tail[2] = {r.train_acc, r.test_acc};
+      for (int k = 0; k < 2; k++)
+        if (isnan(tail[k]))
+          fprintf(spec->metrics, "nan,");
+        else
+          fprintf(spec->metrics, "%.6f,", tail[k]);
+      fprintf(spec->metrics, "%.3f,", r.seconds);
+      if (isnan(r.val_acc))
+        fprintf(spec->metrics, "nan\n");
       else
-        fprintf(spec->metrics, "%.6f", r.test_acc);
-      fprintf(spec->metrics, ",%.3f\n", r.seconds);
+        fprintf(spec->metrics, "%.6f\n", r.val_acc);
       fflush(spec->metrics);
+    }
+    if (stop) {
+      res->stopped_early = 1;
+      break;
     }
   }
   if (tty && spec->transient)
     clear_line();
   else if (tty)
     end_line();
-  *last = r;
+  const double trained = now_seconds() - t0;
+  if (res->best_epoch && res->best_epoch != res->epochs_run) {
+    if (snapshot_restore(&model, &snap, h) != 0)
+      goto out;
+    res->restored = 1;
+    r = best;
+    r.seconds = trained;
+  } else if (!res->best_epoch) {
+    res->best_epoch = res->epochs_run;
+  }
+  /* The returned model's accuracies (measured again after a restore, or
+   * when they were not measured every epoch). */
+  if (res->restored || !spec->eval_each_epoch) {
+    if (predict_rows(model, tr, NULL, pred, NULL) != 0)
+      goto out;
+    r.train_acc = accuracy(tr->y, pred, N);
+    r.test_acc = NAN;
+    if (te->n > 0) {
+      if (predict_rows(model, te, NULL, pred, NULL) != 0)
+        goto out;
+      r.test_acc = accuracy(te->y, pred, te->n);
+    }
+  }
+  if (!res->p_by_host) {
+    int p = -1, fixed = 0;
+    imml_predominant_get(model, &p, &fixed);
+    res->p = fixed ? p : -1;
+  }
+  res->last = r;
   *out = model;
   model = NULL;
   rc = 0;
@@ -442,7 +858,10 @@ out:
     free(xb[m]);
   free(perm);
   free(yb);
+  free(rb);
   free(pred);
+  free(vprob);
+  free(snap.buf);
   imml_model_free(model);
   return rc;
 }

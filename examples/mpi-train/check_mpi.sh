@@ -64,6 +64,9 @@ mkdir -p "$work/split"
 fac=$data/mfeat-fac.csv
 mor=$data/mfeat-mor.csv
 common="--quiet --threads 1 --epochs 2 --seed 3 --warmup 5 --gamma1 0.5"
+# imml-train's own choices that mpi-train does not make (a validation split,
+# the held-out choice of p, early stopping) are turned off for the reference
+ref_only="--val-fraction 0 --choose-p library"
 
 run_ranks() { # ranks name options...
   n=$1
@@ -79,10 +82,11 @@ run_ranks() { # ranks name options...
 
 echo "== imml-train (one process): --batch 64"
 # shellcheck disable=SC2086
-"$imml_train" $common --batch 64 --save "$work/ref.ckpt" \
+"$imml_train" $common $ref_only --batch 64 --save "$work/ref.ckpt" \
   --write-split "$work/split" "$fac" "$mor"
 # shellcheck disable=SC2086
-"$imml_train" $common --batch 50 --predominant 0 --slot-mode strict \
+"$imml_train" $common --val-fraction 0 --batch 50 --predominant 0 \
+  --slot-mode strict \
   --save "$work/ref-p0.ckpt" "$fac" "$mor" >/dev/null
 
 run_ranks 1 r1 --batch 64

@@ -52,6 +52,8 @@ static int compare(imml_model *ref, const char *path, double tol) {
     return 1;
   int bad = 0;
   imml_config ca, cb;
+  imml_config_init(&ca);
+  imml_config_init(&cb);
   imml_model_get_config(ref, &ca);
   imml_model_get_config(m, &cb);
   int pa, pb, sa, sb;

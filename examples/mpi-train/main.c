@@ -486,6 +486,7 @@ static double accuracy_all(imml_model *model, const dataset *ds, int *pred) {
   if (ds->n == 0)
     return NAN;
   imml_config cfg;
+  imml_config_init(&cfg);
   imml_model_get_config(model, &cfg);
   const int lo = (int)((long long)ds->n * g_rank / g_size);
   const int hi = (int)((long long)ds->n * (g_rank + 1) / g_size);
@@ -576,6 +577,7 @@ static int do_train(const opts *o) {
   const int smax = (B + g_size - 1) / g_size;
   int *yb = xmalloc((size_t)smax * sizeof(int));
   imml_config mc;
+  imml_config_init(&mc);
   imml_model_get_config(model, &mc);
   int *pred = xmalloc((size_t)mc.max_batch * sizeof(int));
   float *xb[IMML_MAX_MODALITIES];
@@ -753,6 +755,7 @@ static int do_bench(const opts *o) {
   MPI_Reduce(mine, worst, 6, MPI_DOUBLE, MPI_MAX, 0, MPI_COMM_WORLD);
   if (g_rank == 0) {
     imml_config mc;
+    imml_config_init(&mc);
     imml_model_get_config(model, &mc);
     const double n = o->bench_steps, ms = 1e3 * wall / n;
     const double gmax = (double)g_size * mc.max_batch;
