@@ -2,7 +2,8 @@
 # Installs libimml into a temporary DESTDIR, then builds programs against the
 # installed copy with nothing but `pkg-config --cflags --libs imml`, exactly
 # as a user would: a tiny consumer that prints the version, and (when a C++
-# compiler is present) the C++ host example, which is run on the shipped data.
+# compiler is present) the C++ host example, which is run on the shipped data;
+# then the install script lib/ldconfig.sh (when it runs ldconfig).
 # usage: install_test.sh BUILD_DIR SOURCE_DIR PREFIX LIBDIR [SANITIZE]
 set -eu
 build=$1
@@ -83,5 +84,54 @@ if command -v "$cxx" >/dev/null 2>&1 && [ -f "$src/examples/cpp-host/main.cpp" ]
   ok "examples/cpp-host trains and checks its result"
 else
   echo "# no C++ compiler or no examples/cpp-host: skipped"
+fi
+
+# lib/ldconfig.sh, the install script, with a stand-in ldconfig that
+# records its calls: it runs ldconfig only for a system prefix without
+# DESTDIR, and never fails an install.
+mkdir "$tmp/bin" "$tmp/lib"
+{
+  echo '#!/bin/sh'
+  echo "echo \"ldconfig \$*\" >>'$tmp/ldconfig.calls'"
+  echo "[ \"\${1:-}\" != -p ] || printf '\\tlibimml.so.1 (libc6,x86-64) => %s\\n' '$tmp/lib/libimml.so.1'"
+} >"$tmp/bin/ldconfig"
+chmod +x "$tmp/bin/ldconfig"
+ldc() { # PREFIX [DESTDIR]: runs the script, prints what it said
+  rm -f "$tmp/ldconfig.calls"
+  env PATH="$tmp/bin:$PATH" MESON_INSTALL_PREFIX="$1" DESTDIR="${2:-}" \
+    sh "$src/lib/ldconfig.sh" "$tmp/lib" 2>&1 || echo "exit status $?"
+}
+out=$(ldc /opt/imml)
+if [ -f "$tmp/ldconfig.calls" ]; then
+  fail "--prefix=/opt/imml: ldconfig is not run"
+fi
+case $out in
+*"exit status"*) fail "--prefix=/opt/imml: the script succeeds" ;;
+*"LD_LIBRARY_PATH=$tmp/lib"*"PKG_CONFIG_PATH=$tmp/lib/pkgconfig"*) ;;
+*) fail "--prefix=/opt/imml: says to set LD_LIBRARY_PATH and PKG_CONFIG_PATH" ;;
+esac
+ok "--prefix=/opt/imml: no ldconfig; says to set LD_LIBRARY_PATH and PKG_CONFIG_PATH"
+out=$(ldc /usr/local "$tmp/dest")
+if [ -f "$tmp/ldconfig.calls" ] || [ -n "$out" ]; then
+  fail "DESTDIR set: no ldconfig, nothing said"
+fi
+ok "DESTDIR set: no ldconfig, nothing said"
+out=$(ldc /usr/local)
+if [ "$(id -u)" -eq 0 ]; then
+  calls=$(cat "$tmp/ldconfig.calls" 2>/dev/null || true)
+  [ "$calls" = "$(printf 'ldconfig \nldconfig -p')" ] ||
+    fail "--prefix=/usr/local as root: runs ldconfig (calls: $calls)"
+  case $out in
+  *"in the loader's cache"*) ;;
+  *) fail "--prefix=/usr/local as root: checks libimml.so.1 is in the cache" ;;
+  esac
+  ok "--prefix=/usr/local as root: runs ldconfig, finds libimml.so.1 in the cache"
+else
+  [ ! -f "$tmp/ldconfig.calls" ] || fail "--prefix=/usr/local, not root: no ldconfig"
+  case $out in
+  *"run 'ldconfig' as root"*) ;;
+  *) fail "--prefix=/usr/local, not root: says to run ldconfig as root" ;;
+  esac
+  ok "--prefix=/usr/local, not root: says to run ldconfig as root"
 fi
 echo "1..$n"

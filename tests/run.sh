@@ -1,11 +1,12 @@
 #!/bin/sh
 # The README's test command: installs what is missing, configures a build
 # with warnings as errors and the system packages only, and runs every test.
-# usage: sh tests/run.sh [BUILD_DIR] [extra meson setup options...]
+# usage: sh tests/run.sh [BUILD_DIR (default build-tests)] [extra meson setup options...]
+# (The README's install command uses the folder build; the demo build-demo.)
 set -eu
 cd "$(dirname "$0")/.."
 sh .ci/install-deps
-build=${1:-build}
+build=${1:-build-tests}
 [ $# -gt 0 ] && shift
 if [ -d "$build" ]; then
   meson setup --reconfigure "$build" --wrap-mode=nofallback -Dwerror=true "$@" >/dev/null
