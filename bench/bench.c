@@ -1,10 +1,13 @@
 /* libimml benchmark: median time of one full training step (forward with
  * every loss term, backward with input gradients, commit, AdamW step) and of
  * one inference forward, for the shapes of doc/PERFORMANCE.md; plus the share
- * of the step spent inside cblas_sgemm and the sgemm ceiling of this machine.
+ * of the step spent inside the matrix products and their ceiling on this
+ * machine: cblas_sgemm in float32, the library's bf16 kernel with
+ * --precision bf16 (and oneDNN's bf16 matmul next to it when the build found
+ * oneDNN, -Ddnnl).
  *
  * usage: bench [--shape NAME] [--reps N] [--threads N] [--csv] [--rss]
- *              [--gemms]
+ *              [--gemms] [--precision fp32|bf16]
  *
  * --rss reports, for each shape run, the growth of the peak resident set
  * from just before the model is created (BLAS already warmed up) to the end
@@ -15,10 +18,15 @@
  *
  * The time spent in cblas_sgemm is measured by interposing the symbol: this
  * executable defines cblas_sgemm, which the dynamic linker binds libimml's
- * calls to, times the call and forwards it to the BLAS library's own. */
+ * calls to, times the call and forwards it to the BLAS library's own.  The
+ * bf16 kernel is internal to the library, so this executable links the
+ * library's objects (not libimml.so) with -Wl,--wrap=imml_bf16_gemm, and
+ * __wrap_imml_bf16_gemm below times each call the same way. */
 
 #define IMML_EXPERIMENTAL /* imml_threads_set */
 #include <imml.h>
+
+#include "bf16.h" /* lib/: the kernel, for the wrapper and the ceiling */
 
 #include <cblas.h>
 #include <dlfcn.h>
@@ -27,6 +35,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#if defined(IMML_BENCH_DNNL)
+#include <oneapi/dnnl/dnnl.h>
+#endif
 
 char *openblas_get_corename(void);
 
@@ -37,6 +49,7 @@ typedef void (*sgemm_fn)(const enum CBLAS_ORDER, const enum CBLAS_TRANSPOSE,
                          const blasint, const float, float *, const blasint);
 
 static sgemm_fn real_sgemm;
+/* time and flops inside the matrix products (sgemm or the bf16 kernel) */
 static double sgemm_seconds;
 static double sgemm_flops;
 
@@ -84,9 +97,47 @@ void cblas_sgemm(const enum CBLAS_ORDER order, const enum CBLAS_TRANSPOSE ta,
   gemm_log[i].seconds += dt;
 }
 
-/* --gemms: the step's sgemm calls grouped by shape, per training step. */
+void __real_imml_bf16_gemm(void *scratch, int threads, int trans_a, int trans_b,
+                           int m, int n, int kk, float alpha, const float *a,
+                           int lda, const float *b, int ldb, float beta,
+                           float *c, int ldc);
+void __wrap_imml_bf16_gemm(void *scratch, int threads, int trans_a, int trans_b,
+                           int m, int n, int kk, float alpha, const float *a,
+                           int lda, const float *b, int ldb, float beta,
+                           float *c, int ldc);
+
+/* The library's calls of its bf16 kernel, timed (--wrap). */
+void __wrap_imml_bf16_gemm(void *scratch, int threads, int trans_a, int trans_b,
+                           int m, int n, int kk, float alpha, const float *a,
+                           int lda, const float *b, int ldb, float beta,
+                           float *c, int ldc) {
+  const double t0 = now();
+  __real_imml_bf16_gemm(scratch, threads, trans_a, trans_b, m, n, kk, alpha, a,
+                        lda, b, ldb, beta, c, ldc);
+  const double dt = now() - t0;
+  sgemm_seconds += dt;
+  sgemm_flops += 2.0 * m * n * kk;
+  if (!gemm_log_on)
+    return;
+  const enum CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans,
+                             tb = trans_b ? CblasTrans : CblasNoTrans;
+  int i = 0;
+  while (i < n_gemm_log &&
+         !(gemm_log[i].ta == ta && gemm_log[i].tb == tb && gemm_log[i].m == m &&
+           gemm_log[i].n == n && gemm_log[i].k == kk))
+    i++;
+  if (i == n_gemm_log) {
+    if (n_gemm_log == GEMM_LOG_MAX)
+      return;
+    gemm_log[n_gemm_log++] = (gemm_entry){ta, tb, m, n, kk, 0, 0.0};
+  }
+  gemm_log[i].calls++;
+  gemm_log[i].seconds += dt;
+}
+
+/* --gemms: the step's products grouped by shape, per training step. */
 static void print_gemm_log(int steps) {
-  printf("# sgemm calls per training step: op(A) op(B) m n k, calls, "
+  printf("# matrix products per training step: op(A) op(B) m n k, calls, "
          "ms, GFLOP/s\n");
   for (int i = 0; i < n_gemm_log; i++) {
     const gemm_entry *e = &gemm_log[i];
@@ -167,6 +218,122 @@ static double sgemm_ceiling(int reps) {
   return 3.0 * 2.0 * m * n * k / s / 1e9;
 }
 
+/* The same three products through the library's bf16 kernel (operands
+ * rounded in the call, as in a step), at the benchmark's thread count. */
+static double bf16_ceiling(int reps, int threads) {
+  const int m = 64, n = 512, k = 6144;
+  float *a = malloc(sizeof(float) * m * k), *b = malloc(sizeof(float) * k * n),
+        *c = malloc(sizeof(float) * m * n), *d = malloc(sizeof(float) * k * n);
+  void *scr = aligned_alloc(64, imml_bf16_scratch_bytes());
+  for (int i = 0; i < m * k; i++)
+    a[i] = frand();
+  for (int i = 0; i < k * n; i++)
+    b[i] = d[i] = frand();
+  double *t = malloc(sizeof(double) * (size_t)reps);
+  for (int r = -3; r < reps; r++) {
+    const double t0 = now();
+    __real_imml_bf16_gemm(scr, threads, 0, 0, m, n, k, 1.0f, a, k, b, n, 0.0f,
+                          c, n);
+    __real_imml_bf16_gemm(scr, threads, 1, 0, k, n, m, 1.0f, a, k, c, n, 1.0f,
+                          d, n);
+    __real_imml_bf16_gemm(scr, threads, 0, 1, m, k, n, 1.0f, c, n, b, n, 0.0f,
+                          a, k);
+    if (r >= 0)
+      t[r] = now() - t0;
+  }
+  const double s = median(t, reps);
+  free(a);
+  free(b);
+  free(c);
+  free(d);
+  free(scr);
+  free(t);
+  return 3.0 * 2.0 * m * n * k / s / 1e9;
+}
+
+#if defined(IMML_BENCH_DNNL)
+/* oneDNN's bf16 matmul (bf16 operands already rounded and laid out, float32
+ * result, the primitive created once) on the same three products, with the
+ * threads its OpenMP runtime has (OMP_NUM_THREADS): the rate of the library
+ * PyTorch's bf16 autocast calls, for reference.  0 if a call fails. */
+static double dnnl_ceiling(int reps) {
+  const int64_t m = 64, n = 512, k = 6144;
+  /* (M, K, N) of each product and the strides of its A (M x K) and B
+   * (K x N): NN, then TN and NT, whose transposed operand is read through
+   * its strides */
+  const int64_t shp[3][3] = {{m, k, n}, {k, m, n}, {m, n, k}};
+  const int64_t sa[3][2] = {{k, 1}, {1, k}, {n, 1}};
+  const int64_t sb[3][2] = {{n, 1}, {n, 1}, {1, n}};
+  dnnl_engine_t eng = NULL;
+  dnnl_stream_t str = NULL;
+  dnnl_primitive_t prim[3] = {NULL, NULL, NULL};
+  dnnl_memory_t mem[3][3] = {{NULL}};
+  void *buf[3][3] = {{NULL}};
+  double rate = 0.0, *t = malloc(sizeof(double) * (size_t)reps);
+  int ok =
+      dnnl_engine_create(&eng, dnnl_cpu, 0) == dnnl_success &&
+      dnnl_stream_create(&str, eng, dnnl_stream_default_flags) == dnnl_success;
+  for (int p = 0; p < 3 && ok; p++) {
+    const int64_t M = shp[p][0], K = shp[p][1], N = shp[p][2];
+    dnnl_memory_desc_t md[3];
+    const dnnl_dims_t da = {M, K}, db = {K, N}, dc = {M, N};
+    const dnnl_dims_t xa = {sa[p][0], sa[p][1]}, xb = {sb[p][0], sb[p][1]};
+    ok = dnnl_memory_desc_init_by_strides(&md[0], 2, da, dnnl_bf16, xa) ==
+             dnnl_success &&
+         dnnl_memory_desc_init_by_strides(&md[1], 2, db, dnnl_bf16, xb) ==
+             dnnl_success &&
+         dnnl_memory_desc_init_by_tag(&md[2], 2, dc, dnnl_f32, dnnl_ab) ==
+             dnnl_success;
+    dnnl_matmul_desc_t mm;
+    dnnl_primitive_desc_t pd = NULL;
+    ok =
+        ok &&
+        dnnl_matmul_desc_init(&mm, &md[0], &md[1], NULL, &md[2]) ==
+            dnnl_success &&
+        dnnl_primitive_desc_create(&pd, &mm, NULL, eng, NULL) == dnnl_success &&
+        dnnl_primitive_create(&prim[p], pd) == dnnl_success;
+    if (pd)
+      dnnl_primitive_desc_destroy(pd);
+    for (int i = 0; i < 3 && ok; i++) {
+      const size_t bytes = dnnl_memory_desc_get_size(&md[i]);
+      buf[p][i] = aligned_alloc(64, (bytes + 63) / 64 * 64);
+      memset(buf[p][i], 0x3f, bytes); /* bf16 0x3f3f = 0.746 */
+      ok = dnnl_memory_create(&mem[p][i], &md[i], eng, buf[p][i]) ==
+           dnnl_success;
+    }
+  }
+  for (int r = -3; r < reps && ok; r++) {
+    const double t0 = now();
+    for (int p = 0; p < 3 && ok; p++) {
+      dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, mem[p][0]},
+                                 {DNNL_ARG_WEIGHTS, mem[p][1]},
+                                 {DNNL_ARG_DST, mem[p][2]}};
+      ok = dnnl_primitive_execute(prim[p], str, 3, args) == dnnl_success;
+    }
+    ok = ok && dnnl_stream_wait(str) == dnnl_success;
+    if (r >= 0)
+      t[r] = now() - t0;
+  }
+  if (ok)
+    rate = 3.0 * 2.0 * (double)m * n * k / median(t, reps) / 1e9;
+  for (int p = 0; p < 3; p++) {
+    if (prim[p])
+      dnnl_primitive_destroy(prim[p]);
+    for (int i = 0; i < 3; i++) {
+      if (mem[p][i])
+        dnnl_memory_destroy(mem[p][i]);
+      free(buf[p][i]);
+    }
+  }
+  if (str)
+    dnnl_stream_destroy(str);
+  if (eng)
+    dnnl_engine_destroy(eng);
+  free(t);
+  return rate;
+}
+#endif
+
 /* A field of /proc/self/status in bytes (VmRSS: now, VmHWM: peak), or -1. */
 static double proc_status_bytes(const char *field) {
   FILE *f = fopen("/proc/self/status", "r");
@@ -205,7 +372,8 @@ static double activation_floats(const shape *s) {
 }
 
 static void run_shape(const shape *s, int reps, int threads, int csv,
-                      double ceiling, int rss) {
+                      double ceiling, int rss, int precision,
+                      double ref_ceiling) {
   reset_peak_rss();
   const double rss0 = proc_status_bytes("VmRSS");
   imml_config cfg;
@@ -218,6 +386,7 @@ static void run_shape(const shape *s, int reps, int threads, int csv,
   cfg.max_batch = s->B;
   cfg.dict_size = s->J;
   cfg.predominant = 0; /* no warm-up: every step runs the full method */
+  cfg.precision = precision;
   imml_model *m = NULL;
   imml_status st = imml_model_create(&cfg, NULL, &m);
   if (st != IMML_OK)
@@ -286,14 +455,24 @@ static void run_shape(const shape *s, int reps, int threads, int csv,
            "moments + activations = %.1f MiB; ratio %.2f\n",
            s->name, grew / 1048576.0, need / 1048576.0, grew / need);
   }
+  const char *pname = precision == IMML_PRECISION_BF16 ? "bf16" : "fp32";
+  /* rate inside the products alone (flops over the time in them) */
+  const double in_rate = gemm > 0.0 ? gemm_flops / gemm / 1e9 : 0.0;
   if (csv)
-    printf("%s,%d,%.4f,%.4f,%.3f,%.2f,%.2f,%s\n", s->name, threads, 1e3 * train,
-           1e3 * infer, gemm / train, rate, ceiling, openblas_get_corename());
+    printf("%s,%d,%.4f,%.4f,%.3f,%.2f,%.2f,%s,%s,%.2f,%.2f\n", s->name, threads,
+           1e3 * train, 1e3 * infer, gemm / train, rate, ceiling,
+           openblas_get_corename(), pname, in_rate, ref_ceiling);
   else
-    printf("%-16s threads %d  train step %8.3f ms  inference %7.3f ms  "
-           "in sgemm %4.1f%%  %6.1f GFLOP/s (sgemm ceiling %.1f)\n",
-           s->name, threads, 1e3 * train, 1e3 * infer, 100.0 * gemm / train,
-           rate, ceiling);
+    printf("%-16s %s threads %d  train step %8.3f ms  inference %7.3f ms  "
+           "in products %4.1f%% at %6.1f GFLOP/s  step %6.1f GFLOP/s "
+           "(ceiling %.1f%s)\n",
+           s->name, pname, threads, 1e3 * train, 1e3 * infer,
+           100.0 * gemm / train, in_rate, rate, ceiling,
+           ref_ceiling > 0.0 ? ", oneDNN bf16 matmul" : "");
+  if (!csv && ref_ceiling > 0.0)
+    printf("%-16s oneDNN bf16 matmul on the ceiling's products: %.1f "
+           "GFLOP/s\n",
+           "", ref_ceiling);
   for (int i = 0; i < s->M; i++) {
     free(x[i]);
     free(dx[i]);
@@ -310,7 +489,7 @@ static void run_shape(const shape *s, int reps, int threads, int csv,
 
 int main(int argc, char **argv) {
   const char *only = NULL;
-  int reps = 30, threads = 0, csv = 0, rss = 0;
+  int reps = 30, threads = 0, csv = 0, rss = 0, precision = IMML_PRECISION_FP32;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--shape") && i + 1 < argc)
       only = argv[++i];
@@ -324,9 +503,13 @@ int main(int argc, char **argv) {
       rss = 1;
     else if (!strcmp(argv[i], "--gemms"))
       want_gemm_log = 1;
+    else if (!strcmp(argv[i], "--precision") && i + 1 < argc &&
+             (!strcmp(argv[i + 1], "fp32") || !strcmp(argv[i + 1], "bf16")))
+      precision = !strcmp(argv[++i], "bf16") ? IMML_PRECISION_BF16
+                                             : IMML_PRECISION_FP32;
     else {
       fprintf(stderr, "usage: bench [--shape NAME] [--reps N] [--threads N] "
-                      "[--csv] [--rss] [--gemms]\n");
+                      "[--csv] [--rss] [--gemms] [--precision fp32|bf16]\n");
       return 2;
     }
   }
@@ -338,12 +521,29 @@ int main(int argc, char **argv) {
     return 1;
   }
   threads = imml_threads_set(threads);
-  const double ceiling = sgemm_ceiling(reps < 20 ? reps : 20);
+  char why[200];
+  if (precision == IMML_PRECISION_BF16 &&
+      !imml_bf16_supported(why, sizeof why)) {
+    fprintf(stderr, "bench: --precision bf16: %s\n", why);
+    return 1;
+  }
+  /* the ceiling of the products this run uses; in bf16 also oneDNN's */
+  const int creps = reps < 20 ? reps : 20;
+  double ceiling = 0.0, ref_ceiling = 0.0;
+  if (precision == IMML_PRECISION_BF16) {
+    ceiling = bf16_ceiling(creps, threads);
+#if defined(IMML_BENCH_DNNL)
+    ref_ceiling = dnnl_ceiling(creps);
+#endif
+  } else {
+    ceiling = sgemm_ceiling(creps);
+  }
   int ran = 0;
   for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
     if (only && strcmp(only, shapes[i].name) != 0)
       continue;
-    run_shape(&shapes[i], reps, threads, csv, ceiling, rss);
+    run_shape(&shapes[i], reps, threads, csv, ceiling, rss, precision,
+              ref_ceiling);
     ran = 1;
   }
   if (!ran) {

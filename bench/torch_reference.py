@@ -1,12 +1,17 @@
 #!/usr/bin/python3
 """PyTorch twin of bench/bench.c: the same IMML training step (forward with
 every loss term of doc/METHOD.md, backward including input gradients, AdamW
-step) and the same inference forward, same shapes, float32, autograd, on the
-CPU with a fixed number of threads. Prints one CSV line per shape:
-shape,threads,train_ms,infer_ms,corename
+step) and the same inference forward, same shapes, autograd, on the CPU with
+a fixed number of threads, in float32 or (--precision bf16) with the
+forward under torch.autocast("cpu", dtype=torch.bfloat16): the matrix
+products in bf16 (oneDNN), weights, gradients and optimiser in float32, as
+libimml's bf16 precision. Prints one CSV line per shape:
+shape,threads,train_ms,infer_ms,corename,precision
 
 usage: torch_reference.py [--shape NAME] [--reps N] [--threads N]
+                          [--precision fp32|bf16]
 """
+import contextlib
 import argparse
 import math
 import statistics
@@ -97,8 +102,14 @@ class IMML:
         self.fill = min(self.fill + n, self.J)
 
 
-def run(name, s, reps, threads):
+def run(name, s, reps, threads, precision):
     torch.manual_seed(0)
+    # bf16: every forward (training and inference) under autocast; its
+    # backward runs the matching bf16 products.  float32: no context.
+    def ctx():
+        if precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
     model = IMML(s["M"], s["dims"], s["H"], s["k"], s["C"], s["J"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     h = [(torch.rand(s["B"], d) * 2 - 1).requires_grad_() for d in s["dims"]]
@@ -110,7 +121,8 @@ def run(name, s, reps, threads):
         opt.zero_grad(set_to_none=False)
         for x in h:
             x.grad = None
-        _, z, loss = model.forward(h, y)
+        with ctx():
+            _, z, loss = model.forward(h, y)
         loss.backward()
         opt.step()
         model.push(z)
@@ -120,7 +132,8 @@ def run(name, s, reps, threads):
     with torch.no_grad():
         for r in range(-3, reps):
             t0 = time.perf_counter()
-            model.forward(h)
+            with ctx():
+                model.forward(h)
             if r >= 0:
                 t_infer.append(time.perf_counter() - t0)
     core = "unknown"
@@ -128,8 +141,8 @@ def run(name, s, reps, threads):
         core = torch.__config__.show().split("BLAS_INFO=")[1].split(",")[0]
     except (IndexError, AttributeError):
         pass
-    print("%s,%d,%.4f,%.4f,%s" % (name, threads, 1e3 * statistics.median(t_train),
-                                  1e3 * statistics.median(t_infer), core))
+    print("%s,%d,%.4f,%.4f,%s,%s" % (name, threads, 1e3 * statistics.median(t_train),
+                                     1e3 * statistics.median(t_infer), core, precision))
 
 
 def main():
@@ -137,12 +150,13 @@ def main():
     ap.add_argument("--shape")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for name, s in SHAPES.items():
         if args.shape and args.shape != name:
             continue
-        run(name, s, args.reps, args.threads)
+        run(name, s, args.reps, args.threads, args.precision)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 /* imml_config defaults, validation with messages that name the field, and
  * overflow-checked size arithmetic. */
+#include "bf16.h"
 #include "internal.h"
 
 #include <limits.h>
@@ -147,11 +148,14 @@ imml_status imml_config_validate(const imml_config *in, imml_config *out,
     return IMML_ERR_INVALID_ARG;
   }
   if (c.precision == IMML_PRECISION_BF16) {
-    imml_set_err(err, n,
-                 "config.precision = IMML_PRECISION_BF16: this libimml was "
-                 "built without oneDNN (meson option -Ddnnl), which its bf16 "
-                 "matrix products need; use IMML_PRECISION_FP32");
-    return IMML_ERR_UNSUPPORTED;
+    char why[160];
+    if (!imml_bf16_supported(why, sizeof why)) {
+      imml_set_err(err, n,
+                   "config.precision = IMML_PRECISION_BF16: %s; use "
+                   "IMML_PRECISION_FP32",
+                   why);
+      return IMML_ERR_UNSUPPORTED;
+    }
   }
   /* M k is a BLAS leading dimension and an attention width. */
   if ((long long)c.n_modalities * c.knowledge_dim > LIMIT_DIM) {

@@ -68,28 +68,29 @@ void fdc_forward(const imml_model *m, imml_acts *a, int p,
   a->query_side = use_query_side(B, J, k, M, a == &m->train && c->beta != 0.0f);
   /* q (B, k) = [z_p; z_a1; ...] (B, Mk) Wq (Mk, k), one block at a time */
   for (int pos = 0; pos < M; pos++)
-    k_gemm(0, 0, B, k, k, 1.0f, z[order_at(p, pos)], k,
+    k_gemm(m->gemm, 0, 0, B, k, k, 1.0f, z[order_at(p, pos)], k,
            wq + (size_t)pos * k * k, k, pos == 0 ? 0.0f : 1.0f, a->q, k);
   if (a->query_side) {
     /* qk (B, Mk), block of modality mm = q Wk_posᵀ; E = qk Dᵀ / sqrt(k) */
     const int ldq = M * k;
     for (int pos = 0; pos < M; pos++)
-      k_gemm(0, 1, B, k, k, 1.0f, a->q, k, wk + (size_t)pos * k * k, k, 0.0f,
-             a->qk + (size_t)order_at(p, pos) * k, ldq);
+      k_gemm(m->gemm, 0, 1, B, k, k, 1.0f, a->q, k, wk + (size_t)pos * k * k, k,
+             0.0f, a->qk + (size_t)order_at(p, pos) * k, ldq);
     const float *d = strata_matrix(v);
     if (d)
-      k_gemm(0, 1, B, J, M * k, inv_sqrt_k, a->qk, ldq, d, v->ld, 0.0f,
+      k_gemm(m->gemm, 0, 1, B, J, M * k, inv_sqrt_k, a->qk, ldq, d, v->ld, 0.0f,
              a->alpha, J);
     else
       for (int mm = 0; mm < M; mm++)
-        k_gemm(0, 1, B, J, k, inv_sqrt_k, a->qk + (size_t)mm * k, ldq, v->d[mm],
-               v->ld, mm == 0 ? 0.0f : 1.0f, a->alpha, J);
+        k_gemm(m->gemm, 0, 1, B, J, k, inv_sqrt_k, a->qk + (size_t)mm * k, ldq,
+               v->d[mm], v->ld, mm == 0 ? 0.0f : 1.0f, a->alpha, J);
   } else {
     /* c (J, k) = [d_p; d_a1; ...] Wk; E = q cᵀ / sqrt(k) */
     for (int pos = 0; pos < M; pos++)
-      k_gemm(0, 0, J, k, k, 1.0f, v->d[order_at(p, pos)], v->ld,
+      k_gemm(m->gemm, 0, 0, J, k, k, 1.0f, v->d[order_at(p, pos)], v->ld,
              wk + (size_t)pos * k * k, k, pos == 0 ? 0.0f : 1.0f, a->kk, k);
-    k_gemm(0, 1, B, J, k, inv_sqrt_k, a->q, k, a->kk, k, 0.0f, a->alpha, J);
+    k_gemm(m->gemm, 0, 1, B, J, k, inv_sqrt_k, a->q, k, a->kk, k, 0.0f,
+           a->alpha, J);
   }
   /* alpha (B, J) = softmax(E) */
   k_softmax_rows(B, J, a->alpha, J, a->alpha, J);
@@ -105,8 +106,8 @@ void fdc_forward(const imml_model *m, imml_acts *a, int p,
     if (mm == p)
       continue;
     /* xhat_a (B, k) = w (B, J) d_a (J, k); conditional adds it to z_a */
-    k_gemm(0, 0, B, k, J, 1.0f, a->w, J, v->d[mm], v->ld, cond ? 1.0f : 0.0f,
-           slot[mm], k);
+    k_gemm(m->gemm, 0, 0, B, k, J, 1.0f, a->w, J, v->d[mm], v->ld,
+           cond ? 1.0f : 0.0f, slot[mm], k);
   }
   a->view = *v;
   a->p = p;
@@ -139,7 +140,7 @@ void fdc_backward(imml_model *m, float *G) {
   for (int mm = 0; mm < M; mm++) {
     if (mm == p)
       continue;
-    k_gemm(0, 1, B, J, k, c->beta, g->dslot[mm], k, v->d[mm], v->ld,
+    k_gemm(m->gemm, 0, 1, B, J, k, c->beta, g->dslot[mm], k, v->d[mm], v->ld,
            first ? 0.0f : 1.0f, g->dw, J);
     first = 0;
   }
@@ -152,34 +153,38 @@ void fdc_backward(imml_model *m, float *G) {
     const int ldq = M * k;
     const float *d = strata_matrix(v);
     if (d)
-      k_gemm(0, 0, B, M * k, J, inv_sqrt_k, g->de, J, d, v->ld, 0.0f, g->dqk,
-             ldq);
+      k_gemm(m->gemm, 0, 0, B, M * k, J, inv_sqrt_k, g->de, J, d, v->ld, 0.0f,
+             g->dqk, ldq);
     else
       for (int mm = 0; mm < M; mm++)
-        k_gemm(0, 0, B, k, J, inv_sqrt_k, g->de, J, v->d[mm], v->ld, 0.0f,
-               g->dqk + (size_t)mm * k, ldq);
+        k_gemm(m->gemm, 0, 0, B, k, J, inv_sqrt_k, g->de, J, v->d[mm], v->ld,
+               0.0f, g->dqk + (size_t)mm * k, ldq);
     for (int pos = 0; pos < M; pos++) {
       const float *blk = g->dqk + (size_t)order_at(p, pos) * k;
       const size_t w = (size_t)pos * k * k;
-      k_gemm(0, 0, B, k, k, 1.0f, blk, ldq, wk + w, k, pos == 0 ? 0.0f : 1.0f,
-             g->dq, k);
-      k_gemm(1, 0, k, k, B, 1.0f, blk, ldq, a->q, k, 1.0f, dwk + w, k);
+      k_gemm(m->gemm, 0, 0, B, k, k, 1.0f, blk, ldq, wk + w, k,
+             pos == 0 ? 0.0f : 1.0f, g->dq, k);
+      k_gemm(m->gemm, 1, 0, k, k, B, 1.0f, blk, ldq, a->q, k, 1.0f, dwk + w, k);
     }
   } else {
     /* dQ (B, k) = dE (B, J) c (J, k) / sqrt(k); dK (J, k) = dEᵀ Q / sqrt(k);
      * dWk block += d_mᵀ dK */
-    k_gemm(0, 0, B, k, J, inv_sqrt_k, g->de, J, a->kk, k, 0.0f, g->dq, k);
-    k_gemm(1, 0, J, k, B, inv_sqrt_k, g->de, J, a->q, k, 0.0f, g->dk, k);
+    k_gemm(m->gemm, 0, 0, B, k, J, inv_sqrt_k, g->de, J, a->kk, k, 0.0f, g->dq,
+           k);
+    k_gemm(m->gemm, 1, 0, J, k, B, inv_sqrt_k, g->de, J, a->q, k, 0.0f, g->dk,
+           k);
     for (int pos = 0; pos < M; pos++)
-      k_gemm(1, 0, k, k, J, 1.0f, v->d[order_at(p, pos)], v->ld, g->dk, k, 1.0f,
-             dwk + (size_t)pos * k * k, k);
+      k_gemm(m->gemm, 1, 0, k, k, J, 1.0f, v->d[order_at(p, pos)], v->ld, g->dk,
+             k, 1.0f, dwk + (size_t)pos * k * k, k);
   }
   for (int pos = 0; pos < M; pos++) {
     const int mm = order_at(p, pos);
     const size_t blk = (size_t)pos * k * k;
     /* dWq block += z_mᵀ dQ; dz_m += dQ Wq_blockᵀ */
-    k_gemm(1, 0, k, k, B, 1.0f, a->z[mm], k, g->dq, k, 1.0f, dwq + blk, k);
-    k_gemm(0, 1, B, k, k, 1.0f, g->dq, k, wq + blk, k, 1.0f, g->dz[mm], k);
+    k_gemm(m->gemm, 1, 0, k, k, B, 1.0f, a->z[mm], k, g->dq, k, 1.0f, dwq + blk,
+           k);
+    k_gemm(m->gemm, 0, 1, B, k, k, 1.0f, g->dq, k, wq + blk, k, 1.0f, g->dz[mm],
+           k);
   }
 }
 

@@ -17,8 +17,8 @@ int ft_forward(const imml_model *m, imml_acts *a, int training) {
     for (int j = 0; j < C; j++)
       a->logits[(size_t)i * C + j] = bf[j];
   for (int mm = 0; mm < M; mm++)
-    k_gemm(0, 0, B, C, k, 1.0f, a->slot[mm], k, wf + (size_t)mm * k * C, C,
-           1.0f, a->logits, C);
+    k_gemm(m->gemm, 0, 0, B, C, k, 1.0f, a->slot[mm], k,
+           wf + (size_t)mm * k * C, C, 1.0f, a->logits, C);
   return 0;
 }
 
@@ -36,7 +36,7 @@ int ft_backward(imml_model *m, float *G) {
   for (int mm = 0; mm < M; mm++) {
     const size_t blk = (size_t)mm * k * C;
     /* dWf block += slot_mᵀ dlogits; dslot_m = dlogits Wf_blockᵀ */
-    k_linear_backward(B, k, C, a->slot[mm], k, m->params + off_w + blk,
+    k_linear_backward(m->gemm, B, k, C, a->slot[mm], k, m->params + off_w + blk,
                       m->g.dlogits, G + off_w + blk, mm == 0 ? G + off_b : NULL,
                       m->g.dslot[mm], k, 0.0f);
   }

@@ -1,6 +1,7 @@
 /* Handles: entering a public call, failed handles that carry the message
  * of a failed create or load (the one error channel), shares of a model
  * for inference on other threads, and freeing. */
+#include "bf16.h"
 #include "internal.h"
 
 #include <string.h>
@@ -47,8 +48,11 @@ void imml_share_sync(imml_model *m) {
   const imml_model *p = m->parent;
   if (!p)
     return;
-  m->p = p->p;
-  m->p_fixed = p->p_fixed;
+  /* a state a concurrent change of the model could tear (which the API
+   * forbids) is read as not fixed rather than followed out of bounds */
+  const int pp = p->p, fixed = p->p_fixed;
+  m->p_fixed = fixed && pp >= 0 && pp < m->cfg.n_modalities;
+  m->p = m->p_fixed ? pp : -1;
   m->steps = p->steps;
   memcpy(m->ema, p->ema, sizeof m->ema);
   m->dict_fill = p->dict_fill;
@@ -91,6 +95,14 @@ imml_status imml_model_share(imml_model *model, imml_model **out) {
     return imml_fail(model, IMML_ERR_NOMEM,
                      "out of memory for a share's %zu-byte scratch", c.used);
   }
+  /* its own product scratch: a share may predict on another thread */
+  if (model->gemm && !(s->gemm = imml_bf16_ctx_create(&s->alloc))) {
+    imml_free(&s->alloc, s->arena);
+    imml_free(&s->alloc, s);
+    return imml_fail(model, IMML_ERR_NOMEM,
+                     "out of memory for a share's %zu-byte bf16 scratch",
+                     imml_bf16_ctx_bytes());
+  }
   c.base = s->arena;
   c.used = 0;
   imml_carve_acts(&c, &s->cfg, s->jmax, 0, &s->eval);
@@ -106,6 +118,7 @@ void imml_model_free(imml_model *m) {
   imml_free(&a, m->opt.block);
   imml_free(&a, m->coll.block);
   imml_free(&a, m->arena);
+  imml_bf16_ctx_free(&a, m->gemm);
   imml_free(&a, m);
 }
 

@@ -129,7 +129,9 @@ typedef struct imml_accum {
   int pos;      /* next staging slot */
   int adv;      /* where K successive pushes would move the ring, mod J */
   int64_t seen; /* rows counted in the statistics below */
-  double ce[IMML_MAX_MODALITIES]; /* sum over rows of unimodal CE */
+  double ce[IMML_MAX_MODALITIES];     /* sum over rows of unimodal CE */
+  double ce_one[IMML_MAX_MODALITIES]; /* the last local micro-batch's mean */
+  int gathered;                       /* the last micro-batch was gathered */
 } imml_accum;
 
 /* The most optimiser steps a model may take or a checkpoint may hold:
@@ -196,6 +198,9 @@ struct imml_model {
   imml_accum acc;
   void *arena;
   size_t arena_bytes;
+  /* The matrix products' context (kernels.h): NULL in float32, a bf16
+   * model's (and each share's own) scratch otherwise. */
+  struct k_ctx *gemm;
 
   int failed;               /* a failed create/load: holds errmsg only */
   const imml_model *parent; /* a share: reads parent's state (not NULL) */

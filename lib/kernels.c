@@ -1,14 +1,18 @@
 /* Numerical kernels; see kernels.h for the contract of each. */
 #include "kernels.h"
+#include "bf16.h"
+
+#define IMML_EXPERIMENTAL /* imml_threads_set */
+#include "imml.h"
 
 #include <cblas.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-void k_gemm(int trans_a, int trans_b, int m, int n, int kk, float alpha,
-            const float *a, int lda, const float *b, int ldb, float beta,
-            float *c, int ldc) {
+void k_gemm(const k_ctx *ctx, int trans_a, int trans_b, int m, int n, int kk,
+            float alpha, const float *a, int lda, const float *b, int ldb,
+            float beta, float *c, int ldc) {
   if (m <= 0 || n <= 0)
     return;
   if (kk <= 0) { /* empty sum: C = beta C, as BLAS defines it */
@@ -18,13 +22,20 @@ void k_gemm(int trans_a, int trans_b, int m, int n, int kk, float alpha,
             beta == 0.0f ? 0.0f : beta * c[(size_t)i * ldc + j];
     return;
   }
+  if (ctx && ctx->bf16) {
+    /* as many threads as the BLAS is set to (imml_threads_set) */
+    imml_bf16_gemm(ctx->scratch, imml_threads_set(0), trans_a, trans_b, m, n,
+                   kk, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
               trans_b ? CblasTrans : CblasNoTrans, m, n, kk, alpha, a, lda, b,
               ldb, beta, c, ldc);
 }
 
-void k_linear_forward(int batch, int n_in, int n_out, const float *x, int ldx,
-                      const float *w, const float *b, float *y) {
+void k_linear_forward(const k_ctx *ctx, int batch, int n_in, int n_out,
+                      const float *x, int ldx, const float *w, const float *b,
+                      float *y) {
   float beta = 0.0f;
   if (b) {
     for (int i = 0; i < batch; i++)
@@ -32,15 +43,17 @@ void k_linear_forward(int batch, int n_in, int n_out, const float *x, int ldx,
     beta = 1.0f;
   }
   /* y (B, n_out) = x (B, n_in) W (n_in, n_out) [+ y] */
-  k_gemm(0, 0, batch, n_out, n_in, 1.0f, x, ldx, w, n_out, beta, y, n_out);
+  k_gemm(ctx, 0, 0, batch, n_out, n_in, 1.0f, x, ldx, w, n_out, beta, y, n_out);
 }
 
-void k_linear_backward(int batch, int n_in, int n_out, const float *x, int ldx,
-                       const float *w, const float *dy, float *dw, float *db,
-                       float *dx, int lddx, float dx_beta) {
+void k_linear_backward(const k_ctx *ctx, int batch, int n_in, int n_out,
+                       const float *x, int ldx, const float *w, const float *dy,
+                       float *dw, float *db, float *dx, int lddx,
+                       float dx_beta) {
   /* dW (n_in, n_out) += xᵀ (n_in, B) dy (B, n_out) */
   if (dw)
-    k_gemm(1, 0, n_in, n_out, batch, 1.0f, x, ldx, dy, n_out, 1.0f, dw, n_out);
+    k_gemm(ctx, 1, 0, n_in, n_out, batch, 1.0f, x, ldx, dy, n_out, 1.0f, dw,
+           n_out);
   if (db)
     for (int i = 0; i < batch; i++) {
       const float *row = dy + (size_t)i * n_out;
@@ -49,8 +62,8 @@ void k_linear_backward(int batch, int n_in, int n_out, const float *x, int ldx,
     }
   /* dx (B, n_in) = dy (B, n_out) Wᵀ (n_out, n_in) */
   if (dx)
-    k_gemm(0, 1, batch, n_in, n_out, 1.0f, dy, n_out, w, n_out, dx_beta, dx,
-           lddx);
+    k_gemm(ctx, 0, 1, batch, n_in, n_out, 1.0f, dy, n_out, w, n_out, dx_beta,
+           dx, lddx);
 }
 
 IMML_HOT static void relu_forward_impl(size_t n, const float *x, float *y) {

@@ -1,7 +1,8 @@
 /*
  * Numerical kernels: forward/backward pairs on row-major float32 matrices.
  * They know nothing of the model; every matrix product goes through
- * cblas_sgemm.  Backward kernels accumulate (+=) into parameter gradients
+ * k_gemm, which runs cblas_sgemm, or in a bf16 model the bf16 kernel of
+ * lib/bf16.c.  Backward kernels accumulate (+=) into parameter gradients
  * as METHOD.md section 7 says; the shape of each argument rides along as a
  * comment.  Internal: not exported from the shared library.
  */
@@ -62,21 +63,34 @@ static inline float k_bits_float(uint32_t u) {
   return f;
 }
 
-/* C = alpha op(A) op(B) + beta C; op(A): m x kk, op(B): kk x n. */
-void k_gemm(int trans_a, int trans_b, int m, int n, int kk, float alpha,
-            const float *a, int lda, const float *b, int ldb, float beta,
-            float *c, int ldc);
+/* The arithmetic of a model's matrix products (imml_config.precision).
+ * NULL (float32, the default) needs no state: cblas_sgemm.  A bf16 model
+ * owns one, with the scratch of lib/bf16.c allocated at its creation; so
+ * does each of its shares, which may predict on another thread. */
+typedef struct k_ctx {
+  int bf16;      /* 1: operands rounded to bf16, float32 accumulation */
+  void *scratch; /* imml_bf16_scratch_bytes(), 64-byte aligned */
+  void *block;   /* the allocation holding the context and its scratch */
+} k_ctx;
+
+/* C = alpha op(A) op(B) + beta C; op(A): m x kk, op(B): kk x n.  C is not
+ * read when beta is 0. */
+void k_gemm(const k_ctx *ctx, int trans_a, int trans_b, int m, int n, int kk,
+            float alpha, const float *a, int lda, const float *b, int ldb,
+            float beta, float *c, int ldc);
 
 /* y = x W + b.  x: (B, n_in) with row stride ldx, W: (n_in, n_out),
  * b: (n_out) or NULL, y: (B, n_out). */
-void k_linear_forward(int batch, int n_in, int n_out, const float *x, int ldx,
-                      const float *w, const float *b, float *y);
+void k_linear_forward(const k_ctx *ctx, int batch, int n_in, int n_out,
+                      const float *x, int ldx, const float *w, const float *b,
+                      float *y);
 
 /* dW += xᵀ dy; db += sum_i dy_i (if db); dx = dx_beta dx + dy Wᵀ (if dx).
  * dy: (B, n_out), dx: (B, n_in) with row stride lddx. */
-void k_linear_backward(int batch, int n_in, int n_out, const float *x, int ldx,
-                       const float *w, const float *dy, float *dw, float *db,
-                       float *dx, int lddx, float dx_beta);
+void k_linear_backward(const k_ctx *ctx, int batch, int n_in, int n_out,
+                       const float *x, int ldx, const float *w, const float *dy,
+                       float *dw, float *db, float *dx, int lddx,
+                       float dx_beta);
 
 /* y = max(x, 0), in place allowed. */
 void k_relu_forward(size_t n, const float *x, float *y);

@@ -15,14 +15,14 @@ void mdken_forward(const imml_model *m, imml_acts *a, const float *const *h) {
     const float *P = m->params;
     const int d = c->dims[mm];
     /* u (B, H) = relu(h (B, d) W1 (d, H) + b1) */
-    k_linear_forward(B, d, H, h[mm], d, IMML_PARAM(m, P, mm, T_W1),
+    k_linear_forward(m->gemm, B, d, H, h[mm], d, IMML_PARAM(m, P, mm, T_W1),
                      IMML_PARAM(m, P, mm, T_B1), a->u[mm]);
     k_relu_forward((size_t)B * H, a->u[mm], a->u[mm]);
     /* z (B, k) = u W2 + b2 */
-    k_linear_forward(B, H, k, a->u[mm], H, IMML_PARAM(m, P, mm, T_W2),
+    k_linear_forward(m->gemm, B, H, k, a->u[mm], H, IMML_PARAM(m, P, mm, T_W2),
                      IMML_PARAM(m, P, mm, T_B2), a->z[mm]);
     /* o (B, C) = z Wc + bc */
-    k_linear_forward(B, k, C, a->z[mm], k, IMML_PARAM(m, P, mm, T_WC),
+    k_linear_forward(m->gemm, B, k, C, a->z[mm], k, IMML_PARAM(m, P, mm, T_WC),
                      IMML_PARAM(m, P, mm, T_BC), a->o[mm]);
     if (a->has_labels) {
       a->ce[mm] = k_xent_forward(B, C, a->o[mm], a->labels, a->po[mm]);
@@ -44,8 +44,8 @@ double mdken_contrastive_forward(const imml_model *m, int p,
     if (aa == p)
       continue;
     /* S (N, N) = n_p n_aᵀ / tau */
-    k_gemm(0, 1, N, N, k, 1.0f / c->tau, cs->nz[p], k, cs->nz[aa], k, 0.0f,
-           cs->s[aa], N);
+    k_gemm(m->gemm, 0, 1, N, N, k, 1.0f / c->tau, cs->nz[p], k, cs->nz[aa], k,
+           0.0f, cs->s[aa], N);
     /* l(Sᵀ) reads the rows of an explicit transpose: contiguous rows are
      * several times faster than a column walk once N is in the hundreds. */
     k_transpose(N, N, cs->s[aa], N, cs->st[aa], N, 0);
@@ -97,11 +97,11 @@ static void contrastive_backward(imml_model *m, int off, float scale) {
     k_supcon_backward(N, cs.st[aa], cs.labels, 0.5f * s, cs.dst, N, 1);
     k_transpose(N, N, cs.dst, N, cs.ds, N, 1);
     /* dn_p (B, k) += dS[own rows] (B, N) n_a (N, k) / tau */
-    k_gemm(0, 0, B, k, N, inv_tau, cs.ds + (size_t)off * N, N, cs.nz[aa], k,
-           1.0f, g->dn_p, k);
+    k_gemm(m->gemm, 0, 0, B, k, N, inv_tau, cs.ds + (size_t)off * N, N,
+           cs.nz[aa], k, 1.0f, g->dn_p, k);
     /* dn_a (B, k) = (dSᵀ)[own rows] n_p / tau = dS[:, own]ᵀ n_p / tau */
-    k_gemm(1, 0, B, k, N, inv_tau, cs.ds + off, N, cs.nz[p], k, 0.0f, g->dn_a,
-           k);
+    k_gemm(m->gemm, 1, 0, B, k, N, inv_tau, cs.ds + off, N, cs.nz[p], k, 0.0f,
+           g->dn_a, k);
     k_l2norm_backward(B, k, cs.nz[aa] + (size_t)off * k, cs.r[aa] + off,
                       g->dn_a, g->dz[aa]);
   }
@@ -125,18 +125,19 @@ void mdken_backward(imml_model *m, float *G, float *const *dh, int off,
     if (head_scale != 0.0f) {
       /* do (B, C) = (gamma2/M) (softmax(o) - onehot(y)) / B */
       k_xent_backward(B, C, a->po[mm], a->labels, head_scale, g->dout, 0.0f);
-      k_linear_backward(B, k, C, a->z[mm], k, IMML_PARAM(m, P, mm, T_WC),
-                        g->dout, IMML_PARAM(m, G, mm, T_WC),
-                        IMML_PARAM(m, G, mm, T_BC), g->dz[mm], k, 1.0f);
+      k_linear_backward(m->gemm, B, k, C, a->z[mm], k,
+                        IMML_PARAM(m, P, mm, T_WC), g->dout,
+                        IMML_PARAM(m, G, mm, T_WC), IMML_PARAM(m, G, mm, T_BC),
+                        g->dz[mm], k, 1.0f);
     }
     /* z = u W2 + b2: dW2 += uᵀ dz, db2 += sum dz, du = dz W2ᵀ */
-    k_linear_backward(B, H, k, a->u[mm], H, IMML_PARAM(m, P, mm, T_W2),
+    k_linear_backward(m->gemm, B, H, k, a->u[mm], H, IMML_PARAM(m, P, mm, T_W2),
                       g->dz[mm], IMML_PARAM(m, G, mm, T_W2),
                       IMML_PARAM(m, G, mm, T_B2), g->du, H, 0.0f);
     k_relu_backward((size_t)B * H, a->u[mm], g->du, g->du);
     float *dx = dh ? dh[mm] : NULL;
-    k_linear_backward(B, d, H, a->h[mm], d, IMML_PARAM(m, P, mm, T_W1), g->du,
-                      IMML_PARAM(m, G, mm, T_W1), IMML_PARAM(m, G, mm, T_B1),
-                      dx, d, 0.0f);
+    k_linear_backward(m->gemm, B, d, H, a->h[mm], d, IMML_PARAM(m, P, mm, T_W1),
+                      g->du, IMML_PARAM(m, G, mm, T_W1),
+                      IMML_PARAM(m, G, mm, T_B1), dx, d, 0.0f);
   }
 }

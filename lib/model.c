@@ -1,6 +1,7 @@
 /* Model lifetime, forward/backward orchestration, warm-up and the choice
  * of the predominant modality (METHOD.md section 5), and the parameter
  * API. */
+#include "bf16.h"
 #include "internal.h"
 #include "kernels.h"
 
@@ -83,7 +84,11 @@ imml_status imml_model_build(const imml_config *cfg, const int *dims,
    * the memory limit is checked on the exact count before the arena is
    * allocated. */
   size_t total = c.used;
-  const int saturated = c.overflow || !imml_size_add(&total, extra_bytes);
+  /* a bf16 model's product scratch (lib/bf16.c) counts too */
+  const size_t gemm_bytes =
+      cfg->precision == IMML_PRECISION_BF16 ? imml_bf16_ctx_bytes() : 0;
+  const int saturated = c.overflow || !imml_size_add(&total, extra_bytes) ||
+                        !imml_size_add(&total, gemm_bytes);
   if (saturated || total > cfg->memory_limit) {
     if (saturated)
       imml_set_err(err, n,
@@ -95,11 +100,11 @@ imml_status imml_model_build(const imml_config *cfg, const int *dims,
     else
       imml_set_err(err, n,
                    "%s = %zu bytes: the model needs %zu bytes (arena %zu, "
-                   "optimiser state %zu; max_batch %d, dict_size %d, "
-                   "hidden_dim %d, knowledge_dim %d, n_classes %d, "
-                   "n_modalities %d)",
+                   "optimiser state %zu, bf16 scratch %zu; max_batch %d, "
+                   "dict_size %d, hidden_dim %d, knowledge_dim %d, "
+                   "n_classes %d, n_modalities %d)",
                    limit_name, cfg->memory_limit, total, c.used, extra_bytes,
-                   cfg->max_batch, cfg->dict_size, cfg->hidden_dim,
+                   gemm_bytes, cfg->max_batch, cfg->dict_size, cfg->hidden_dim,
                    cfg->knowledge_dim, cfg->n_classes, cfg->n_modalities);
     /* the handle itself becomes the failed handle that carries the
      * message: a refused model allocates nothing else */
@@ -115,6 +120,13 @@ imml_status imml_model_build(const imml_config *cfg, const int *dims,
   m->arena = imml_alloc(&m->alloc, c.used);
   if (!m->arena) {
     imml_set_err(err, n, "out of memory allocating the %zu-byte arena", c.used);
+    imml_free(&m->alloc, m);
+    return IMML_ERR_NOMEM;
+  }
+  if (gemm_bytes && !(m->gemm = imml_bf16_ctx_create(&m->alloc))) {
+    imml_set_err(err, n, "out of memory allocating the %zu-byte bf16 scratch",
+                 gemm_bytes);
+    imml_free(&m->alloc, m->arena);
     imml_free(&m->alloc, m);
     return IMML_ERR_NOMEM;
   }
@@ -176,11 +188,22 @@ imml_status imml_model_create(const imml_config *cfg, const imml_ft_ops *ft,
   return imml_hand_out(st, m, alloc, err, out);
 }
 
+/* The output direction of the struct rule: the caller's struct_size (set
+ * by imml_config_init) says how much it can take, so a program built
+ * against an older header never receives a newer library's fields. */
 imml_status imml_model_get_config(imml_model *m, imml_config *cfg) {
   IMML_ENTER(m);
   if (!cfg)
     return imml_fail(m, IMML_ERR_NULL, "cfg is NULL: nowhere to copy to");
-  *cfg = m->cfg;
+  size_t size;
+  memcpy(&size, cfg, sizeof size);
+  if (size < IMML_CONFIG_SIZE_1_0 || size > 4096)
+    return imml_fail(m, IMML_ERR_INVALID_ARG,
+                     "cfg->struct_size = %zu: call imml_config_init(cfg) "
+                     "first, so the library knows how much it may write",
+                     size);
+  memcpy(cfg, &m->cfg, size < sizeof *cfg ? size : sizeof *cfg);
+  memcpy(cfg, &size, sizeof size); /* the caller's size stays */
   return IMML_OK;
 }
 
@@ -358,9 +381,12 @@ static void stage_micro_batch(imml_model *m) {
   } else {
     imml_stage_rows(m, (const float *const *)a->z, a->batch);
     s->seen += a->batch;
-    for (int mm = 0; mm < M; mm++)
+    for (int mm = 0; mm < M; mm++) {
       s->ce[mm] += a->ce[mm] * a->batch;
+      s->ce_one[mm] = a->ce[mm];
+    }
   }
+  s->gathered = a->gathered;
   s->micro++;
 }
 
@@ -383,7 +409,12 @@ static void advance_warmup(imml_model *m) {
   if (m->p_fixed)
     return;
   for (int mm = 0; mm < M; mm++) {
-    const double ce = m->acc.ce[mm] / (double)m->acc.seen;
+    /* one local micro-batch: its own mean, not (mean B) / B */
+    double ce = m->acc.micro == 1 && !m->acc.gathered
+                    ? m->acc.ce_one[mm]
+                    : m->acc.ce[mm] / (double)m->acc.seen;
+    if (ce > FLT_MAX) /* logits near FLT_MAX: keep the EMA finite */
+      ce = FLT_MAX;
     m->ema[mm] = (float)(0.9 * (double)m->ema[mm] + 0.1 * ce);
   }
   m->steps++;
@@ -493,6 +524,13 @@ imml_status imml_commit(imml_model *m) {
     return imml_fail(m, IMML_ERR_STATE,
                      "imml_commit needs at least one successful imml_backward "
                      "since the last commit");
+  /* the pending forward attended over this dictionary: its backward must
+   * run before the commit changes it */
+  if (m->pending)
+    return imml_fail(m, IMML_ERR_STATE,
+                     "a training forward awaits its backward: call "
+                     "imml_backward (or start the next step's forward after "
+                     "the commit)");
   /* The step's last min(n, J) rows, oldest first, written so that they
    * end where K successive pushes would have left the ring. */
   const int J = m->cfg.dict_size;

@@ -345,7 +345,7 @@ START_TEST(test_gemm_ref) {
                                      ? 0.0
                                      : beta * (double)c[(size_t)i * ldc + j]);
               }
-            k_gemm(ta, tb, m, n, kk, alpha, a, lda, b, ldb, beta, c, ldc);
+            k_gemm(NULL, ta, tb, m, n, kk, alpha, a, lda, b, ldb, beta, c, ldc);
             check_err(rel_err_mat(m, n, c, ldc, ref), REF_TOL,
                       "gemm m=%d n=%d k=%d ta=%d tb=%d pad=%d alpha=%g "
                       "beta=%g",
@@ -385,7 +385,7 @@ START_TEST(test_gemm_empty) {
           for (int j = 0; j < n; j++)
             ref[(size_t)i * n + j] =
                 beta == 0.0f ? 0.0 : beta * (double)c[(size_t)i * ldc + j];
-        k_gemm(ta, tb, m, n, 0, 0.5f, dummy, 1, dummy, 1, beta, c, ldc);
+        k_gemm(NULL, ta, tb, m, n, 0, 0.5f, dummy, 1, dummy, 1, beta, c, ldc);
         ck_assert_msg(pad_intact(m, n, ldc, c), "gemm kk=0 wrote padding");
         if (beta == 0.0f) {
           for (int i = 0; i < m; i++)
@@ -401,8 +401,8 @@ START_TEST(test_gemm_empty) {
   /* m = 0 and n = 0 leave C alone. */
   fill_mat(&g, c, m, n, ldc, -1, 1, OUT_PAD);
   memcpy(c0, c, (size_t)m * ldc * sizeof *c);
-  k_gemm(0, 0, 0, n, 3, 1.0f, dummy, 3, dummy, n, 0.0f, c, ldc);
-  k_gemm(0, 0, m, 0, 3, 1.0f, dummy, 3, dummy, 1, 0.0f, c, ldc);
+  k_gemm(NULL, 0, 0, 0, n, 3, 1.0f, dummy, 3, dummy, n, 0.0f, c, ldc);
+  k_gemm(NULL, 0, 0, m, 0, 3, 1.0f, dummy, 3, dummy, 1, 0.0f, c, ldc);
   ck_assert_msg(memcmp(c, c0, (size_t)m * ldc * sizeof *c) == 0,
                 "gemm with m=0 or n=0 modified C");
   free(c);
@@ -437,7 +437,7 @@ START_TEST(test_linear_forward_ref) {
             s += (double)x[(size_t)i * ldx + p] * w[(size_t)p * nout + o];
           ref[(size_t)i * nout + o] = s;
         }
-      k_linear_forward(bsz, nin, nout, x, ldx, w, bias ? b : NULL, y);
+      k_linear_forward(NULL, bsz, nin, nout, x, ldx, w, bias ? b : NULL, y);
       check_err(rel_err_mat(bsz, nout, y, nout, ref), REF_TOL,
                 "linear_forward B=%d in=%d out=%d bias=%d ldx=%d", bsz, nin,
                 nout, bias, ldx);
@@ -502,9 +502,9 @@ START_TEST(test_linear_backward_ref) {
               s += (double)dy[(size_t)i * nout + o] * w[(size_t)p * nout + o];
             dx_ref[(size_t)i * nin + p] = s;
           }
-        k_linear_backward(bsz, nin, nout, x, ldx, w, dy, want_dw ? dw : NULL,
-                          want_db ? db : NULL, want_dx ? dx : NULL, lddx,
-                          dx_beta);
+        k_linear_backward(NULL, bsz, nin, nout, x, ldx, w, dy,
+                          want_dw ? dw : NULL, want_db ? db : NULL,
+                          want_dx ? dx : NULL, lddx, dx_beta);
         if (want_dw)
           check_err(rel_err_mat(nin, nout, dw, nout, dw_ref), REF_TOL,
                     "linear_backward dW B=%d in=%d out=%d mask=%d", bsz, nin,
@@ -541,7 +541,8 @@ struct linear_ctx {
 
 static double linear_loss(void *p) {
   struct linear_ctx *c = p;
-  k_linear_forward(c->bsz, c->nin, c->nout, c->x, c->ldx, c->w, c->b, c->y);
+  k_linear_forward(NULL, c->bsz, c->nin, c->nout, c->x, c->ldx, c->w, c->b,
+                   c->y);
   return project(c->bsz, c->nout, c->r, c->y, c->nout);
 }
 
@@ -569,7 +570,7 @@ START_TEST(test_linear_backward_fd) {
   set_all(dw, nw, 0.0f);
   set_all(db, (size_t)nout, 0.0f);
   set_all(dx, nx, NAN);
-  k_linear_backward(bsz, nin, nout, x, ldx, w, r, dw, db, dx, nin, 0.0f);
+  k_linear_backward(NULL, bsz, nin, nout, x, ldx, w, r, dw, db, dx, nin, 0.0f);
   check_err(rel_err_vec((int)nw, dw, gw), FD_TOL,
             "linear FD dW B=%d in=%d out=%d", bsz, nin, nout);
   check_err(rel_err_vec(nout, db, gb), FD_TOL, "linear FD db B=%d in=%d out=%d",
@@ -592,7 +593,7 @@ START_TEST(test_linear_backward_fd) {
     dx[k] = prng_uniform(&g, 3, 5);
     ex[k] = dx[k] + gx[k];
   }
-  k_linear_backward(bsz, nin, nout, x, ldx, w, r, dw, db, dx, nin, 1.0f);
+  k_linear_backward(NULL, bsz, nin, nout, x, ldx, w, r, dw, db, dx, nin, 1.0f);
   check_err(rel_err_vec((int)nw, dw, ew), FD_TOL,
             "linear accumulate dW B=%d in=%d out=%d", bsz, nin, nout);
   check_err(rel_err_vec(nout, db, eb), FD_TOL,

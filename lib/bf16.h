@@ -1,0 +1,47 @@
+/*
+ * bf16 matrix products (doc/DECISIONS.md, "bf16 matrix products"): the
+ * operands are rounded to bfloat16 (round to nearest even) and their
+ * products accumulated in float32 by the AVX512-BF16 instructions.  The
+ * kernel is the library's own: blocked like a BLAS, with every buffer it
+ * uses in a scratch block the caller allocated at model creation, so a
+ * product never allocates.  Internal: not exported from the shared
+ * library.
+ */
+#ifndef IMML_BF16_H
+#define IMML_BF16_H
+
+#include <stddef.h>
+
+/* The most threads one product uses (one scratch region each). */
+#define IMML_BF16_THREADS_MAX 8
+
+/* 1 if this build has the bf16 kernel and this CPU (and its operating
+ * system) can run it; else 0, with the reason in why[0..n). */
+int imml_bf16_supported(char *why, size_t n);
+
+/* Bytes of scratch a context needs: IMML_BF16_THREADS_MAX regions. */
+size_t imml_bf16_scratch_bytes(void);
+
+/* C = alpha op(A) op(B) + beta C with the contract of k_gemm (C is not
+ * read when beta is 0), on up to `threads` threads, in `scratch` (64-byte
+ * aligned, imml_bf16_scratch_bytes() long).  Only call it once
+ * imml_bf16_supported() said 1.  m, n >= 1 and kk >= 1. */
+void imml_bf16_gemm(void *scratch, int threads, int trans_a, int trans_b, int m,
+                    int n, int kk, float alpha, const float *a, int lda,
+                    const float *b, int ldb, float beta, float *c, int ldc);
+
+/* A bf16 product context (kernels.h) with its scratch, in one block from
+ * `alloc` (lib/arena.c's imml_alloc); NULL when out of memory.  A model
+ * and each of its shares own one: no state is shared between them. */
+struct k_ctx;
+struct imml_allocator;
+struct k_ctx *imml_bf16_ctx_create(const struct imml_allocator *alloc);
+void imml_bf16_ctx_free(const struct imml_allocator *alloc, struct k_ctx *ctx);
+/* The bytes imml_bf16_ctx_create allocates. */
+size_t imml_bf16_ctx_bytes(void);
+
+/* Rounds x to the nearest bfloat16 (ties to even), as the kernel does with
+ * every operand, and returns it as a float: the reference of the tests. */
+float imml_bf16_round(float x);
+
+#endif /* IMML_BF16_H */
