@@ -340,8 +340,9 @@ IMML_API imml_status imml_model_load_mem(const void *buf, size_t size,
  *  in place, with its own evaluation scratch and message.  A share serves
  *  imml_predict(), evaluation forwards, imml_fdc_adjust() and the read-only
  *  queries; calls that would change the model are refused with
- *  ::IMML_ERR_STATE.  The model must not train while a share runs, and
- *  every share must be freed before its model.
+ *  ::IMML_ERR_STATE.  No call that changes the model (training,
+ *  imml_predominant_set(), a load into it, ...) may overlap a call on one of
+ *  its shares, and every share must be freed before its model.
  *  @param model the model to share (not itself a share).
  *  @param out   receives the share, or NULL on failure (the message is
  *               then in `model`).
@@ -362,10 +363,14 @@ IMML_API void imml_model_free(imml_model *model);
  */
 IMML_API const char *imml_model_errmsg(const imml_model *model);
 
-/** Copies the model's configuration.
- *  @param model the model.
+/** Copies the model's configuration.  The caller first sets
+ *  cfg->struct_size (imml_config_init() does), which says how many bytes
+ *  the library may write: a program built against an older header receives
+ *  only the fields it knows, and cfg->struct_size keeps its value.
+ *  @param model the model or a share.
  *  @param cfg   receives it (cfg->dims points into the model and lives as
- *               long as it).
+ *               long as it).  ::IMML_ERR_INVALID_ARG when cfg->struct_size
+ *               is not set.
  *  @return ::IMML_OK, or the status of the failure (message in the
  *          handle, imml_model_errmsg()).
  */
@@ -454,7 +459,7 @@ IMML_API imml_status imml_backward(imml_model *model, float *const *dfeatures);
  *  once (METHOD.md sections 2 and 5).  Gradients are not touched: update
  *  them with imml_optim_step() or the host's own optimiser.
  *  @return ::IMML_ERR_STATE when no backward completed since the last
- *          commit.
+ *          commit, or while a training forward awaits its backward.
  *  @param model the model (not a share).
  */
 IMML_API imml_status imml_commit(imml_model *model);
