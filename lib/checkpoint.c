@@ -820,27 +820,6 @@ static imml_status load_options(const imml_load_options *in,
   return IMML_OK;
 }
 
-imml_status imml_model_load_mem(const void *buf, size_t size,
-                                const imml_ft_ops *ft,
-                                const imml_load_options *opt,
-                                imml_model **out) {
-  if (!out)
-    return IMML_ERR_NULL;
-  *out = NULL;
-  char err[IMML_ERRMSG_SIZE] = "";
-  imml_load_options o;
-  imml_model *m = NULL;
-  imml_status st = load_options(opt, &o, err, sizeof err);
-  const imml_allocator *alloc = st == IMML_OK ? &o.allocator : NULL;
-  if (st == IMML_OK && !buf) {
-    imml_set_err(err, sizeof err, "buffer is NULL");
-    st = IMML_ERR_NULL;
-  }
-  if (st == IMML_OK)
-    st = parse(buf, size, ft, &o, &m, err, sizeof err);
-  return imml_hand_out(st, m, alloc, err, out);
-}
-
 /* Reads len bytes at the file's current offset; 0, or -1 with errno, or 1
  * when the file ends early. */
 static int read_all(int fd, unsigned char *buf, size_t len) {
@@ -933,7 +912,10 @@ static imml_status load_file(const char *path, const imml_ft_ops *ft,
   return st;
 }
 
-imml_status imml_model_load(const char *path, const imml_ft_ops *ft,
+/* Both loads: the options first, then the file or the buffer, and the
+ * outcome through the one error channel (a failed handle). */
+static imml_status load_any(int from_file, const char *path, const void *buf,
+                            size_t size, const imml_ft_ops *ft,
                             const imml_load_options *opt, imml_model **out) {
   if (!out)
     return IMML_ERR_NULL;
@@ -943,7 +925,24 @@ imml_status imml_model_load(const char *path, const imml_ft_ops *ft,
   imml_model *m = NULL;
   imml_status st = load_options(opt, &o, err, sizeof err);
   const imml_allocator *alloc = st == IMML_OK ? &o.allocator : NULL;
+  if (st == IMML_OK && !from_file && !buf) {
+    imml_set_err(err, sizeof err, "buffer is NULL");
+    st = IMML_ERR_NULL;
+  }
   if (st == IMML_OK)
-    st = load_file(path, ft, &o, &m, err, sizeof err);
+    st = from_file ? load_file(path, ft, &o, &m, err, sizeof err)
+                   : parse(buf, size, ft, &o, &m, err, sizeof err);
   return imml_hand_out(st, m, alloc, err, out);
+}
+
+imml_status imml_model_load_mem(const void *buf, size_t size,
+                                const imml_ft_ops *ft,
+                                const imml_load_options *opt,
+                                imml_model **out) {
+  return load_any(0, NULL, buf, size, ft, opt, out);
+}
+
+imml_status imml_model_load(const char *path, const imml_ft_ops *ft,
+                            const imml_load_options *opt, imml_model **out) {
+  return load_any(1, path, NULL, 0, ft, opt, out);
 }
