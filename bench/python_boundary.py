@@ -26,10 +26,10 @@ One training step, five ways:
 - torch+AdamW (informative, not the boundary): torch with
   torch.optim.AdamW over the module's parameters instead of head.step().
 
-In each round every in-process variant runs its steps in a row (after the
-first rounds' warm-up steps, which fill the dictionary), in an order
-rotated from round to round, and imml-bench runs once; rounds alternate, so
-that load on a shared machine falls on all variants alike.  Every column is the median over --rounds rounds of
+The in-process variants run interleaved, one step of each in turn, so that
+load on a shared machine falls on all of them alike, in an order rotated at
+every repetition, so that each follows each other equally often;
+imml-bench runs once per round between them.  Every column is the median over --rounds rounds of
 the per-round medians of --reps steps.  Overheads are against C (ctypes).
 All use one release build of libimml (--build, default build-bench as
 bench/compare.sh, configured and built when missing).  imml-bench always
@@ -156,26 +156,26 @@ class Steps:
                          "torch": torch_step(False), "exposed": raw(True),
                          "torch+AdamW": torch_step(True)}
 
-    def round(self, reps, clock, shift):
-        """Each variant steps reps times in a row (as in a training loop,
-        its own data warm in the caches), the variants' order rotated by
-        shift, so that over the rounds each follows each other alike."""
+    def round(self, reps, clock):
+        """reps steps of every variant, interleaved: one step of each in
+        turn, so that load on the machine falls on all alike, in an order
+        rotated at every repetition, so that each variant follows each
+        other equally often (the one after a large step finds its own data
+        out of the caches)."""
         names = list(self.variants)
-        names = names[shift % len(names):] + names[:shift % len(names)]
-        out = {}
         warm = 3 if self.warmed else self.warm  # first: fill the dictionary
         self.warmed = True
         for k in names:
-            f = self.variants[k]
             for _ in range(warm):
-                f()
-            t = []
-            for _ in range(reps):
+                self.variants[k]()
+        t = {k: [] for k in names}
+        for i in range(reps):
+            s = i % len(names)
+            for k in names[s:] + names[:s]:
                 t0 = clock()
-                f()
-                t.append(clock() - t0)
-            out[k] = 1e3 * statistics.median(t)
-        return out
+                self.variants[k]()
+                t[k].append(clock() - t0)
+        return {k: 1e3 * statistics.median(v) for k, v in t.items()}
 
 
 def main():
@@ -216,8 +216,8 @@ def main():
         for shape in args.shapes.split(","):
             steps = Steps(imml, np, torch, shape)
             rounds = []
-            for i in range(args.rounds):
-                r = steps.round(args.reps, clock, i)
+            for _ in range(args.rounds):
+                r = steps.round(args.reps, clock)
                 r["bench"] = imml_bench_ms(bench, shape, t, args.reps)
                 rounds.append(r)
             med = {k: statistics.median(r[k] for r in rounds)

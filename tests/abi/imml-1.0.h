@@ -188,8 +188,9 @@ typedef enum imml_precision {
   IMML_PRECISION_FP32 = 0, /**< float32 everywhere (default) */
   /** bfloat16 inputs, float32 accumulation, for the matrix products only;
    *  weights, gradients, optimiser state, losses and the dictionary stay
-   *  float32.  Needs a build with oneDNN and a CPU with bf16 support;
-   *  otherwise creation is refused with ::IMML_ERR_UNSUPPORTED. */
+   *  float32.  Needs a build with the bf16 kernel (meson option -Dbf16)
+   *  and a CPU with AVX512-BF16; otherwise creation is refused with
+   *  ::IMML_ERR_UNSUPPORTED and a message saying why. */
   IMML_PRECISION_BF16 = 1
 } imml_precision;
 
