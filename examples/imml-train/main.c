@@ -18,9 +18,24 @@
 
 static const arg_ctx args_ctx = {"imml-train", 0};
 
+/* Where --demo finds the mfeat data without --data-dir: the source tree's
+ * copy when it is there (a binary in its build tree), else the installed
+ * one (meson install: PREFIX/share/imml/mfeat). */
 #ifndef IMML_DATA_DIR
-#define IMML_DATA_DIR "examples/data/mfeat"
+#define IMML_DATA_DIR "/usr/local/share/imml/mfeat"
 #endif
+#ifndef IMML_SRC_DATA_DIR
+#define IMML_SRC_DATA_DIR "examples/data/mfeat"
+#endif
+
+static const char *demo_data_dir(void) {
+  FILE *f = fopen(IMML_SRC_DATA_DIR "/mfeat-fac.csv", "rb");
+  if (f) {
+    fclose(f);
+    return IMML_SRC_DATA_DIR;
+  }
+  return IMML_DATA_DIR;
+}
 
 /* The demo: fac (216 profile correlations, the predominant view) with mor
  * (6 morphological features, a weak auxiliary view), tuned to finish in
@@ -94,6 +109,10 @@ static const char *const usage_text[] = {
     "  --threads N           BLAS threads (imml_threads_set); default: "
     "BLAS's\n"
     "                        own default\n"
+    "  --precision P         fp32 | bf16 (fp32): the matrix products' inputs\n"
+    "                        (config.precision, doc/DECISIONS.md); bf16 falls\n"
+    "                        back to fp32 with a warning where the build or\n"
+    "                        the CPU lacks it\n"
     "  --test-fraction F     stratified test share in [0,1) (0.5); 0 trains "
     "on\n"
     "                        every row and reports no test accuracy\n"
@@ -183,6 +202,10 @@ static const char *const usage_text[] = {
                                      "--epochs override)\n"
                                      "  --data-dir DIR        the mfeat "
                                      "directory for --demo (default:\n"
+                                     "                        " IMML_SRC_DATA_DIR
+                                     "\n"
+                                     "                        when it exists, "
+                                     "else\n"
                                      "                        " IMML_DATA_DIR
                                      ")\n"
                                      "\n"
@@ -426,7 +449,7 @@ static int check_args(cli *c) {
     if (g[O_TEST])
       return arg_usage(&args_ctx, "--demo makes its own splits: no --test");
     static char fac[4096], mor[4096];
-    const char *dir = c->data_dir ? c->data_dir : IMML_DATA_DIR;
+    const char *dir = c->data_dir ? c->data_dir : demo_data_dir();
     snprintf(fac, sizeof fac, "%s/mfeat-fac.csv", dir);
     snprintf(mor, sizeof mor, "%s/mfeat-mor.csv", dir);
     c->files[0] = fac;

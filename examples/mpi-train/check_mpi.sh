@@ -18,6 +18,8 @@
 #   - the checkpoints, read by imml-train --predict, predict the same classes
 #     on the test split;
 #   - --dump-params writes every parameter (awk recomputes the error).
+#   - --precision bf16: 1 rank equals imml-train --precision bf16 bit for
+#     bit, and differs from fp32 (or both fall back to fp32 and warn).
 #
 # TOL_RANKS.  A rank sums its own rows and MPI adds the R partial sums: the
 # same float32 terms in another order, ~1e-7 relative per gradient (up to a
@@ -141,3 +143,28 @@ if [ "$rc" -ne 2 ] ||
   exit 1
 fi
 echo "exit 2: $(head -n 1 "$work/bad-p.err")"
+
+echo "== --precision bf16: 1 rank is imml-train --precision bf16 bit for bit"
+# imml-train and mpi-train both fall back to fp32, with a warning, where the
+# build or the CPU has no bf16 products; then both equal the fp32 reference.
+# shellcheck disable=SC2086
+"$imml_train" $common $ref_only --batch 64 --precision bf16 \
+  --save "$work/ref-bf16.ckpt" "$fac" "$mor" 2>"$work/ref-bf16.err" >/dev/null
+"$mpirun" --oversubscribe --bind-to none -np 1 "$mpi_train" $common \
+  --batch 64 --precision bf16 --save "$work/r1-bf16.ckpt" "$fac" "$mor" \
+  </dev/null >/dev/null 2>"$work/r1-bf16.err"
+"$compare" 0 "$work/ref-bf16.ckpt" "$work/r1-bf16.ckpt"
+if grep -q "bf16 is unavailable" "$work/ref-bf16.err"; then
+  grep -q "^mpi-train: warning: --precision bf16 is unavailable" \
+    "$work/r1-bf16.err" || {
+    echo "FAIL: mpi-train fell back to fp32 without a warning" >&2
+    exit 1
+  }
+  "$compare" 0 "$work/ref.ckpt" "$work/r1-bf16.ckpt"
+  echo "bf16 unavailable here: both trained in fp32 and warned"
+elif "$compare" 0 "$work/ref.ckpt" "$work/r1-bf16.ckpt" >/dev/null 2>&1; then
+  echo "FAIL: mpi-train --precision bf16 trained exactly as fp32" >&2
+  exit 1
+else
+  echo "bf16 products used (the parameters differ from fp32's)"
+fi

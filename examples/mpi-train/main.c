@@ -156,6 +156,9 @@ static const char *const usage_text[] = {
     "  --test-fraction F     stratified test share in [0,1) (0.5)\n"
     "  --threads N           BLAS threads per rank (default: the cores of the\n"
     "                        node divided by the ranks on it)\n"
+    "  --precision P         fp32 | bf16 (fp32): the matrix products' inputs\n"
+    "                        (config.precision); bf16 falls back to fp32 with\n"
+    "                        a warning unless every rank has it\n"
     "  --metrics FILE        per-epoch CSV (rank 0), as imml-train's\n"
     "  --save FILE           checkpoint + FILE.stats (rank 0); imml-train\n"
     "                        --predict FILE reads them\n"
@@ -416,8 +419,31 @@ static imml_model *make_model(const opts *o, int m, const int *dims, int c,
   cfg.warmup_steps = o->t.warmup;
   cfg.slot_mode = o->t.slot_mode;
   cfg.seed = o->t.seed;
+  cfg.precision = IMML_PRECISION_FP32;
   imml_model *model = NULL;
-  imml_status st = imml_model_create(&cfg, NULL, &model);
+  imml_status st;
+  if (o->t.precision == IMML_PRECISION_BF16) {
+    /* bf16 where every rank has it (the ranks must compute alike);
+     * otherwise fp32, with a warning that gives the library's reason. */
+    cfg.precision = IMML_PRECISION_BF16;
+    st = imml_model_create(&cfg, NULL, &model);
+    int ok = st == IMML_OK, all = 0;
+    MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    if (!all) {
+      if (g_rank == 0)
+        fprintf(stderr,
+                "mpi-train: warning: --precision bf16 is unavailable on %s "
+                "(%s%s%s); training in fp32\n",
+                ok ? "another rank" : "rank 0",
+                ok ? "" : imml_status_string(st), ok ? "" : ": ",
+                ok ? "" : (model ? imml_model_errmsg(model) : ""));
+      imml_model_free(model);
+      model = NULL;
+      cfg.precision = IMML_PRECISION_FP32;
+    }
+  }
+  if (!model)
+    st = imml_model_create(&cfg, NULL, &model);
   if (st != IMML_OK) {
     /* model: NULL, or the failed handle that holds the message */
     char msg[512];
@@ -771,9 +797,10 @@ static int do_bench(const opts *o) {
            rows);
     for (int m = 0; m < M; m++)
       printf("%s%d", m ? "," : " ", o->bench_dims[m]);
-    printf(", H %d, k %d, C %d, J %d, p %d, BLAS threads %d\n", o->t.hidden,
-           o->t.knowledge, C, o->t.dict_size, o->t.predominant,
-           imml_threads_set(0) > 0 ? imml_threads_set(0) : -1);
+    printf(", H %d, k %d, C %d, J %d, p %d, BLAS threads %d, %s\n",
+           o->t.hidden, o->t.knowledge, C, o->t.dict_size, o->t.predominant,
+           imml_threads_set(0) > 0 ? imml_threads_set(0) : -1,
+           mc.precision == IMML_PRECISION_BF16 ? "bf16" : "fp32");
     printf("bench: %.1f ms/step, %.0f samples/s over %d steps\n", ms,
            B * n / wall, o->bench_steps);
     printf("bench: slowest rank per step: forward %.1f ms + allgather %.2f ms "
