@@ -4,12 +4,16 @@
 # as a user would: a tiny consumer that prints the version, and (when a C++
 # compiler is present) the C++ host example, which is run on the shipped data;
 # then the install script lib/ldconfig.sh (when it runs ldconfig).
-# usage: install_test.sh BUILD_DIR SOURCE_DIR PREFIX LIBDIR [SANITIZE]
+# With the examples built, the installed imml-train and its --demo data
+# (share/imml/mfeat) are checked too.
+# usage: install_test.sh BUILD_DIR SOURCE_DIR PREFIX LIBDIR [SANITIZE [DATADIR]]
 set -eu
 build=$1
 src=$2
 prefix=$3
 libdir=$4
+datadir=${6:-share}
+case $datadir in /*) ;; *) datadir=$prefix/$datadir ;; esac
 # A sanitized library needs its consumers built with the same sanitizers.
 san=""
 case ${5:-none} in none | "") ;; *) san="-fsanitize=$5" ;; esac
@@ -84,6 +88,33 @@ if command -v "$cxx" >/dev/null 2>&1 && [ -f "$src/examples/cpp-host/main.cpp" ]
   ok "examples/cpp-host trains and checks its result"
 else
   echo "# no C++ compiler or no examples/cpp-host: skipped"
+fi
+
+# The installed trainer and the data of its --demo (installed with its
+# README: the data's licence and citation).
+if [ -x "$dest$prefix/bin/imml-train" ]; then
+  for f in README.md mfeat-fac.csv mfeat-fou.csv mfeat-kar.csv mfeat-mor.csv \
+    mfeat-pix.csv mfeat-zer.csv; do
+    cmp -s "$src/examples/data/mfeat/$f" "$dest$datadir/imml/mfeat/$f" ||
+      fail "the demo data is installed: $datadir/imml/mfeat/$f"
+  done
+  ok "the demo data and its README are installed in $datadir/imml/mfeat"
+  LD_LIBRARY_PATH="$dest$libdir" "$dest$prefix/bin/imml-train" --help \
+    >"$tmp/help.txt" 2>&1 || fail "the installed imml-train --help"
+  grep -q "$datadir/imml/mfeat)" "$tmp/help.txt" ||
+    fail "imml-train --help names $datadir/imml/mfeat as the installed data"
+  ok "imml-train --help names $datadir/imml/mfeat as the installed data"
+  LD_LIBRARY_PATH="$dest$libdir" "$dest$prefix/bin/imml-train" --demo \
+    --data-dir "$dest$datadir/imml/mfeat" --compare 1 --epochs 2 --quiet \
+    >"$tmp/demo.txt" 2>&1 || {
+    sed 's/^/# /' "$tmp/demo.txt"
+    fail "the installed imml-train --demo runs on the installed data"
+  }
+  grep -q "^IMML conditional " "$tmp/demo.txt" ||
+    fail "the installed imml-train --demo prints its table"
+  ok "the installed imml-train --demo runs on the installed data"
+else
+  echo "# imml-train not built (-Dexamples=false): its install not checked"
 fi
 
 # lib/ldconfig.sh, the install script, with a stand-in ldconfig that

@@ -202,8 +202,8 @@ static const char *const usage_text[] = {
                                      "--epochs override)\n"
                                      "  --data-dir DIR        the mfeat "
                                      "directory for --demo (default:\n"
-                                     "                        " IMML_SRC_DATA_DIR
-                                     "\n"
+                                     "                       "
+                                     " " IMML_SRC_DATA_DIR "\n"
                                      "                        when it exists, "
                                      "else\n"
                                      "                        " IMML_DATA_DIR

@@ -797,8 +797,8 @@ static int do_bench(const opts *o) {
            rows);
     for (int m = 0; m < M; m++)
       printf("%s%d", m ? "," : " ", o->bench_dims[m]);
-    printf(", H %d, k %d, C %d, J %d, p %d, BLAS threads %d, %s\n",
-           o->t.hidden, o->t.knowledge, C, o->t.dict_size, o->t.predominant,
+    printf(", H %d, k %d, C %d, J %d, p %d, BLAS threads %d, %s\n", o->t.hidden,
+           o->t.knowledge, C, o->t.dict_size, o->t.predominant,
            imml_threads_set(0) > 0 ? imml_threads_set(0) : -1,
            mc.precision == IMML_PRECISION_BF16 ? "bf16" : "fp32");
     printf("bench: %.1f ms/step, %.0f samples/s over %d steps\n", ms,
