@@ -5,6 +5,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define CARVE_ALIGN 64
 
@@ -54,7 +55,7 @@ static float *carve_f(imml_carver *c, size_t a, size_t b) {
 }
 
 void imml_carve_acts(imml_carver *c, const imml_config *cfg, int jmax,
-                     int training, imml_acts *a) {
+                     int training, imml_acts *a, fdc_scratch *att) {
   const size_t B = (size_t)cfg->max_batch, H = (size_t)cfg->hidden_dim,
                k = (size_t)cfg->knowledge_dim, C = (size_t)cfg->n_classes;
   for (int m = 0; m < cfg->n_modalities; m++) {
@@ -70,10 +71,10 @@ void imml_carve_acts(imml_carver *c, const imml_config *cfg, int jmax,
     a->slot[m] = carve_f(c, B, k);
   }
   a->q = carve_f(c, B, k);
-  a->kk = carve_f(c, (size_t)jmax, k);
+  att->kk = carve_f(c, (size_t)jmax, k);
   a->qk = carve_f(c, B, (size_t)cfg->n_modalities * k);
-  a->alpha = carve_f(c, B, (size_t)jmax);
-  a->w = carve_f(c, B, (size_t)jmax);
+  att->alpha = carve_f(c, B, (size_t)jmax);
+  att->w = carve_f(c, B, (size_t)jmax);
   a->logits = carve_f(c, B, C);
   a->probs = carve_f(c, B, C);
   a->labels = imml_carve(c, B, sizeof(int));
@@ -119,4 +120,25 @@ uint64_t imml_params_layout(const imml_config *cfg, int builtin_ft,
   }
   *n_tensors = nt;
   return off;
+}
+
+void imml_ptensors_point(const imml_model *m, float *base, imml_ptensors *t) {
+  memset(t, 0, sizeof *t);
+  if (!base)
+    return;
+  const imml_tensor *x = m->tensors;
+  for (int mm = 0; mm < m->cfg.n_modalities; mm++, x += IMML_PER_MODALITY) {
+    t->w1[mm] = base + x[T_W1].offset;
+    t->b1[mm] = base + x[T_B1].offset;
+    t->w2[mm] = base + x[T_W2].offset;
+    t->b2[mm] = base + x[T_B2].offset;
+    t->wc[mm] = base + x[T_WC].offset;
+    t->bc[mm] = base + x[T_BC].offset;
+  }
+  t->wq = base + x[0].offset;
+  t->wk = base + x[1].offset;
+  if (m->builtin_ft) {
+    t->ftw = base + x[2].offset;
+    t->ftb = base + x[3].offset;
+  }
 }

@@ -4,6 +4,7 @@
 /* The checkpoint format (doc/FORMAT.md): explicit little-endian fields, a
  * CRC-32 over everything before it, atomic file writes, and a loader that
  * validates every field before it trusts it. */
+#include "cache.h"
 #include "internal.h"
 #include "kernels.h"
 
@@ -719,7 +720,7 @@ static int read_optimiser(reader *r, imml_model *m) {
   }
   m->opt.t = (int64_t)t;
   m->opt.has_buf = has_buf;
-  m->opt.max1 = m->opt.max2 = NAN; /* the first step measures them */
+  imml_cache_note(m, IMML_EV_MOMENTS_LOADED, NULL);
   get_f32s(r, m->opt.m1, m->n_params, "optimiser moment 1");
   const size_t at2 = r->pos;
   if (get_f32s(r, m->opt.m2, m->n_params, "optimiser moment 2") &&

@@ -16,11 +16,13 @@
  * length for every batch size, so ranks with different shard sizes still
  * agree on the count.  A cross-entropy sum (double) travels as two floats,
  * hi = (float)x and lo = (float)(x - hi), which keep about 48 bits. */
-imml_status imml_coll_gather(const imml_model *m, imml_acts *a, imml_coll *g,
-                             char *err, size_t n) {
+/* This rank's message: batch size, p (-1: not fixed), the unimodal CE
+ * sums as hi/lo float pairs, labels, then knowledge, each in a fixed slot
+ * sized for max_batch. */
+static void pack_message(const imml_model *m, const imml_acts *a,
+                         imml_coll *g) {
   const imml_config *c = &m->cfg;
-  const int M = c->n_modalities, k = c->knowledge_dim, Bmax = c->max_batch,
-            R = g->ops.world_size;
+  const int M = c->n_modalities, k = c->knowledge_dim, Bmax = c->max_batch;
   const int B = a->batch;
   float *snd = g->send;
   memset(snd, 0, g->count * sizeof(float));
@@ -38,7 +40,17 @@ imml_status imml_coll_gather(const imml_model *m, imml_acts *a, imml_coll *g,
   float *zz = lab + Bmax;
   for (int mm = 0; mm < M; mm++)
     memcpy(zz + (size_t)mm * Bmax * k, a->z[mm], (size_t)B * k * sizeof(float));
-  int rc = g->ops.allgather(g->ops.user_data, snd, g->count, g->recv);
+}
+
+imml_status imml_coll_gather(const imml_model *m, imml_acts *a, imml_coll *g,
+                             char *err, size_t n) {
+  const imml_config *c = &m->cfg;
+  const int M = c->n_modalities, k = c->knowledge_dim, Bmax = c->max_batch,
+            R = g->ops.world_size;
+  const int B = a->batch;
+  const float *snd = g->send;
+  pack_message(m, a, g);
+  int rc = g->ops.allgather(g->ops.user_data, g->send, g->count, g->recv);
   if (rc != 0) {
     imml_set_err(err, n, "allgather callback returned %d", rc);
     return IMML_ERR_CALLBACK;
@@ -118,21 +130,45 @@ imml_status imml_coll_gather(const imml_model *m, imml_acts *a, imml_coll *g,
   return IMML_OK;
 }
 
-/* The six training-scratch pointers the attention writes, in a fixed
- * order: train.kk, train.alpha, train.w, g.dw, g.de, g.dk. */
-static float **attn_scratch(imml_model *m, int i) {
-  float **p[6] = {&m->train.kk, &m->train.alpha, &m->train.w,
-                  &m->g.dw,     &m->g.de,        &m->g.dk};
-  return p[i];
-}
-
-/* Detaches the collective: the model's own scratch comes back. */
+/* Detaches the collective and frees its block. */
 static void coll_release(imml_model *m) {
-  if (m->coll.scratch[0])
-    for (int i = 0; i < 6; i++)
-      *attn_scratch(m, i) = m->coll.own[i];
   imml_free(&m->alloc, m->coll.block);
   memset(&m->coll, 0, sizeof m->coll);
+}
+
+/* Carves (or, with cv->base NULL, counts) the collective's buffers for R
+ * ranks of up to Bm rows: the message, the gathered batch and its
+ * contrastive scratch, and attention scratch when R Bm exceeds jmax. */
+static void carve_coll(imml_carver *cv, imml_coll *g, size_t M, size_t k,
+                       size_t Bm, size_t R, size_t jmax) {
+  size_t G = 0, GG = 0, rk = 0;
+  if (!imml_size_mul(&G, R, Bm) || !imml_size_mul(&GG, G, G) ||
+      !imml_size_mul(&rk, R, g->count))
+    cv->overflow = 1;
+  g->send = imml_carve(cv, g->count, sizeof(float));
+  g->recv = imml_carve(cv, rk, sizeof(float));
+  for (size_t mm = 0; mm < M; mm++) {
+    g->z[mm] = imml_carve(cv, G * k, sizeof(float));
+    g->nz[mm] = imml_carve(cv, G * k, sizeof(float));
+    g->r[mm] = imml_carve(cv, G, sizeof(float));
+    g->s[mm] = imml_carve(cv, GG, sizeof(float));
+    g->st[mm] = imml_carve(cv, GG, sizeof(float));
+  }
+  g->ds = imml_carve(cv, GG, sizeof(float));
+  g->dst = imml_carve(cv, GG, sizeof(float));
+  g->labels = imml_carve(cv, G, sizeof(int));
+  if (G > jmax) {
+    /* kk (G, k), alpha, w, dw, de (Bmax, G), dk (G, k) */
+    size_t gk = 0, bg = 0;
+    if (!imml_size_mul(&gk, G, k) || !imml_size_mul(&bg, Bm, G))
+      cv->overflow = 1;
+    g->att.kk = imml_carve(cv, gk, sizeof(float));
+    g->att.alpha = imml_carve(cv, bg, sizeof(float));
+    g->att.w = imml_carve(cv, bg, sizeof(float));
+    g->att.dw = imml_carve(cv, bg, sizeof(float));
+    g->att.de = imml_carve(cv, bg, sizeof(float));
+    g->att.dk = imml_carve(cv, gk, sizeof(float));
+  }
 }
 
 void imml_collective_init(imml_collective *c) {
@@ -182,31 +218,7 @@ imml_status imml_collective_set(imml_model *m, const imml_collective *in) {
   g.count = 2 + 2 * M + Bm * (1 + M * k);
   imml_carver cv = {NULL, 0, 0};
   for (int pass = 0; pass < 2; pass++) {
-    size_t G = 0, GG = 0, rk = 0;
-    if (!imml_size_mul(&G, R, Bm) || !imml_size_mul(&GG, G, G) ||
-        !imml_size_mul(&rk, R, g.count))
-      cv.overflow = 1;
-    g.send = imml_carve(&cv, g.count, sizeof(float));
-    g.recv = imml_carve(&cv, rk, sizeof(float));
-    for (size_t mm = 0; mm < M; mm++) {
-      g.z[mm] = imml_carve(&cv, G * k, sizeof(float));
-      g.nz[mm] = imml_carve(&cv, G * k, sizeof(float));
-      g.r[mm] = imml_carve(&cv, G, sizeof(float));
-      g.s[mm] = imml_carve(&cv, GG, sizeof(float));
-      g.st[mm] = imml_carve(&cv, GG, sizeof(float));
-    }
-    g.ds = imml_carve(&cv, GG, sizeof(float));
-    g.dst = imml_carve(&cv, GG, sizeof(float));
-    g.labels = imml_carve(&cv, G, sizeof(int));
-    if (G > (size_t)m->jmax) {
-      /* kk (G, k), alpha, w, dw, de (Bmax, G), dk (G, k) */
-      size_t gk = 0, bg = 0;
-      if (!imml_size_mul(&gk, G, k) || !imml_size_mul(&bg, Bm, G))
-        cv.overflow = 1;
-      const size_t n6[6] = {gk, bg, bg, bg, bg, gk};
-      for (int i = 0; i < 6; i++)
-        g.scratch[i] = imml_carve(&cv, n6[i], sizeof(float));
-    }
+    carve_coll(&cv, &g, M, k, Bm, R, (size_t)m->jmax);
     if (cv.overflow)
       return imml_fail(m, IMML_ERR_TOO_LARGE,
                        "world_size %d x max_batch %d: gathered buffers "
@@ -225,10 +237,5 @@ imml_status imml_collective_set(imml_model *m, const imml_collective *in) {
   coll_release(m);
   m->coll = g;
   m->coll.active = 1;
-  if (g.scratch[0])
-    for (int i = 0; i < 6; i++) {
-      m->coll.own[i] = *attn_scratch(m, i);
-      *attn_scratch(m, i) = g.scratch[i];
-    }
   return IMML_OK;
 }

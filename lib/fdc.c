@@ -58,12 +58,12 @@ static const float *strata_matrix(const fdc_view *v) {
   return v->one_block ? v->d[0] : NULL;
 }
 
-void fdc_forward(const imml_model *m, imml_acts *a, int p,
-                 const float *const *z, float *const *slot, const fdc_view *v) {
+void fdc_forward(const imml_model *m, imml_acts *a, const fdc_scratch *att,
+                 int p, const float *const *z, float *const *slot,
+                 const fdc_view *v) {
   const imml_config *c = &m->cfg;
   const int B = a->batch, k = c->knowledge_dim, M = c->n_modalities, J = v->n;
-  const float *wq = m->params + m->tensors[IMML_PER_MODALITY * M].offset;
-  const float *wk = m->params + m->tensors[IMML_PER_MODALITY * M + 1].offset;
+  const float *wq = m->pt.wq, *wk = m->pt.wk;
   const float inv_sqrt_k = 1.0f / sqrtf((float)k);
   a->query_side = use_query_side(B, J, k, M, a == &m->train && c->beta != 0.0f);
   /* q (B, k) = [z_p; z_a1; ...] (B, Mk) Wq (Mk, k), one block at a time */
@@ -79,26 +79,26 @@ void fdc_forward(const imml_model *m, imml_acts *a, int p,
     const float *d = strata_matrix(v);
     if (d)
       k_gemm(m->gemm, 0, 1, B, J, M * k, inv_sqrt_k, a->qk, ldq, d, v->ld, 0.0f,
-             a->alpha, J);
+             att->alpha, J);
     else
       for (int mm = 0; mm < M; mm++)
         k_gemm(m->gemm, 0, 1, B, J, k, inv_sqrt_k, a->qk + (size_t)mm * k, ldq,
-               v->d[mm], v->ld, mm == 0 ? 0.0f : 1.0f, a->alpha, J);
+               v->d[mm], v->ld, mm == 0 ? 0.0f : 1.0f, att->alpha, J);
   } else {
     /* c (J, k) = [d_p; d_a1; ...] Wk; E = q cᵀ / sqrt(k) */
     for (int pos = 0; pos < M; pos++)
       k_gemm(m->gemm, 0, 0, J, k, k, 1.0f, v->d[order_at(p, pos)], v->ld,
-             wk + (size_t)pos * k * k, k, pos == 0 ? 0.0f : 1.0f, a->kk, k);
-    k_gemm(m->gemm, 0, 1, B, J, k, inv_sqrt_k, a->q, k, a->kk, k, 0.0f,
-           a->alpha, J);
+             wk + (size_t)pos * k * k, k, pos == 0 ? 0.0f : 1.0f, att->kk, k);
+    k_gemm(m->gemm, 0, 1, B, J, k, inv_sqrt_k, a->q, k, att->kk, k, 0.0f,
+           att->alpha, J);
   }
   /* alpha (B, J) = softmax(E) */
-  k_softmax_rows(B, J, a->alpha, J, a->alpha, J);
+  k_softmax_rows(B, J, att->alpha, J, att->alpha, J);
   /* w = beta alpha + (1 - beta) / J */
   const float beta = c->beta, flat = (1.0f - c->beta) / (float)J;
   const size_t nw = (size_t)B * J;
   for (size_t i = 0; i < nw; i++)
-    a->w[i] = beta * a->alpha[i] + flat;
+    att->w[i] = beta * att->alpha[i] + flat;
   const int cond = c->slot_mode == IMML_SLOT_CONDITIONAL;
   for (int mm = 0; mm < M; mm++) {
     if ((mm == p || cond) && slot[mm] != z[mm])
@@ -106,17 +106,17 @@ void fdc_forward(const imml_model *m, imml_acts *a, int p,
     if (mm == p)
       continue;
     /* xhat_a (B, k) = w (B, J) d_a (J, k); conditional adds it to z_a */
-    k_gemm(m->gemm, 0, 0, B, k, J, 1.0f, a->w, J, v->d[mm], v->ld,
+    k_gemm(m->gemm, 0, 0, B, k, J, 1.0f, att->w, J, v->d[mm], v->ld,
            cond ? 1.0f : 0.0f, slot[mm], k);
   }
   a->view = *v;
   a->p = p;
 }
 
-void fdc_backward(imml_model *m, float *G) {
+void fdc_backward(const imml_model *m, const imml_acts *a,
+                  const fdc_scratch *att, imml_grads_scratch *g,
+                  const imml_ptensors *dg) {
   const imml_config *c = &m->cfg;
-  imml_acts *a = &m->train;
-  imml_grads_scratch *g = &m->g;
   const int B = a->batch, k = c->knowledge_dim, M = c->n_modalities;
   const size_t bk = (size_t)B * k * sizeof(float);
   /* Slots: dz_m = dslot_m, except strict mode where z_a reaches its slot
@@ -132,32 +132,30 @@ void fdc_backward(imml_model *m, float *G) {
   const fdc_view *v = &a->view;
   const int J = v->n, p = a->p;
   const float inv_sqrt_k = 1.0f / sqrtf((float)k);
-  float *dwq = G + m->tensors[IMML_PER_MODALITY * M].offset;
-  float *dwk = G + m->tensors[IMML_PER_MODALITY * M + 1].offset;
-  const float *wq = m->params + m->tensors[IMML_PER_MODALITY * M].offset;
+  float *dwq = dg->wq, *dwk = dg->wk;
+  const float *wq = m->pt.wq, *wk = m->pt.wk;
   /* dalpha (B, J) = beta sum_a dxhat_a (B, k) d_aᵀ (k, J) */
   int first = 1;
   for (int mm = 0; mm < M; mm++) {
     if (mm == p)
       continue;
     k_gemm(m->gemm, 0, 1, B, J, k, c->beta, g->dslot[mm], k, v->d[mm], v->ld,
-           first ? 0.0f : 1.0f, g->dw, J);
+           first ? 0.0f : 1.0f, att->dw, J);
     first = 0;
   }
   /* dE = alpha ⊙ (dalpha - rowsum(dalpha ⊙ alpha)) */
-  k_softmax_backward_rows(B, J, a->alpha, J, g->dw, J, g->de, J);
-  const float *wk = m->params + m->tensors[IMML_PER_MODALITY * M + 1].offset;
+  k_softmax_backward_rows(B, J, att->alpha, J, att->dw, J, att->de, J);
   if (a->query_side) {
     /* dqk (B, Mk) = dE (B, J) D (J, Mk) / sqrt(k); then per block
      * dQ += dqk_m Wk_pos and dWk_pos += dqk_mᵀ Q */
     const int ldq = M * k;
     const float *d = strata_matrix(v);
     if (d)
-      k_gemm(m->gemm, 0, 0, B, M * k, J, inv_sqrt_k, g->de, J, d, v->ld, 0.0f,
+      k_gemm(m->gemm, 0, 0, B, M * k, J, inv_sqrt_k, att->de, J, d, v->ld, 0.0f,
              g->dqk, ldq);
     else
       for (int mm = 0; mm < M; mm++)
-        k_gemm(m->gemm, 0, 0, B, k, J, inv_sqrt_k, g->de, J, v->d[mm], v->ld,
+        k_gemm(m->gemm, 0, 0, B, k, J, inv_sqrt_k, att->de, J, v->d[mm], v->ld,
                0.0f, g->dqk + (size_t)mm * k, ldq);
     for (int pos = 0; pos < M; pos++) {
       const float *blk = g->dqk + (size_t)order_at(p, pos) * k;
@@ -169,13 +167,13 @@ void fdc_backward(imml_model *m, float *G) {
   } else {
     /* dQ (B, k) = dE (B, J) c (J, k) / sqrt(k); dK (J, k) = dEᵀ Q / sqrt(k);
      * dWk block += d_mᵀ dK */
-    k_gemm(m->gemm, 0, 0, B, k, J, inv_sqrt_k, g->de, J, a->kk, k, 0.0f, g->dq,
-           k);
-    k_gemm(m->gemm, 1, 0, J, k, B, inv_sqrt_k, g->de, J, a->q, k, 0.0f, g->dk,
-           k);
+    k_gemm(m->gemm, 0, 0, B, k, J, inv_sqrt_k, att->de, J, att->kk, k, 0.0f,
+           g->dq, k);
+    k_gemm(m->gemm, 1, 0, J, k, B, inv_sqrt_k, att->de, J, a->q, k, 0.0f,
+           att->dk, k);
     for (int pos = 0; pos < M; pos++)
-      k_gemm(m->gemm, 1, 0, k, k, J, 1.0f, v->d[order_at(p, pos)], v->ld, g->dk,
-             k, 1.0f, dwk + (size_t)pos * k * k, k);
+      k_gemm(m->gemm, 1, 0, k, k, J, 1.0f, v->d[order_at(p, pos)], v->ld,
+             att->dk, k, 1.0f, dwk + (size_t)pos * k * k, k);
   }
   for (int pos = 0; pos < M; pos++) {
     const int mm = order_at(p, pos);

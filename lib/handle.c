@@ -87,7 +87,7 @@ imml_status imml_model_share(imml_model *model, imml_model **out) {
   s->jmax = model->jmax;
   s->parent = model;
   imml_carver c = {NULL, 0, 0};
-  imml_carve_acts(&c, &s->cfg, s->jmax, 0, &s->eval);
+  imml_carve_acts(&c, &s->cfg, s->jmax, 0, &s->eval, &s->eval_att);
   s->arena_bytes = c.used;
   s->arena = imml_alloc(&s->alloc, c.used);
   if (!s->arena) {
@@ -105,7 +105,8 @@ imml_status imml_model_share(imml_model *model, imml_model **out) {
   }
   c.base = s->arena;
   c.used = 0;
-  imml_carve_acts(&c, &s->cfg, s->jmax, 0, &s->eval);
+  imml_carve_acts(&c, &s->cfg, s->jmax, 0, &s->eval, &s->eval_att);
+  imml_ptensors_point(s, s->params, &s->pt); /* no gradients: never trains */
   imml_share_sync(s);
   *out = s;
   return IMML_OK;

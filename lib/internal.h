@@ -20,6 +20,24 @@
 
 enum { T_W1 = 0, T_B1, T_W2, T_B2, T_WC, T_BC };
 
+/* Named views of one parameter-shaped block (the parameters, the
+ * gradients or the staging block of a backward), built once when a model
+ * or share is made (imml_ptensors_point), as llm.c's ParameterTensors: the
+ * method files name a tensor instead of computing its index.  The public
+ * order and names (imml_param_get) are the layout's, in arena.c. */
+typedef struct imml_ptensors {
+  float *w1[IMML_MAX_MODALITIES]; /* (d_m, H) */
+  float *b1[IMML_MAX_MODALITIES]; /* (H) */
+  float *w2[IMML_MAX_MODALITIES]; /* (H, k) */
+  float *b2[IMML_MAX_MODALITIES]; /* (k) */
+  float *wc[IMML_MAX_MODALITIES]; /* (k, C) */
+  float *bc[IMML_MAX_MODALITIES]; /* (C) */
+  float *wq;                      /* fdc.wq (M k, k) */
+  float *wk;                      /* fdc.wk (M k, k) */
+  float *ftw;                     /* ft.w (M k, C); NULL with host F&T */
+  float *ftb;                     /* ft.b (C); NULL with host F&T */
+} imml_ptensors;
+
 typedef struct imml_tensor {
   char name[IMML_NAME_SIZE];
   int rows, cols;
@@ -37,8 +55,9 @@ typedef struct fdc_view {
 } fdc_view;
 
 /* Activations of one forward.  The model owns one for training (with the
- * feature copies the backward needs) and one for evaluation; a public
- * imml_workspace wraps another for imml_predict. */
+ * feature copies the backward needs) and one for evaluation; a share owns
+ * an evaluation one of its own.  The attention's scratch is apart
+ * (fdc_scratch): a collective step may use a larger one. */
 typedef struct imml_acts {
   int batch;
   int warm; /* 1: forward ran in warm-up (slots = z, no L_con) */
@@ -60,10 +79,7 @@ typedef struct imml_acts {
   float *st[IMML_MAX_MODALITIES];
   float *slot[IMML_MAX_MODALITIES]; /* (B, k) F&T inputs */
   float *q;                         /* (B, k) */
-  float *kk;                        /* (Jmax, k) keys c = D Wk */
   float *qk;                        /* (B, M k) q Wkᵀ, modality order */
-  float *alpha;                     /* (B, Jmax) */
-  float *w;                         /* (B, Jmax) */
   float *logits;                    /* (B, C) */
   float *probs;                     /* (B, C) softmax(logits) */
   int *labels;                      /* (B) */
@@ -71,6 +87,22 @@ typedef struct imml_acts {
   double ce[IMML_MAX_MODALITIES];   /* unimodal batch cross-entropies */
   imml_losses losses;
 } imml_acts;
+
+/* The attention scratch of one forward and its backward (fdc.c): the
+ * model's own (m->train_att, m->eval_att, for jmax strata) or, in a
+ * collective step whose gathered batch exceeds jmax, the collective's
+ * (m->coll.att, for R max_batch strata).  The caller picks it and passes
+ * it to fdc_forward and fdc_backward; nothing is swapped.  The forward
+ * writes kk, alpha and w, the backward reads them and writes dw, de, dk
+ * (NULL in an evaluation scratch). */
+typedef struct fdc_scratch {
+  float *kk;    /* (Jmax, k) keys c = D Wk */
+  float *alpha; /* (B, Jmax) */
+  float *w;     /* (B, Jmax) */
+  float *dw;    /* (B, Jmax) */
+  float *de;    /* (B, Jmax) */
+  float *dk;    /* (Jmax, k) */
+} fdc_scratch;
 
 /* Backward scratch (training only). */
 typedef struct imml_grads_scratch {
@@ -81,10 +113,7 @@ typedef struct imml_grads_scratch {
   float *dn_a;                       /* (B, k) */
   float *ds;                         /* (B, B) */
   float *dst;                        /* (B, B) */
-  float *dw;                         /* (B, Jmax) */
-  float *de;                         /* (B, Jmax) */
   float *dq;                         /* (B, k) */
-  float *dk;                         /* (Jmax, k) */
   float *dqk;                        /* (B, M k) */
   float *dout;                       /* (B, C) */
   float *du;                         /* (B, H) */
@@ -110,11 +139,9 @@ typedef struct imml_coll {
   double ce[IMML_MAX_MODALITIES]; /* unimodal CE sums over ranks */
   /* Attention scratch for up to R * max_batch strata (an empty dictionary
    * is replaced by the gathered batch), allocated only when that exceeds
-   * the model's jmax; while attached it replaces the training scratch
-   * train.kk, train.alpha, train.w, g.dw, g.de, g.dk, whose own pointers
-   * are kept in own[] and put back on detach. */
-  float *scratch[6];
-  float *own[6];
+   * the model's jmax (att.kk NULL otherwise): a gathered step's forward
+   * and backward are then given it instead of m->train_att. */
+  fdc_scratch att;
   void *block;
 } imml_coll;
 
@@ -146,11 +173,27 @@ typedef struct imml_optim {
   float *m1;   /* (n_params) momentum / first moment */
   float *m2;   /* (n_params) second moment (AdamW) */
   int has_buf; /* SGD: momentum buffer initialised */
-  /* AdamW: max |m1| and max |m2| (NaN: not known, e.g. after a load);
-   * they let a step prove its update finite by reading P and G only. */
-  float max1, max2;
   void *block; /* the allocation holding m1, m2 */
 } imml_optim;
+
+enum { IMML_EXPOSED_PARAMS = 1, IMML_EXPOSED_GRADS = 2 };
+
+/* What the library knows about blocks only it writes, so that a step can
+ * skip reading them.  Changed only by imml_cache_note (cache.h), where
+ * each call site says what happened. */
+typedef struct imml_cache {
+  int grads_zero; /* the gradients were last set to +0.0 by the library */
+  /* Blocks the host may write through pointers it was given
+   * (imml_param_get/find, imml_param_flat), for good: IMML_EXPOSED_*. */
+  int exposed;
+  /* max |params| and max |grads| (NaN: not known), trusted while neither
+   * block is exposed: a step then proves its update finite without reading
+   * either block. */
+  float max_p, max_g;
+  /* AdamW: max |m1| and max |m2| (NaN: not known, e.g. after a load);
+   * the moments are never exposed. */
+  float max1, max2;
+} imml_cache;
 
 struct imml_model {
   imml_allocator alloc;
@@ -163,17 +206,12 @@ struct imml_model {
   int n_tensors;
   imml_tensor tensors[IMML_MAX_TENSORS];
   size_t n_params;
-  float *params;       /* (n_params) */
-  float *grads;        /* (n_params) */
-  float *stage;        /* (n_params) gradients of one backward, before commit */
-  int grads_zero_hint; /* gradients were last set to +0.0 by the library */
-  /* Blocks the host may write through pointers it was given
-   * (imml_param_info, imml_params_flat), for good: IMML_EXPOSED_*. */
-  int exposed;
-  /* max |params| and max |grads| (NaN: not known), kept while the library
-   * alone can write them: a step then proves its update finite without
-   * reading either block, and a backward trusts grads_zero_hint. */
-  float max_p, max_g;
+  float *params; /* (n_params) */
+  float *grads;  /* (n_params) */
+  float *stage;  /* (n_params) gradients of one backward, before commit */
+  /* Named views of params, grads and stage (a share: params only). */
+  imml_ptensors pt, gt, stt;
+  imml_cache cache; /* facts about params, grads, moments (cache.h) */
 
   /* Strata dictionary: J entries of M k floats, entry j = [d_j0; d_j1; ..]
    * in modality order. */
@@ -191,6 +229,8 @@ struct imml_model {
   int jmax;    /* max(J, max_batch): rows of any strata view */
   imml_acts train;
   imml_acts eval;
+  fdc_scratch train_att; /* the attention scratch of train (with dw, de, dk) */
+  fdc_scratch eval_att;  /* ... and of eval (kk, alpha, w only) */
   imml_grads_scratch g;
 
   imml_optim opt;
@@ -298,12 +338,16 @@ typedef struct imml_carver {
   int overflow;
 } imml_carver;
 void *imml_carve(imml_carver *c, size_t count, size_t elem);
-/* Carves an activation set for max_batch rows; training adds the feature
+/* Carves an activation set for max_batch rows and the forward part of
+ * its attention scratch (kk, alpha, w); training adds the feature
  * copies. */
 void imml_carve_acts(imml_carver *c, const imml_config *cfg, int jmax,
-                     int training, imml_acts *a);
+                     int training, imml_acts *a, fdc_scratch *att);
 uint64_t imml_params_layout(const imml_config *cfg, int builtin_ft,
                             imml_tensor *t, int *n_tensors);
+/* Points the named views t into a parameter-shaped block at base (NULL:
+ * every view NULL), by m's layout (m->tensors). */
+void imml_ptensors_point(const imml_model *m, float *base, imml_ptensors *t);
 
 /* mdken.c (METHOD.md section 1) */
 void mdken_forward(const imml_model *m, imml_acts *a, const float *const *h);
@@ -321,12 +365,17 @@ typedef struct con_space {
 } con_space;
 double mdken_contrastive_forward(const imml_model *m, int p,
                                  const con_space *cs);
-/* con_scale multiplies the contrastive gradient, ce_scale the unimodal
- * heads' (both 1 outside a collective step). */
-void mdken_backward(imml_model *m, float *g, float *const *dh, int off,
+/* The backward of mdken_forward and mdken_contrastive_forward: reads the
+ * activations a (and cs, the contrastive space the forward used, whose
+ * ds and dst it writes), takes dL/dslot from the F&T and FDC backwards in
+ * g->dz, uses g's other buffers as scratch, and adds into the gradient
+ * views dP; dh (NULL: not wanted) receives dL/dh.  off is this rank's first
+ * row in cs; con_scale multiplies the contrastive gradient, ce_scale the
+ * unimodal heads' (both 1 outside a collective step). */
+void mdken_backward(const imml_model *m, const imml_acts *a,
+                    imml_grads_scratch *g, const con_space *cs,
+                    const imml_ptensors *dP, float *const *dh, int off,
                     float con_scale, float ce_scale);
-
-enum { IMML_EXPOSED_PARAMS = 1, IMML_EXPOSED_GRADS = 2 };
 
 /* par.c: fn(ctx, part, lo, hi) over [0, n) in contiguous parts, the first
  * on the calling thread; returns the number of parts (1..IMML_PAR_MAX),
@@ -343,11 +392,17 @@ int imml_par_all_zero(size_t n, const float *x);
 /* fdc.c (METHOD.md section 2) */
 fdc_view fdc_dict_view(const imml_model *m);
 fdc_view fdc_batch_view(const imml_model *m, const float *const *z, int n);
-/* Slots from knowledge z (M pointers (B, k)) over view v; writes q, kk,
- * alpha, w of a. */
-void fdc_forward(const imml_model *m, imml_acts *a, int p,
-                 const float *const *z, float *const *slot, const fdc_view *v);
-void fdc_backward(imml_model *m, float *g);
+/* Slots from knowledge z (M pointers (B, k)) over view v; writes q, qk
+ * of a and kk, alpha, w of att. */
+void fdc_forward(const imml_model *m, imml_acts *a, const fdc_scratch *att,
+                 int p, const float *const *z, float *const *slot,
+                 const fdc_view *v);
+/* The backward of fdc_forward over a and att (the same scratch): takes
+ * dL/dslot in g->dslot, writes dL/dz into g->dz, adds into dg's fdc.wq
+ * and fdc.wk. */
+void fdc_backward(const imml_model *m, const imml_acts *a,
+                  const fdc_scratch *att, imml_grads_scratch *g,
+                  const imml_ptensors *dg);
 
 /* collective.c: gathers the global batch of a collective training forward
  * into *g (this rank's rows start at g->off). */
@@ -372,10 +427,12 @@ void imml_share_sync(imml_model *m);
 imml_status imml_check_batch(const imml_config *c, int batch,
                              const float *const *x, const int *labels,
                              int need_labels, char *err, size_t n);
-imml_status imml_run_forward(const imml_model *m, imml_acts *a, int training,
-                             int batch, const float *const *h,
-                             const int *labels, imml_coll *coll, char *err,
-                             size_t n);
+/* One forward into a with attention scratch att; a collective training
+ * forward (coll non-NULL) also gathers into *coll. */
+imml_status imml_run_forward(const imml_model *m, imml_acts *a,
+                             const fdc_scratch *att, int training, int batch,
+                             const float *const *h, const int *labels,
+                             imml_coll *coll, char *err, size_t n);
 
 /* optim.c */
 imml_status imml_optim_validate(const imml_optim_config *in,
@@ -384,9 +441,9 @@ imml_status imml_optim_alloc(imml_model *m, const imml_optim_config *c);
 
 /* ft.c (METHOD.md section 3) */
 int ft_forward(const imml_model *m, imml_acts *a, int training);
-int ft_backward(imml_model *m, float *g);
-
-#define IMML_PARAM(m, base, mod, which)                                        \
-  ((base) + (m)->tensors[(mod)*IMML_PER_MODALITY + (which)].offset)
+/* The backward of ft_forward over a: dL/dlogits in g->dlogits, dL/dslot
+ * into g->dslot, ft.w and ft.b's gradients added into d. */
+int ft_backward(const imml_model *m, const imml_acts *a, imml_grads_scratch *g,
+                const imml_ptensors *d);
 
 #endif /* IMML_INTERNAL_H */

@@ -190,18 +190,6 @@ void k_softmax_rows(int rows, int cols, const float *x, int ldx, float *y,
   softmax_rows_impl(rows, cols, x, ldx, y, ldy);
 }
 
-void k_log_softmax_rows(int rows, int cols, const float *x, int ldx, float *y,
-                        int ldy) {
-  for (int i = 0; i < rows; i++) {
-    const float *xi = x + (size_t)i * ldx;
-    float *yi = y + (size_t)i * ldy;
-    float m, lse;
-    row_lse(cols, xi, 1, &m, &lse);
-    for (int j = 0; j < cols; j++)
-      yi[j] = xi[j] - m - lse;
-  }
-}
-
 void k_softmax_backward_rows(int rows, int cols, const float *a, int lda,
                              const float *da, int ldda, float *dx, int lddx) {
   for (int i = 0; i < rows; i++) {

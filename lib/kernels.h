@@ -98,11 +98,9 @@ void k_relu_forward(size_t n, const float *x, float *y);
  * in place allowed (dx == dy). */
 void k_relu_backward(size_t n, const float *y, const float *dy, float *dx);
 
-/* Row-wise softmax / log-softmax of an (R, C) matrix, max subtracted. */
+/* Row-wise softmax of an (R, C) matrix, max subtracted. */
 void k_softmax_rows(int rows, int cols, const float *x, int ldx, float *y,
                     int ldy);
-void k_log_softmax_rows(int rows, int cols, const float *x, int ldx, float *y,
-                        int ldy);
 
 /* dx = a ⊙ (da - rowsum(da ⊙ a)): the backward of a = softmax(x). */
 void k_softmax_backward_rows(int rows, int cols, const float *a, int lda,

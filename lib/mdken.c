@@ -12,18 +12,18 @@ void mdken_forward(const imml_model *m, imml_acts *a, const float *const *h) {
             C = c->n_classes;
   double dis = 0.0;
   for (int mm = 0; mm < c->n_modalities; mm++) {
-    const float *P = m->params;
+    const imml_ptensors *P = &m->pt;
     const int d = c->dims[mm];
     /* u (B, H) = relu(h (B, d) W1 (d, H) + b1) */
-    k_linear_forward(m->gemm, B, d, H, h[mm], d, IMML_PARAM(m, P, mm, T_W1),
-                     IMML_PARAM(m, P, mm, T_B1), a->u[mm]);
+    k_linear_forward(m->gemm, B, d, H, h[mm], d, P->w1[mm], P->b1[mm],
+                     a->u[mm]);
     k_relu_forward((size_t)B * H, a->u[mm], a->u[mm]);
     /* z (B, k) = u W2 + b2 */
-    k_linear_forward(m->gemm, B, H, k, a->u[mm], H, IMML_PARAM(m, P, mm, T_W2),
-                     IMML_PARAM(m, P, mm, T_B2), a->z[mm]);
+    k_linear_forward(m->gemm, B, H, k, a->u[mm], H, P->w2[mm], P->b2[mm],
+                     a->z[mm]);
     /* o (B, C) = z Wc + bc */
-    k_linear_forward(m->gemm, B, k, C, a->z[mm], k, IMML_PARAM(m, P, mm, T_WC),
-                     IMML_PARAM(m, P, mm, T_BC), a->o[mm]);
+    k_linear_forward(m->gemm, B, k, C, a->z[mm], k, P->wc[mm], P->bc[mm],
+                     a->o[mm]);
     if (a->has_labels) {
       a->ce[mm] = k_xent_forward(B, C, a->o[mm], a->labels, a->po[mm]);
       dis += a->ce[mm];
@@ -60,29 +60,13 @@ double mdken_contrastive_forward(const imml_model *m, int p,
   return con / (M - 1);
 }
 
-/* The contrastive space of the last training forward. */
-static con_space train_space(imml_model *m) {
-  con_space cs;
-  if (m->train.gathered) {
-    imml_coll *g = &m->coll;
-    cs = (con_space){g->n,  g->z,      g->nz, g->r,  g->s,
-                     g->st, g->labels, g->ds, g->dst};
-  } else {
-    imml_acts *a = &m->train;
-    cs = (con_space){a->batch, a->z,      a->nz,   a->r,    a->s,
-                     a->st,    a->labels, m->g.ds, m->g.dst};
-  }
-  return cs;
-}
-
 /* Adds scale * dL_con/dz for this rank's rows (off .. off+B-1 of the
- * space) into dz (METHOD.md section 7). */
-static void contrastive_backward(imml_model *m, int off, float scale) {
+ * space cs) into g->dz (METHOD.md section 7). */
+static void contrastive_backward(const imml_model *m, const imml_acts *a,
+                                 imml_grads_scratch *g, const con_space *cs,
+                                 int off, float scale) {
   const imml_config *c = &m->cfg;
-  imml_acts *a = &m->train;
-  imml_grads_scratch *g = &m->g;
-  const con_space cs = train_space(m);
-  const int B = a->batch, N = cs.n, k = c->knowledge_dim, M = c->n_modalities,
+  const int B = a->batch, N = cs->n, k = c->knowledge_dim, M = c->n_modalities,
             p = a->p;
   const float s = c->gamma1 / (float)(M - 1);
   const float inv_tau = scale / c->tau;
@@ -90,54 +74,50 @@ static void contrastive_backward(imml_model *m, int off, float scale) {
   for (int aa = 0; aa < M; aa++) {
     if (aa == p)
       continue;
-    memset(cs.ds, 0, (size_t)N * N * sizeof(float));
-    memset(cs.dst, 0, (size_t)N * N * sizeof(float));
+    memset(cs->ds, 0, (size_t)N * N * sizeof(float));
+    memset(cs->dst, 0, (size_t)N * N * sizeof(float));
     /* dS = (s/2) (A + Eᵀ): A from the rows of S, E from the rows of Sᵀ */
-    k_supcon_backward(N, cs.s[aa], cs.labels, 0.5f * s, cs.ds, N, 1);
-    k_supcon_backward(N, cs.st[aa], cs.labels, 0.5f * s, cs.dst, N, 1);
-    k_transpose(N, N, cs.dst, N, cs.ds, N, 1);
+    k_supcon_backward(N, cs->s[aa], cs->labels, 0.5f * s, cs->ds, N, 1);
+    k_supcon_backward(N, cs->st[aa], cs->labels, 0.5f * s, cs->dst, N, 1);
+    k_transpose(N, N, cs->dst, N, cs->ds, N, 1);
     /* dn_p (B, k) += dS[own rows] (B, N) n_a (N, k) / tau */
-    k_gemm(m->gemm, 0, 0, B, k, N, inv_tau, cs.ds + (size_t)off * N, N,
-           cs.nz[aa], k, 1.0f, g->dn_p, k);
+    k_gemm(m->gemm, 0, 0, B, k, N, inv_tau, cs->ds + (size_t)off * N, N,
+           cs->nz[aa], k, 1.0f, g->dn_p, k);
     /* dn_a (B, k) = (dSᵀ)[own rows] n_p / tau = dS[:, own]ᵀ n_p / tau */
-    k_gemm(m->gemm, 1, 0, B, k, N, inv_tau, cs.ds + off, N, cs.nz[p], k, 0.0f,
+    k_gemm(m->gemm, 1, 0, B, k, N, inv_tau, cs->ds + off, N, cs->nz[p], k, 0.0f,
            g->dn_a, k);
-    k_l2norm_backward(B, k, cs.nz[aa] + (size_t)off * k, cs.r[aa] + off,
+    k_l2norm_backward(B, k, cs->nz[aa] + (size_t)off * k, cs->r[aa] + off,
                       g->dn_a, g->dz[aa]);
   }
-  k_l2norm_backward(B, k, cs.nz[p] + (size_t)off * k, cs.r[p] + off, g->dn_p,
+  k_l2norm_backward(B, k, cs->nz[p] + (size_t)off * k, cs->r[p] + off, g->dn_p,
                     g->dz[p]);
 }
 
-void mdken_backward(imml_model *m, float *G, float *const *dh, int off,
+void mdken_backward(const imml_model *m, const imml_acts *a,
+                    imml_grads_scratch *g, const con_space *cs,
+                    const imml_ptensors *dP, float *const *dh, int off,
                     float con_scale, float ce_scale) {
   const imml_config *c = &m->cfg;
-  imml_acts *a = &m->train;
-  imml_grads_scratch *g = &m->g;
+  const imml_ptensors *P = &m->pt;
   const int B = a->batch, H = c->hidden_dim, k = c->knowledge_dim,
             C = c->n_classes, M = c->n_modalities;
   if (!a->warm && c->gamma1 != 0.0f)
-    contrastive_backward(m, off, con_scale);
+    contrastive_backward(m, a, g, cs, off, con_scale);
   const float head_scale = ce_scale * c->gamma2 / (float)M;
   for (int mm = 0; mm < M; mm++) {
-    const float *P = m->params;
     const int d = c->dims[mm];
     if (head_scale != 0.0f) {
       /* do (B, C) = (gamma2/M) (softmax(o) - onehot(y)) / B */
       k_xent_backward(B, C, a->po[mm], a->labels, head_scale, g->dout, 0.0f);
-      k_linear_backward(m->gemm, B, k, C, a->z[mm], k,
-                        IMML_PARAM(m, P, mm, T_WC), g->dout,
-                        IMML_PARAM(m, G, mm, T_WC), IMML_PARAM(m, G, mm, T_BC),
-                        g->dz[mm], k, 1.0f);
+      k_linear_backward(m->gemm, B, k, C, a->z[mm], k, P->wc[mm], g->dout,
+                        dP->wc[mm], dP->bc[mm], g->dz[mm], k, 1.0f);
     }
     /* z = u W2 + b2: dW2 += uᵀ dz, db2 += sum dz, du = dz W2ᵀ */
-    k_linear_backward(m->gemm, B, H, k, a->u[mm], H, IMML_PARAM(m, P, mm, T_W2),
-                      g->dz[mm], IMML_PARAM(m, G, mm, T_W2),
-                      IMML_PARAM(m, G, mm, T_B2), g->du, H, 0.0f);
+    k_linear_backward(m->gemm, B, H, k, a->u[mm], H, P->w2[mm], g->dz[mm],
+                      dP->w2[mm], dP->b2[mm], g->du, H, 0.0f);
     k_relu_backward((size_t)B * H, a->u[mm], g->du, g->du);
     float *dx = dh ? dh[mm] : NULL;
-    k_linear_backward(m->gemm, B, d, H, a->h[mm], d, IMML_PARAM(m, P, mm, T_W1),
-                      g->du, IMML_PARAM(m, G, mm, T_W1),
-                      IMML_PARAM(m, G, mm, T_B1), dx, d, 0.0f);
+    k_linear_backward(m->gemm, B, d, H, a->h[mm], d, P->w1[mm], g->du,
+                      dP->w1[mm], dP->b1[mm], dx, d, 0.0f);
   }
 }

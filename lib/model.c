@@ -2,6 +2,7 @@
  * of the predominant modality (METHOD.md section 5), and the parameter
  * API. */
 #include "bf16.h"
+#include "cache.h"
 #include "internal.h"
 #include "kernels.h"
 
@@ -31,8 +32,8 @@ static void carve_model(imml_carver *c, imml_model *m) {
     c->overflow = 1;
   m->dict = imml_carve(c, dict_n, sizeof(float));
   m->acc.rows = imml_carve(c, dict_n, sizeof(float));
-  imml_carve_acts(c, cfg, m->jmax, 1, &m->train);
-  imml_carve_acts(c, cfg, m->jmax, 0, &m->eval);
+  imml_carve_acts(c, cfg, m->jmax, 1, &m->train, &m->train_att);
+  imml_carve_acts(c, cfg, m->jmax, 0, &m->eval, &m->eval_att);
   g->dlogits = imml_carve(c, B * C, sizeof(float));
   for (size_t mm = 0; mm < M; mm++) {
     g->dslot[mm] = imml_carve(c, B * k, sizeof(float));
@@ -42,13 +43,70 @@ static void carve_model(imml_carver *c, imml_model *m) {
   g->dn_a = imml_carve(c, B * k, sizeof(float));
   g->ds = imml_carve(c, B * B, sizeof(float));
   g->dst = imml_carve(c, B * B, sizeof(float));
-  g->dw = imml_carve(c, B * J, sizeof(float));
-  g->de = imml_carve(c, B * J, sizeof(float));
+  m->train_att.dw = imml_carve(c, B * J, sizeof(float));
+  m->train_att.de = imml_carve(c, B * J, sizeof(float));
   g->dq = imml_carve(c, B * k, sizeof(float));
-  g->dk = imml_carve(c, J * k, sizeof(float));
+  m->train_att.dk = imml_carve(c, J * k, sizeof(float));
   g->dqk = imml_carve(c, B * M * k, sizeof(float));
   g->dout = imml_carve(c, B * C, sizeof(float));
   g->du = imml_carve(c, B * H, sizeof(float));
+}
+
+/* A model over its memory limit (or whose sizes saturate): the message
+ * names the limit's field and the sizes, and the handle itself becomes the
+ * failed handle that carries it (a refused model allocates nothing
+ * else). */
+static imml_status refuse_too_large(imml_model *m, const char *limit_name,
+                                    int saturated, size_t total, size_t arena,
+                                    size_t extra_bytes, size_t gemm_bytes,
+                                    char *err, size_t n) {
+  const imml_config *cfg = &m->cfg;
+  if (saturated)
+    imml_set_err(err, n,
+                 "%s = %zu bytes: the model's sizes overflow (it would need "
+                 "more than SIZE_MAX bytes; max_batch %d, dict_size %d, "
+                 "hidden_dim %d)",
+                 limit_name, cfg->memory_limit, cfg->max_batch, cfg->dict_size,
+                 cfg->hidden_dim);
+  else
+    imml_set_err(err, n,
+                 "%s = %zu bytes: the model needs %zu bytes (arena %zu, "
+                 "optimiser state %zu, bf16 scratch %zu; max_batch %d, "
+                 "dict_size %d, hidden_dim %d, knowledge_dim %d, "
+                 "n_classes %d, n_modalities %d)",
+                 limit_name, cfg->memory_limit, total, arena, extra_bytes,
+                 gemm_bytes, cfg->max_batch, cfg->dict_size, cfg->hidden_dim,
+                 cfg->knowledge_dim, cfg->n_classes, cfg->n_modalities);
+  const imml_allocator keep = m->alloc;
+  memset(m, 0, sizeof *m);
+  m->alloc = keep;
+  m->failed = 1;
+  imml_set_err(m->errmsg, sizeof m->errmsg, "%s", err ? err : "");
+  return IMML_ERR_TOO_LARGE;
+}
+
+/* The state a new arena starts in: gradients and the dictionary at zero
+ * (parameters are initialised or loaded next; activation and scratch
+ * buffers are always written first, so an arena sized for a large
+ * max_batch costs address space, not touched memory), the named views,
+ * and the predominant modality (METHOD.md section 5). */
+static void start_state(imml_model *m) {
+  const imml_config *cfg = &m->cfg;
+  imml_ptensors_point(m, m->params, &m->pt);
+  imml_ptensors_point(m, m->grads, &m->gt);
+  imml_ptensors_point(m, m->stage, &m->stt);
+  memset(m->grads, 0, m->n_params * sizeof(float));
+  memset(m->dict, 0, dict_bytes(m));
+  imml_cache_note(m, IMML_EV_ARENA_NEW, NULL);
+  if (cfg->predominant >= 0) {
+    m->p = cfg->predominant;
+    m->p_fixed = 1;
+  } else if (cfg->warmup_steps == 0) {
+    m->p = 0; /* argmin of all-zero EMAs: lowest index */
+    m->p_fixed = 1;
+  } else {
+    m->p = -1;
+  }
 }
 
 imml_status imml_model_build(const imml_config *cfg, const int *dims,
@@ -90,31 +148,9 @@ imml_status imml_model_build(const imml_config *cfg, const int *dims,
   const int saturated = c.overflow || !imml_size_add(&total, extra_bytes) ||
                         !imml_size_add(&total, gemm_bytes);
   if (saturated || total > cfg->memory_limit) {
-    if (saturated)
-      imml_set_err(err, n,
-                   "%s = %zu bytes: the model's sizes overflow (it would need "
-                   "more than SIZE_MAX bytes; max_batch %d, dict_size %d, "
-                   "hidden_dim %d)",
-                   limit_name, cfg->memory_limit, cfg->max_batch,
-                   cfg->dict_size, cfg->hidden_dim);
-    else
-      imml_set_err(err, n,
-                   "%s = %zu bytes: the model needs %zu bytes (arena %zu, "
-                   "optimiser state %zu, bf16 scratch %zu; max_batch %d, "
-                   "dict_size %d, hidden_dim %d, knowledge_dim %d, "
-                   "n_classes %d, n_modalities %d)",
-                   limit_name, cfg->memory_limit, total, c.used, extra_bytes,
-                   gemm_bytes, cfg->max_batch, cfg->dict_size, cfg->hidden_dim,
-                   cfg->knowledge_dim, cfg->n_classes, cfg->n_modalities);
-    /* the handle itself becomes the failed handle that carries the
-     * message: a refused model allocates nothing else */
-    const imml_allocator keep = m->alloc;
-    memset(m, 0, sizeof *m);
-    m->alloc = keep;
-    m->failed = 1;
-    imml_set_err(m->errmsg, sizeof m->errmsg, "%s", err ? err : "");
     *out = m;
-    return IMML_ERR_TOO_LARGE;
+    return refuse_too_large(m, limit_name, saturated, total, c.used,
+                            extra_bytes, gemm_bytes, err, n);
   }
   m->arena_bytes = c.used;
   m->arena = imml_alloc(&m->alloc, c.used);
@@ -133,24 +169,7 @@ imml_status imml_model_build(const imml_config *cfg, const int *dims,
   c.base = m->arena;
   c.used = 0;
   carve_model(&c, m);
-  /* Only what is read before it is written starts at zero: gradients and
-   * the dictionary (parameters are initialised or loaded next).  Activation
-   * and scratch buffers are always written first, so an arena sized for a
-   * large max_batch costs address space, not touched memory. */
-  memset(m->grads, 0, m->n_params * sizeof(float));
-  memset(m->dict, 0, dict_bytes(m));
-  m->grads_zero_hint = 1;
-  m->max_p = NAN; /* parameters are initialised or loaded next */
-  m->max_g = 0.0f;
-  if (cfg->predominant >= 0) {
-    m->p = cfg->predominant;
-    m->p_fixed = 1;
-  } else if (cfg->warmup_steps == 0) {
-    m->p = 0; /* argmin of all-zero EMAs: lowest index */
-    m->p_fixed = 1;
-  } else {
-    m->p = -1;
-  }
+  start_state(m);
   *out = m;
   return IMML_OK;
 }
@@ -254,10 +273,38 @@ imml_status imml_check_batch(const imml_config *c, int B, const float *const *x,
   return IMML_OK;
 }
 
+/* The contrastive space of a training forward over a: the gathered
+ * global batch of a collective step (coll non-NULL), else the batch
+ * itself; ds and dst are the backward's (G, G) or (B, B) scratch (NULL:
+ * g NULL, a forward). */
+static con_space con_space_of(imml_acts *a, imml_coll *coll,
+                              imml_grads_scratch *g) {
+  if (coll)
+    return (con_space){coll->n,  coll->z,      coll->nz, coll->r,  coll->s,
+                       coll->st, coll->labels, coll->ds, coll->dst};
+  return (con_space){a->batch,
+                     a->z,
+                     a->nz,
+                     a->r,
+                     a->s,
+                     a->st,
+                     a->labels,
+                     g ? g->ds : NULL,
+                     g ? g->dst : NULL};
+}
+
+/* The attention scratch of a training forward and its backward: the
+ * collective's when it has one (a gathered step attends over up to
+ * R max_batch strata), else the model's own. */
+static const fdc_scratch *train_scratch(const imml_model *m, int gathered) {
+  return gathered && m->coll.att.kk ? &m->coll.att : &m->train_att;
+}
+
 /* One forward into a.  Evaluations never change m; a collective training
  * forward (coll non-NULL) also fills the gathered buffers in *coll. */
-imml_status imml_run_forward(const imml_model *m, imml_acts *a, int training,
-                             int B, const float *const *h, const int *labels,
+imml_status imml_run_forward(const imml_model *m, imml_acts *a,
+                             const fdc_scratch *att, int training, int B,
+                             const float *const *h, const int *labels,
                              imml_coll *coll, char *err, size_t n) {
   const imml_config *c = &m->cfg;
   a->batch = B;
@@ -280,19 +327,14 @@ imml_status imml_run_forward(const imml_model *m, imml_acts *a, int training,
              (size_t)B * c->knowledge_dim * sizeof(float));
   } else {
     if (labels) {
-      const con_space cs =
-          coll
-              ? (con_space){coll->n,  coll->z,      coll->nz, coll->r,  coll->s,
-                            coll->st, coll->labels, coll->ds, coll->dst}
-              : (con_space){B,     a->z,      a->nz, a->r, a->s,
-                            a->st, a->labels, NULL,  NULL};
+      const con_space cs = con_space_of(a, coll, NULL);
       a->losses.con = mdken_contrastive_forward(m, a->p, &cs);
     }
     fdc_view v = fdc_dict_view(m);
     if (v.n == 0) /* empty dictionary: the (global) batch's own knowledge */
       v = coll ? fdc_batch_view(m, (const float *const *)coll->z, coll->n)
                : fdc_batch_view(m, (const float *const *)a->z, B);
-    fdc_forward(m, a, a->p, (const float *const *)a->z, a->slot, &v);
+    fdc_forward(m, a, att, a->p, (const float *const *)a->z, a->slot, &v);
   }
   int rc = ft_forward(m, a, training);
   if (rc != 0) {
@@ -350,8 +392,10 @@ imml_status imml_forward(imml_model *m, imml_mode mode, int B,
   } else {
     m->eval_valid = 0;
   }
-  st = imml_run_forward(m, a, training, B, h, labels,
-                        training && m->coll.active ? &m->coll : NULL, m->errmsg,
+  imml_coll *coll = training && m->coll.active ? &m->coll : NULL;
+  const fdc_scratch *att =
+      training ? train_scratch(m, coll != NULL) : &m->eval_att;
+  st = imml_run_forward(m, a, att, training, B, h, labels, coll, m->errmsg,
                         sizeof m->errmsg);
   if (st != IMML_OK)
     return st;
@@ -434,6 +478,17 @@ static void accum_reset(imml_accum *s) {
   memset(s->ce, 0, sizeof s->ce);
 }
 
+/* The name of the first tensor of a parameter-shaped block G holding a
+ * value that is not finite. */
+static const char *nonfinite_tensor(const imml_model *m, const float *G) {
+  for (int i = 0; i < m->n_tensors; i++) {
+    const imml_tensor *t = &m->tensors[i];
+    if (!k_all_finite((size_t)t->rows * t->cols, G + t->offset))
+      return t->name;
+  }
+  return "a parameter";
+}
+
 imml_status imml_backward(imml_model *m, float *const *dh) {
   IMML_ENTER_TRAIN(m);
   if (!m->pending)
@@ -449,10 +504,9 @@ imml_status imml_backward(imml_model *m, float *const *dh) {
    * refused step restores them with one memset.  Otherwise it is computed
    * in the staging buffer and added only once it has been checked.  The
    * zeros are checked only if the host holds a pointer to the gradients. */
-  const int direct =
-      m->grads_zero_hint &&
-      (!(m->exposed & IMML_EXPOSED_GRADS) || imml_par_all_zero(np, m->grads));
+  const int direct = imml_cache_grads_zero(m);
   float *G = direct ? m->grads : m->stage;
+  const imml_ptensors *dG = direct ? &m->gt : &m->stt;
   if (!direct)
     memset(G, 0, np * sizeof(float));
   /* In a collective step, scale so that the mean over ranks of every
@@ -468,7 +522,7 @@ imml_status imml_backward(imml_model *m, float *const *dh) {
   k_xent_backward(B, c->n_classes, a->probs, a->labels, ce_scale, m->g.dlogits,
                   0.0f);
   imml_status st = IMML_OK;
-  int rc = ft_backward(m, G);
+  int rc = ft_backward(m, a, &m->g, dG);
   if (rc != 0) {
     st = imml_fail(m, IMML_ERR_CALLBACK,
                    "F&T backward callback returned %d; nothing changed", rc);
@@ -482,32 +536,26 @@ imml_status imml_backward(imml_model *m, float *const *dh) {
                      mm);
       goto refuse;
     }
-  fdc_backward(m, G);
-  mdken_backward(m, G, dh, off, con_scale, ce_scale);
+  fdc_backward(m, a, train_scratch(m, gathered), &m->g, dG);
+  const con_space cs = con_space_of(a, gathered ? &m->coll : NULL, &m->g);
+  mdken_backward(m, a, &m->g, &cs, dG, dh, off, con_scale, ce_scale);
   /* One check over the whole block (its largest magnitude: infinity or NaN
    * when a value is not finite); only a failure looks for the tensor to
    * name (the tensors tile [0, n_params)). */
   const float gmax = imml_par_max_abs(np, G);
   if (!(gmax <= FLT_MAX)) {
-    const char *name = "a parameter";
-    for (int i = 0; i < m->n_tensors; i++) {
-      const imml_tensor *t = &m->tensors[i];
-      if (!k_all_finite((size_t)t->rows * t->cols, G + t->offset)) {
-        name = t->name;
-        break;
-      }
-    }
     st = imml_fail(m, IMML_ERR_NONFINITE,
                    "gradient of %s is not finite; the micro-batch was "
                    "refused and nothing changed",
-                   name);
+                   nonfinite_tensor(m, G));
     goto refuse;
   }
   if (!direct)
     for (size_t i = 0; i < np; i++)
       m->grads[i] += G[i];
-  m->grads_zero_hint = 0;
-  m->max_g = direct ? gmax : NAN; /* a sum's maximum is not known */
+  /* a sum's maximum is not known */
+  const imml_maxima added = {NAN, direct ? gmax : NAN, NAN, NAN};
+  imml_cache_note(m, IMML_EV_GRADS_ADDED, &added);
   stage_micro_batch(m);
   m->pending = 0;
   return IMML_OK;
@@ -573,7 +621,7 @@ imml_status imml_fdc_adjust(imml_model *m, int B, const float *const *z,
   fdc_view v = fdc_dict_view(m);
   if (v.n == 0)
     v = fdc_batch_view(m, z, B);
-  fdc_forward(m, a, m->p, z, slots, &v);
+  fdc_forward(m, a, &m->eval_att, m->p, z, slots, &v);
   return IMML_OK;
 }
 
@@ -596,7 +644,8 @@ static void param_view(imml_model *m, int i, imml_param_view *v) {
   v->cols = t->cols;
   v->data = m->params + t->offset;
   v->grad = m->grads + t->offset;
-  m->exposed |= IMML_EXPOSED_PARAMS | IMML_EXPOSED_GRADS;
+  imml_cache_note(m, IMML_EV_PARAMS_EXPOSED, NULL);
+  imml_cache_note(m, IMML_EV_GRADS_EXPOSED, NULL);
 }
 
 imml_status imml_param_get(imml_model *m, int i, imml_param_view *v) {
@@ -633,11 +682,11 @@ imml_status imml_param_flat(imml_model *m, float **data, float **grad,
   IMML_ENTER_TRAIN(m);
   if (data) {
     *data = m->params;
-    m->exposed |= IMML_EXPOSED_PARAMS;
+    imml_cache_note(m, IMML_EV_PARAMS_EXPOSED, NULL);
   }
   if (grad) {
     *grad = m->grads;
-    m->exposed |= IMML_EXPOSED_GRADS;
+    imml_cache_note(m, IMML_EV_GRADS_EXPOSED, NULL);
   }
   if (count)
     *count = m->n_params;
@@ -647,8 +696,7 @@ imml_status imml_param_flat(imml_model *m, float **data, float **grad,
 imml_status imml_grad_zero(imml_model *m) {
   IMML_ENTER_TRAIN(m);
   memset(m->grads, 0, m->n_params * sizeof(float));
-  m->grads_zero_hint = 1;
-  m->max_g = 0.0f;
+  imml_cache_note(m, IMML_EV_GRADS_ZEROED, NULL);
   return IMML_OK;
 }
 

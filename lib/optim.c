@@ -1,6 +1,7 @@
 /* Built-in optimisers with PyTorch's update rules: SGD (momentum,
  * dampening 0, Nesterov, coupled weight decay) and AdamW (bias-corrected,
  * decoupled weight decay), with optional global gradient-norm clipping. */
+#include "cache.h"
 #include "internal.h"
 #include "kernels.h"
 
@@ -103,7 +104,7 @@ imml_status imml_optim_alloc(imml_model *m, const imml_optim_config *c) {
   m->opt.m2 = (float *)block + m->n_params;
   m->opt.cfg = *c;
   m->opt.active = 1;
-  m->opt.max1 = m->opt.max2 = 0.0f; /* the moments start at zero */
+  imml_cache_note(m, IMML_EV_MOMENTS_ZEROED, NULL);
   return IMML_OK;
 }
 
@@ -387,17 +388,21 @@ imml_status imml_optim_step(imml_model *m) {
    * then does pass 2 commit, so a refused step changes nothing. */
   int proven = 0;
   if (adamw) {
-    if (isnan(o->max1) || isnan(o->max2)) {
-      o->max1 = k_max_abs(n, o->m1); /* a NaN or infinite moment stays */
-      o->max2 = k_max_abs(n, o->m2); /* non-finite: the exact check runs */
+    imml_cache *c = &m->cache;
+    if (isnan(c->max1) || isnan(c->max2)) {
+      /* a NaN or infinite moment stays non-finite: the exact check runs */
+      const imml_maxima mm = {NAN, NAN, k_max_abs(n, o->m1),
+                              k_max_abs(n, o->m2)};
+      imml_cache_note(m, IMML_EV_MOMENTS_MEASURED, &mm);
     }
     /* Neither block handed out: the maxima the library kept suffice. */
-    if (!m->exposed)
-      proven = adamw_bound(&k, m->max_p, m->max_g, o->max1, o->max2);
+    float max_p, max_g;
+    if (imml_cache_maxima(m, &max_p, &max_g))
+      proven = adamw_bound(&k, max_p, max_g, c->max1, c->max2);
     if (!proven) {
       run_pass(&j, n, PASS_MAXIMA);
       proven = adamw_bound(&k, k_bits_float(j.out[0][0]),
-                           k_bits_float(j.out[0][1]), o->max1, o->max2);
+                           k_bits_float(j.out[0][1]), c->max1, c->max2);
     }
   }
   if (!proven && (run_pass(&j, n, PASS_CHECK) & 0x80000000u)) {
@@ -411,15 +416,10 @@ imml_status imml_optim_step(imml_model *m) {
                      (double)k.lr);
   }
   run_pass(&j, n, PASS_COMMIT);
-  if (adamw) {
-    o->max1 = k_bits_float(j.out[0][0]);
-    o->max2 = k_bits_float(j.out[0][1]);
-    m->max_p = k_bits_float(j.out[0][2]);
-  } else {
-    m->max_p = NAN; /* SGD does not track it */
-  }
-  m->max_g = 0.0f;
-  m->grads_zero_hint = 1;
+  const imml_maxima after = {k_bits_float(j.out[0][2]), 0.0f,
+                             k_bits_float(j.out[0][0]),
+                             k_bits_float(j.out[0][1])};
+  imml_cache_note(m, IMML_EV_STEPPED, adamw ? &after : NULL);
   o->t++;
   o->has_buf = o->has_buf || (!adamw && k.mom != 0.0f);
   return IMML_OK;

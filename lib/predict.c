@@ -16,7 +16,8 @@ imml_status imml_predict(imml_model *m, int B, const float *const *x,
     return st;
   imml_share_sync(m);
   imml_acts *a = &m->eval;
-  st = imml_run_forward(m, a, 0, B, x, NULL, NULL, m->errmsg, sizeof m->errmsg);
+  st = imml_run_forward(m, a, &m->eval_att, 0, B, x, NULL, NULL, m->errmsg,
+                        sizeof m->errmsg);
   if (st != IMML_OK)
     return st;
   const int C = m->cfg.n_classes;

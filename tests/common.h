@@ -83,6 +83,93 @@ static inline int same_optim_config(const imml_optim_config *x,
 }
 
 /* ------------------------------------------------------------------ */
+/* A counting allocator that can fail on request                       */
+/* ------------------------------------------------------------------ */
+
+/* Allocator hooks (imml_allocator) that count calls, blocks and bytes and
+ * can refuse the fail_at-th call (and, with fail_rest, every later one).
+ * Every block carries a header, so a pointer that did not come from these
+ * hooks is detected in fa_free (and a hook block given to free() crashes),
+ * and a trailing canary, so a write past a block's end is counted.
+ * Used by test_faults.c, test_model.c and test_distributed.c. */
+#define FA_HDR 64
+#define FA_TAIL 4096 /* canary bytes after every block */
+#define FA_CANARY 0xA5
+#define FA_MAGIC 0x4641554c54414c4cULL
+
+typedef struct fail_alloc {
+  long calls;     /* malloc_fn calls so far (failed ones included) */
+  long fail_at;   /* 1-based call number to fail; 0: never */
+  int fail_rest;  /* also fail every call after fail_at */
+  long failed;    /* calls answered with NULL */
+  long mallocs;   /* successful allocations */
+  long frees;     /* blocks given back */
+  long bad_frees; /* pointers that did not come from this allocator */
+  long overruns;  /* blocks whose trailing canary was overwritten */
+  size_t live;    /* bytes outstanding */
+  size_t max_req; /* largest request */
+} fail_alloc;
+
+static inline void *fa_malloc(size_t size, void *ud) {
+  fail_alloc *c = ud;
+  c->calls++;
+  if (size > c->max_req)
+    c->max_req = size;
+  if (c->fail_at > 0 &&
+      (c->calls == c->fail_at || (c->fail_rest && c->calls > c->fail_at))) {
+    c->failed++;
+    return NULL;
+  }
+  if (size > ((size_t)1 << 40))
+    return NULL; /* beyond any machine this runs on */
+  unsigned char *p = malloc(size + FA_HDR + FA_TAIL);
+  if (!p)
+    return NULL;
+  const uint64_t magic = FA_MAGIC;
+  memcpy(p, &magic, sizeof magic);
+  memcpy(p + 8, &size, sizeof size);
+  memset(p + FA_HDR + size, FA_CANARY, FA_TAIL);
+  c->mallocs++;
+  c->live += size;
+  return p + FA_HDR;
+}
+
+static inline void fa_free(void *ptr, void *ud) {
+  fail_alloc *c = ud;
+  if (!ptr)
+    return;
+  unsigned char *p = (unsigned char *)ptr - FA_HDR;
+  uint64_t magic;
+  memcpy(&magic, p, sizeof magic);
+  if (magic != FA_MAGIC) {
+    c->bad_frees++;
+    return;
+  }
+  size_t size;
+  memcpy(&size, p + 8, sizeof size);
+  for (size_t i = 0; i < FA_TAIL; i++)
+    if (p[FA_HDR + size + i] != FA_CANARY) {
+      c->overruns++;
+      break;
+    }
+  magic = 0;
+  memcpy(p, &magic, sizeof magic);
+  c->frees++;
+  c->live -= size;
+  free(p);
+}
+
+static inline imml_allocator fa_hooks(fail_alloc *c) {
+  imml_allocator a;
+  a.malloc_fn = fa_malloc;
+  a.free_fn = fa_free;
+  a.user_data = c;
+  return a;
+}
+
+static inline void fa_reset(fail_alloc *c) { memset(c, 0, sizeof *c); }
+
+/* ------------------------------------------------------------------ */
 /* Batches                                                             */
 /* ------------------------------------------------------------------ */
 

@@ -432,9 +432,15 @@ static void relu_margins(imml_model *a, imml_model *b) {
   const int H = a->cfg.hidden_dim;
   for (int mm = 0; mm < a->cfg.n_modalities; mm++) {
     const int d = a->cfg.dims[mm];
-    const float *w1 = IMML_PARAM(a, a->params, mm, T_W1);
-    float *b1a = IMML_PARAM(a, a->params, mm, T_B1);
-    float *b1b = IMML_PARAM(b, b->params, mm, T_B1);
+    char name[16];
+    imml_param_view w1v, b1av, b1bv;
+    snprintf(name, sizeof name, "m%d.w1", mm);
+    ck_assert_int_eq(imml_param_find(a, name, &w1v), IMML_OK);
+    snprintf(name, sizeof name, "m%d.b1", mm);
+    ck_assert_int_eq(imml_param_find(a, name, &b1av), IMML_OK);
+    ck_assert_int_eq(imml_param_find(b, name, &b1bv), IMML_OK);
+    const float *w1 = w1v.data;
+    float *b1a = b1av.data, *b1b = b1bv.data;
     for (int j = 0; j < H; j++) {
       double sum = 0.25;
       for (int i = 0; i < d; i++)
@@ -529,12 +535,14 @@ static grid_worst run_grid_case(const grid_case *g, const char *name) {
   for (size_t i = 0; i < np; i++)
     all += (double)gf[i] * gf[i];
   const double floor_norm = sqrt(all) * 0x1p-6;
-  for (int t = 0; t < f->n_tensors; t++) {
-    const imml_tensor *tt = &f->tensors[t];
-    const size_t cnt = (size_t)tt->rows * tt->cols;
-    const double e = rel_err(gh + tt->offset, gf + tt->offset, cnt, floor_norm);
+  for (int t = 0; t < imml_param_count(f); t++) {
+    imml_param_view vf, vh;
+    ck_assert_int_eq(imml_param_get(f, t, &vf), IMML_OK);
+    ck_assert_int_eq(imml_param_get(h, t, &vh), IMML_OK);
+    const size_t cnt = (size_t)vf.rows * vf.cols;
+    const double e = rel_err(vh.grad, vf.grad, cnt, floor_norm);
     ck_assert_msg(e <= BF16_TOL_GRAD, "%s: gradient of %s off by %.4f", name,
-                  tt->name, e);
+                  vf.name, e);
     w.grad = e > w.grad ? e : w.grad;
   }
   for (int mm = 0; mm < g->M; mm++) {

@@ -32,6 +32,7 @@
 #include "check_main.h"
 #include "common.h"
 
+#include "cache.h"
 #include "imml.h"
 #include "internal.h"
 
@@ -236,7 +237,7 @@ static void state_take(mstate *s, imml_model *m) {
 /* Puts a state into a fresh model (same configuration up to max_batch). */
 static void state_put(imml_model *m, const mstate *s) {
   memcpy(m->params, s->params, m->n_params * sizeof(float));
-  m->max_p = NAN; /* written behind the library's back */
+  imml_cache_note(m, IMML_EV_PARAMS_CHANGED, NULL); /* behind its back */
   memcpy(m->dict, s->dict, dict_floats(m) * sizeof(float));
   m->dict_fill = s->fill;
   m->dict_pos = s->pos;
@@ -509,18 +510,21 @@ static void world_free(world *w) {
 }
 
 /* Per-tensor norm-wise relative error of two flat parameter blocks laid
- * out like `model`'s; the largest one. */
-static double tensor_err(const imml_model *model, const float *a,
-                         const float *b, const char **worst) {
+ * out like `model`'s (imml_param_get order, no padding); the largest one. */
+static double tensor_err(imml_model *model, const float *a, const float *b,
+                         const char **worst) {
   double e = 0.0;
-  for (int t = 0; t < model->n_tensors; t++) {
-    const imml_tensor *T = &model->tensors[t];
-    const double x = rel_err(a + T->offset, b + T->offset,
-                             (size_t)T->rows * (size_t)T->cols);
+  size_t off = 0;
+  for (int t = 0; t < imml_param_count(model); t++) {
+    imml_param_view v;
+    ck_assert_int_eq(imml_param_get(model, t, &v), IMML_OK);
+    const size_t cnt = (size_t)v.rows * (size_t)v.cols;
+    const double x = rel_err(a + off, b + off, cnt);
     if (x > e) {
       e = x;
-      *worst = T->name;
+      *worst = v.name;
     }
+    off += cnt;
   }
   return e;
 }
@@ -938,7 +942,7 @@ START_TEST(test_accumulation_ranks_match_single_process) {
     ck_assert_int_eq(optim(w->model[r], IMML_OPTIM_SGD), IMML_OK);
   world_run(w, acc_rank_main);
 
-  const imml_model *layout = w->model[0];
+  imml_model *layout = w->model[0];
   const size_t np = w->n_params, dict_n = dict_floats(layout);
   const acc_out *q = &aw->out[0];
   for (int st = 0; st < ACC_STEPS; st++) {
@@ -1510,29 +1514,15 @@ START_TEST(test_set_collective_while_pending) {
 }
 END_TEST
 
-/* An allocator that can be told to fail: imml_collective_set then reports
- * IMML_ERR_NOMEM and keeps the collective it had. */
-typedef struct fail_alloc {
-  int fail;
-} fail_alloc;
-
-static void *fa_malloc(size_t n, void *u) {
-  fail_alloc *a = u;
-  return a->fail ? NULL : malloc(n);
-}
-
-static void fa_free(void *p, void *u) {
-  (void)u;
-  free(p);
-}
-
+/* An allocator that can be told to fail (common.h's fail_alloc): then
+ * imml_collective_set reports IMML_ERR_NOMEM and keeps the collective it
+ * had. */
 START_TEST(test_set_collective_nomem) {
-  fail_alloc fa = {0};
+  fail_alloc al;
+  fa_reset(&al);
   imml_config c;
   small_cfg(&c, 1);
-  c.allocator.malloc_fn = fa_malloc;
-  c.allocator.free_fn = fa_free;
-  c.allocator.user_data = &fa;
+  c.allocator = fa_hooks(&al);
   imml_model *m = mk(&c);
   fake f = {0, DMG_NONE, 0, 0};
   attach_fake(m, &f);
@@ -1540,9 +1530,10 @@ START_TEST(test_set_collective_nomem) {
   imml_collective_init(&col);
   col.allgather = dummy_allgather;
   col.world_size = 4;
-  fa.fail = 1;
+  al.fail_at = al.calls + 1; /* the next call, and every later one */
+  al.fail_rest = 1;
   ck_assert_int_eq(imml_collective_set(m, &col), IMML_ERR_NOMEM);
-  fa.fail = 0;
+  al.fail_at = 0;
   ck_assert_int_eq(m->coll.active, 1);
   ck_assert_int_eq(m->coll.ops.world_size, 2);
   gdata d;
@@ -1557,6 +1548,10 @@ START_TEST(test_set_collective_nomem) {
   ck_assert_int_eq(imml_fdc_dict_fill(m), 6);
   gdata_free(&d);
   imml_model_free(m);
+  ck_assert_msg(al.mallocs == al.frees && al.live == 0 && !al.bad_frees &&
+                    !al.overruns,
+                "%ld allocations, %ld frees, %zu bytes outstanding", al.mallocs,
+                al.frees, al.live);
 }
 END_TEST
 

@@ -130,98 +130,23 @@ static void expect_all_finite(imml_model *m, const char *what) {
 /* A failing, counting allocator                                       */
 /* ------------------------------------------------------------------ */
 
-#define HDR 64
-#define TAIL 4096 /* canary bytes after every block */
-#define CANARY 0xA5
-#define MAGIC 0x4641554c54414c4cULL
-
-typedef struct fa {
-  long calls;     /* malloc_fn calls so far (failed ones included) */
-  long fail_at;   /* 1-based call number to fail; 0: never */
-  int fail_rest;  /* also fail every call after fail_at */
-  long failed;    /* calls answered with NULL */
-  long mallocs;   /* successful allocations */
-  long frees;     /* blocks given back */
-  long bad_frees; /* pointers that did not come from this allocator */
-  long overruns;  /* blocks whose trailing canary was overwritten */
-  size_t live;    /* bytes outstanding */
-  size_t max_req; /* largest request */
-} fa;
-
-static void *fa_malloc(size_t size, void *ud) {
-  fa *c = ud;
-  c->calls++;
-  if (size > c->max_req)
-    c->max_req = size;
-  if (c->fail_at > 0 &&
-      (c->calls == c->fail_at || (c->fail_rest && c->calls > c->fail_at))) {
-    c->failed++;
-    return NULL;
-  }
-  if (size > ((size_t)1 << 40))
-    return NULL; /* beyond any machine this runs on */
-  unsigned char *p = malloc(size + HDR + TAIL);
-  if (!p)
-    return NULL;
-  const uint64_t magic = MAGIC;
-  memcpy(p, &magic, sizeof magic);
-  memcpy(p + 8, &size, sizeof size);
-  memset(p + HDR + size, CANARY, TAIL);
-  c->mallocs++;
-  c->live += size;
-  return p + HDR;
-}
-
-static void fa_free(void *ptr, void *ud) {
-  fa *c = ud;
-  if (!ptr)
-    return;
-  unsigned char *p = (unsigned char *)ptr - HDR;
-  uint64_t magic;
-  memcpy(&magic, p, sizeof magic);
-  if (magic != MAGIC) {
-    c->bad_frees++;
-    return;
-  }
-  size_t size;
-  memcpy(&size, p + 8, sizeof size);
-  for (size_t i = 0; i < TAIL; i++)
-    if (p[HDR + size + i] != CANARY) {
-      c->overruns++;
-      break;
-    }
-  magic = 0;
-  memcpy(p, &magic, sizeof magic);
-  c->frees++;
-  c->live -= size;
-  free(p);
-}
-
-static imml_allocator fa_hooks(fa *c) {
-  imml_allocator a;
-  a.malloc_fn = fa_malloc;
-  a.free_fn = fa_free;
-  a.user_data = c;
-  return a;
-}
-
-static void fa_reset(fa *c) { memset(c, 0, sizeof *c); }
+/* The allocator itself (fail_alloc, fa_hooks, fa_reset) is in common.h. */
 
 /* Arms the allocator to fail the n-th call from now (and, with rest, every
  * later one). */
-static void fa_arm(fa *c, long n, int rest) {
+static void fa_arm(fail_alloc *c, long n, int rest) {
   c->fail_at = c->calls + n;
   c->fail_rest = rest;
   c->failed = 0;
 }
 
-static void fa_disarm(fa *c) {
+static void fa_disarm(fail_alloc *c) {
   c->fail_at = 0;
   c->fail_rest = 0;
 }
 
 /* Nothing outstanding and nothing foreign freed. */
-static void fa_balanced(const fa *c, const char *what) {
+static void fa_balanced(const fail_alloc *c, const char *what) {
   ck_assert_msg(c->bad_frees == 0, "%s: %ld foreign pointers freed", what,
                 c->bad_frees);
   ck_assert_msg(c->overruns == 0, "%s: %ld blocks written past their end", what,
@@ -239,7 +164,7 @@ static void fa_balanced(const fa *c, const char *what) {
  * beyond `outstanding` -- or, when the allocator refused that too
  * (`refused_after`: every call after the failing one fails), no handle.
  * Frees the handle. */
-static void nomem_outcome(imml_status st, imml_model *h, fa *c,
+static void nomem_outcome(imml_status st, imml_model *h, fail_alloc *c,
                           long outstanding, int refused_after,
                           const char *what) {
   ck_assert_msg(st == IMML_ERR_NOMEM, "%s: status %d (%s) '%s'", what, (int)st,
@@ -366,7 +291,7 @@ START_TEST(test_nomem_create) {
         small_cfg(&c, 3, dims3);
         c.slot_mode = IMML_SLOT_STRICT;
       }
-      fa cnt;
+      fail_alloc cnt;
       fa_reset(&cnt);
       fa_arm(&cnt, n, rest);
       c.allocator = fa_hooks(&cnt);
@@ -487,7 +412,7 @@ START_TEST(test_nomem_load) {
     int succeeded = 0;
     long failures = 0;
     for (long n = 1; n <= MAX_ALLOCS && !succeeded; n++) {
-      fa cnt;
+      fail_alloc cnt;
       fa_reset(&cnt);
       fa_arm(&cnt, n, rest);
       imml_load_options o;
@@ -538,7 +463,7 @@ END_TEST
  * done, a wrapped dictionary, AdamW moments in flight, gradients of a
  * committed step not yet applied, and a training forward awaiting its
  * backward. */
-static imml_model *busy_model(fa *cnt, drng *r, const imml_ft_ops *ft) {
+static imml_model *busy_model(fail_alloc *cnt, drng *r, const imml_ft_ops *ft) {
   imml_config c;
   small_cfg(&c, 2, dims2);
   c.dict_size = 5;
@@ -582,7 +507,7 @@ static void advance(imml_model *m, uint64_t seed) {
  * IMML_ERR_NOMEM and keeps the old optimiser bit for bit, and training
  * continues exactly like a model that never saw the failures. */
 START_TEST(test_nomem_optim_setup) {
-  fa cnt, cref;
+  fail_alloc cnt, cref;
   drng r = {7}, rr = {7};
   imml_model *m = busy_model(&cnt, &r, NULL);
   imml_model *ref = busy_model(&cref, &rr, NULL);
@@ -648,7 +573,7 @@ END_TEST
  * model untouched (a pending training forward included), and the share
  * finally made predicts like an evaluation forward. */
 START_TEST(test_nomem_share) {
-  fa cnt;
+  fail_alloc cnt;
   drng r = {8};
   host h;
   host_init(&h, 2, 4, 3, 3);
@@ -713,7 +638,7 @@ END_TEST
  * gives IMML_ERR_NOMEM, the model untouched, the existing file untouched
  * and no temporary file left; imml_model_save_mem allocates nothing. */
 START_TEST(test_nomem_save) {
-  fa cnt;
+  fail_alloc cnt;
   drng r = {9};
   imml_model *m = busy_model(&cnt, &r, NULL);
   char dir[512], path[600], names[256];
@@ -818,7 +743,7 @@ static int world_allgather(void *ud, const float *send, size_t count,
  * collective the model had (none, then a previous one) and changes
  * nothing else. */
 START_TEST(test_nomem_collective_set) {
-  fa cnt;
+  fail_alloc cnt;
   drng r = {15};
   imml_model *m = busy_model(&cnt, &r, NULL);
   backward_ok(m, NULL); /* no step pending, nothing uncommitted */
@@ -967,7 +892,7 @@ START_TEST(test_collective_empty_dictionary) {
   c.max_batch = B;
   c.dict_size = 3;
   c.predominant = 0;
-  fa cnt;
+  fail_alloc cnt;
   fa_reset(&cnt);
   c.allocator = fa_hooks(&cnt);
   imml_model *m = create_ok(&c, NULL);
@@ -982,7 +907,7 @@ START_TEST(test_collective_empty_dictionary) {
   /* one process, the global batch: R copies of this rank's batch */
   imml_config c1 = c;
   c1.max_batch = G;
-  fa cnt1;
+  fail_alloc cnt1;
   fa_reset(&cnt1);
   c1.allocator = fa_hooks(&cnt1);
   imml_model *one = create_ok(&c1, NULL);
@@ -1464,8 +1389,8 @@ enum { N_ABSURD = 13 };
  * malloc when the config itself is refused -- is the only block
  * outstanding), and once that is freed nothing is left.  The message is
  * copied into err. */
-static void too_large_outcome(imml_status st, imml_model *m, fa *cnt, char *err,
-                              size_t n, const char *what) {
+static void too_large_outcome(imml_status st, imml_model *m, fail_alloc *cnt,
+                              char *err, size_t n, const char *what) {
   ck_assert_msg(st == IMML_ERR_TOO_LARGE, "%s: status %d (%s) '%s'", what,
                 (int)st, imml_status_string(st), imml_model_errmsg(m));
   ck_assert_msg(m != NULL, "%s: no failed handle", what);
@@ -1543,7 +1468,7 @@ static const char *absurd_case(int i, imml_config *c) {
 START_TEST(test_absurd_config_sizes) {
   imml_config c;
   const char *field = absurd_case(_i, &c);
-  fa cnt;
+  fail_alloc cnt;
   fa_reset(&cnt);
   c.allocator = fa_hooks(&cnt);
   imml_model *m = (imml_model *)&c;
@@ -1601,7 +1526,7 @@ START_TEST(test_absurd_products_too_large) {
     what = "every field at its limit";
     break;
   }
-  fa cnt;
+  fail_alloc cnt;
   fa_reset(&cnt);
   c.allocator = fa_hooks(&cnt);
   imml_model *m = (imml_model *)&c;

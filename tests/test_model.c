@@ -85,58 +85,11 @@ static imml_ft_ops dummy_ops(void) {
 /* Counting allocator                                                  */
 /* ------------------------------------------------------------------ */
 
-#define HDR 64
-#define MAGIC 0x494d4d4c414c4c43ULL
-
-typedef struct counter {
-  long mallocs, frees, bad_frees;
-  long fail_after; /* < 0: never fail; else fail the (n+1)-th malloc */
-  size_t live;
-} counter;
-
-/* Every block carries a header: a pointer that did not come from this hook
- * is detected in count_free, and a hook block given to free() crashes. */
-static void *count_malloc(size_t size, void *ud) {
-  counter *c = ud;
-  if (c->fail_after >= 0 && c->mallocs >= c->fail_after)
-    return NULL;
-  unsigned char *p = malloc(size + HDR);
-  if (!p)
-    return NULL;
-  const uint64_t magic = MAGIC;
-  memcpy(p, &magic, sizeof magic);
-  memcpy(p + 8, &size, sizeof size);
-  c->mallocs++;
-  c->live += size;
-  return p + HDR;
-}
-
-static void count_free(void *ptr, void *ud) {
-  counter *c = ud;
-  if (!ptr)
-    return;
-  unsigned char *p = (unsigned char *)ptr - HDR;
-  uint64_t magic;
-  memcpy(&magic, p, sizeof magic);
-  if (magic != MAGIC) {
-    c->bad_frees++;
-    return;
-  }
-  size_t size;
-  memcpy(&size, p + 8, sizeof size);
-  magic = 0;
-  memcpy(p, &magic, sizeof magic);
-  c->frees++;
-  c->live -= size;
-  free(p);
-}
-
-static void use_counter(imml_config *cfg, counter *c) {
-  memset(c, 0, sizeof *c);
-  c->fail_after = -1;
-  cfg->allocator.malloc_fn = count_malloc;
-  cfg->allocator.free_fn = count_free;
-  cfg->allocator.user_data = c;
+/* The hooks are common.h's fail_alloc: counting, refusing nothing until armed.
+ */
+static void use_counter(imml_config *cfg, fail_alloc *c) {
+  fa_reset(c);
+  cfg->allocator = fa_hooks(c);
 }
 
 /* ------------------------------------------------------------------ */
@@ -1311,7 +1264,7 @@ START_TEST(test_no_allocation_after_create) {
     c.warmup_steps = 5;
     c.dict_size = 8;
     c.slot_mode = variant ? IMML_SLOT_STRICT : IMML_SLOT_CONDITIONAL;
-    counter cnt;
+    fail_alloc cnt;
     use_counter(&c, &cnt);
     imml_ft_ops ops = dummy_ops();
     imml_model *m = create_ok(&c, variant ? &ops : NULL);
@@ -1411,7 +1364,7 @@ END_TEST
 START_TEST(test_allocator_hooks_balance) {
   imml_config c;
   small_cfg(&c, 2, dims2);
-  counter cnt;
+  fail_alloc cnt;
   use_counter(&c, &cnt);
   /* create + optimiser (set up twice) + shares, then free */
   imml_model *m = create_ok(&c, NULL);
@@ -1464,7 +1417,8 @@ START_TEST(test_allocator_hooks_balance) {
   for (long fail = 0; !done; fail++) {
     ck_assert_msg(fail <= total, "an allocation never failed");
     use_counter(&c, &cnt);
-    cnt.fail_after = fail;
+    cnt.fail_at = fail + 1; /* the first `fail` succeed, then none */
+    cnt.fail_rest = 1;
     imml_model *out = (imml_model *)&c;
     const imml_status st = imml_model_create(&c, NULL, &out);
     if (fail < after_create) {

@@ -24,6 +24,7 @@
  * (1000 TOL), and the learning rates, decays, betas and eps used make each
  * rule's ingredient change the result by more than 1e-4 relative, so a wrong
  * rule cannot hide inside TOL. */
+#include "cache.h"
 #include "check_main.h"
 #include "common.h"
 #include "internal.h"
@@ -418,8 +419,8 @@ START_TEST(test_bound_quotient_overflow_refused) {
     g[0] = 1e10f; /* m1 = 1e9, m2 = 1e20 */
     step_ok(m);   /* then a zero gradient: m2 = 0, m1 / eps = 9e38 */
   } else {
-    m->opt.m1[0] = 1e31f;            /* m2[0] stays 0 */
-    m->opt.max1 = m->opt.max2 = NAN; /* as after a load: measured */
+    m->opt.m1[0] = 1e31f;                             /* m2[0] stays 0 */
+    imml_cache_note(m, IMML_EV_MOMENTS_LOADED, NULL); /* measured */
   }
   step_refused_unchanged(m);
   for (size_t i = 0; i < m->n_params; i++)
@@ -442,27 +443,29 @@ START_TEST(test_unexposed_blocks_same_steps) {
   setup_ok(b, &c);
   float *p, *g;
   flat(b, &p, &g); /* b's blocks are exposed from now on */
-  ck_assert_int_eq(a->exposed, 0);
-  ck_assert(b->exposed != 0);
+  ck_assert_int_eq(a->cache.exposed, 0);
+  ck_assert(b->cache.exposed != 0);
   for (int s = 0; s < 6; s++) {
     ck_assert_int_eq(forward_backward(a, 900 + (uint64_t)s), IMML_OK);
     ck_assert_int_eq(forward_backward(b, 900 + (uint64_t)s), IMML_OK);
-    ck_assert_msg(a->max_g == k_max_abs(a->n_params, a->grads),
-                  "step %d: kept max |g| %g, true %g", s, (double)a->max_g,
+    ck_assert_msg(a->cache.max_g == k_max_abs(a->n_params, a->grads),
+                  "step %d: kept max |g| %g, true %g", s,
+                  (double)a->cache.max_g,
                   (double)k_max_abs(a->n_params, a->grads));
     step_ok(a);
     step_ok(b);
-    ck_assert_msg(a->max_p == k_max_abs(a->n_params, a->params),
-                  "step %d: kept max |p| %g, true %g", s, (double)a->max_p,
+    ck_assert_msg(a->cache.max_p == k_max_abs(a->n_params, a->params),
+                  "step %d: kept max |p| %g, true %g", s,
+                  (double)a->cache.max_p,
                   (double)k_max_abs(a->n_params, a->params));
-    ck_assert(a->opt.max1 == k_max_abs(a->n_params, a->opt.m1));
-    ck_assert(a->opt.max2 == k_max_abs(a->n_params, a->opt.m2));
-    ck_assert(a->max_g == 0.0f);
+    ck_assert(a->cache.max1 == k_max_abs(a->n_params, a->opt.m1));
+    ck_assert(a->cache.max2 == k_max_abs(a->n_params, a->opt.m2));
+    ck_assert(a->cache.max_g == 0.0f);
   }
-  ck_assert_int_eq(a->exposed, 0); /* saving exposes nothing */
+  ck_assert_int_eq(a->cache.exposed, 0); /* saving exposes nothing */
   size_t la, lb;
   void *sa = save_bytes(a, &la), *sb = save_bytes(b, &lb);
-  ck_assert_int_eq(a->exposed, 0);
+  ck_assert_int_eq(a->cache.exposed, 0);
   ck_assert_uint_eq(la, lb);
   ck_assert_msg(memcmp(sa, sb, la) == 0,
                 "unexposed and exposed models differ after 6 steps");
@@ -489,9 +492,9 @@ START_TEST(test_unexposed_overflow_refused) {
   setup_ok(m, &c);
   ck_assert_int_eq(forward_backward(m, 77), IMML_OK);
   step_refused_unchanged(m);
-  ck_assert_int_eq(m->exposed, 0);
-  ck_assert(m->max_g > 0.0f); /* the gradients are still there */
-  ck_assert(m->max_g == k_max_abs(m->n_params, m->grads));
+  ck_assert_int_eq(m->cache.exposed, 0);
+  ck_assert(m->cache.max_g > 0.0f); /* the gradients are still there */
+  ck_assert(m->cache.max_g == k_max_abs(m->n_params, m->grads));
   imml_model_free(m);
 }
 END_TEST

@@ -57,6 +57,18 @@ static void view(imml_model *m, int i, imml_param_view *v) {
   ck_assert_int_eq(imml_param_get(m, i, v), IMML_OK);
 }
 
+/* The tensor called `name` (imml_param_find); with mod >= 0 the name is
+ * "m<mod>.<name>". */
+static void view_named(imml_model *m, int mod, const char *name,
+                       imml_param_view *v) {
+  char full[32];
+  if (mod >= 0)
+    snprintf(full, sizeof full, "m%d.%s", mod, name);
+  else
+    snprintf(full, sizeof full, "%s", name);
+  ck_assert_msg(imml_param_find(m, full, v) == IMML_OK, "no tensor %s", full);
+}
+
 /* Norm-wise relative error ||a - ref|| / max(||ref||, 1e-12). */
 static double rel_ff(const float *a, const float *ref, size_t n) {
   double num = 0.0, den = 0.0;
@@ -180,10 +192,9 @@ static imml_ft_ops host_ops(host_ft *h) {
 
 /* The host's Wf, bf: the ft.w, ft.b of a built-in model. */
 static void host_copy_from(host_ft *h, imml_model *builtin) {
-  const int M = builtin->cfg.n_modalities;
   imml_param_view w, b;
-  view(builtin, IMML_PER_MODALITY * M + 2, &w);
-  view(builtin, IMML_PER_MODALITY * M + 3, &b);
+  view_named(builtin, -1, "ft.w", &w);
+  view_named(builtin, -1, "ft.b", &b);
   ck_assert_str_eq(w.name, "ft.w");
   ck_assert_str_eq(b.name, "ft.b");
   memcpy(h->w, w.data, (size_t)w.rows * w.cols * sizeof(float));
@@ -217,8 +228,8 @@ START_TEST(test_beta0_rows_identical) {
 
     /* Wq, Wk: zero gradient exactly when beta = 0. */
     imml_param_view wq, wk;
-    view(m, IMML_PER_MODALITY * M, &wq);
-    view(m, IMML_PER_MODALITY * M + 1, &wk);
+    view_named(m, -1, "fdc.wq", &wq);
+    view_named(m, -1, "fdc.wk", &wk);
     const size_t nq = (size_t)wq.rows * wq.cols;
     if (beta == 0.0f) {
       ck_assert_msg(all_zero(wq.grad, nq), "beta=0: dWq not zero");
@@ -397,17 +408,17 @@ static double late_fusion_ref(imml_model *m, const batch *b, double *logits,
   ck_assert_int_eq(imml_param_flat(m, &P, NULL, &n), IMML_OK);
   memset(grad, 0, n * sizeof(double));
   imml_param_view wf, bf;
-  view(m, IMML_PER_MODALITY * M + 2, &wf);
-  view(m, IMML_PER_MODALITY * M + 3, &bf);
+  view_named(m, -1, "ft.w", &wf);
+  view_named(m, -1, "ft.b", &bf);
   const size_t off_wf = (size_t)(wf.data - P), off_bf = (size_t)(bf.data - P);
   double *u = xcalloc((size_t)M * B * H, sizeof(double));
   double *z = xcalloc((size_t)M * B * k, sizeof(double));
   for (int mm = 0; mm < M; mm++) {
     imml_param_view w1, b1, w2, b2;
-    view(m, mm * IMML_PER_MODALITY + 0, &w1);
-    view(m, mm * IMML_PER_MODALITY + 1, &b1);
-    view(m, mm * IMML_PER_MODALITY + 2, &w2);
-    view(m, mm * IMML_PER_MODALITY + 3, &b2);
+    view_named(m, mm, "w1", &w1);
+    view_named(m, mm, "b1", &b1);
+    view_named(m, mm, "w2", &w2);
+    view_named(m, mm, "b2", &b2);
     const int d = c->dims[mm];
     for (int i = 0; i < B; i++) {
       for (int hh = 0; hh < H; hh++) {
@@ -461,10 +472,10 @@ static double late_fusion_ref(imml_model *m, const batch *b, double *logits,
   double *du = xcalloc((size_t)H, sizeof(double));
   for (int mm = 0; mm < M; mm++) {
     imml_param_view w1, b1, w2, b2;
-    view(m, mm * IMML_PER_MODALITY + 0, &w1);
-    view(m, mm * IMML_PER_MODALITY + 1, &b1);
-    view(m, mm * IMML_PER_MODALITY + 2, &w2);
-    view(m, mm * IMML_PER_MODALITY + 3, &b2);
+    view_named(m, mm, "w1", &w1);
+    view_named(m, mm, "b1", &b1);
+    view_named(m, mm, "w2", &w2);
+    view_named(m, mm, "b2", &b2);
     const size_t o_w1 = (size_t)(w1.data - P), o_b1 = (size_t)(b1.data - P),
                  o_w2 = (size_t)(w2.data - P), o_b2 = (size_t)(b2.data - P);
     const int d = c->dims[mm];
@@ -646,8 +657,8 @@ START_TEST(test_host_ft_equals_builtin) {
     ck_assert_int_eq(imml_optim_setup(a, &oc), IMML_OK);
     ck_assert_int_eq(imml_optim_setup(b, &oc), IMML_OK);
     imml_param_view fw, fb;
-    view(a, IMML_PER_MODALITY * M + 2, &fw);
-    view(a, IMML_PER_MODALITY * M + 3, &fb);
+    view_named(a, -1, "ft.w", &fw);
+    view_named(a, -1, "ft.b", &fb);
     drng r = {4242};
     const int sizes[7] = {4, 6, 5, 3, 6, 4, 5};
     for (int step = 0; step < 7; step++) {
@@ -1026,8 +1037,8 @@ START_TEST(test_predominant_ties_lowest_index) {
     imml_model *m = create_ok(&c, NULL);
     for (int mm = 0; mm < 3; mm++) {
       imml_param_view wc, bc;
-      view(m, mm * IMML_PER_MODALITY + 4, &wc);
-      view(m, mm * IMML_PER_MODALITY + 5, &bc);
+      view_named(m, mm, "wc", &wc);
+      view_named(m, mm, "bc", &bc);
       ck_assert_msg(strstr(wc.name, ".wc") && strstr(bc.name, ".bc"),
                     "unexpected tensor order");
       memset(wc.data, 0, (size_t)wc.rows * wc.cols * sizeof(float));
@@ -1530,8 +1541,8 @@ static void fdc_ref(imml_model *m, int B, const float *const *z,
     if (mm != p)
       order[pos++] = mm;
   imml_param_view wq, wk;
-  view(m, IMML_PER_MODALITY * M, &wq);
-  view(m, IMML_PER_MODALITY * M + 1, &wk);
+  view_named(m, -1, "fdc.wq", &wq);
+  view_named(m, -1, "fdc.wk", &wk);
   double *q = xcalloc((size_t)B * k, sizeof(double));
   double *kk = xcalloc((size_t)n * k, sizeof(double));
   double *w = xcalloc((size_t)B * n, sizeof(double));
