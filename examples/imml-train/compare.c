@@ -349,11 +349,20 @@ int run_compare(const train_opts *o, const fit_opts *f, const raw_data *rd,
   if (f->subsample < 1.0)
     snprintf(sub_desc, sizeof sub_desc, ", training subsample %.0f%%",
              100.0 * f->subsample);
+  char keep_desc[96];
+  if (stat_mean(&rows_val) == 0.0)
+    snprintf(keep_desc, sizeof keep_desc,
+             "no validation rows: the last epoch kept");
+  else if (f->patience == 0)
+    snprintf(keep_desc, sizeof keep_desc,
+             "best validation epoch kept, no early stopping");
+  else
+    snprintf(keep_desc, sizeof keep_desc,
+             "best validation epoch kept, patience %d", f->patience);
   printf("rows per seed: %.0f fitting, %.0f validation, %.0f test (%s%s, "
-         "validation fraction %.2f); best validation epoch kept, patience "
-         "%d\n",
+         "validation fraction %.2f); %s\n",
          stat_mean(&rows_fit), stat_mean(&rows_val), stat_mean(&rows_test),
-         test_desc, sub_desc, f->val_fraction, f->patience);
+         test_desc, sub_desc, f->val_fraction, keep_desc);
   if (o->predominant >= 0) {
     printf("predominant modality: %d=%s (given by --predominant)\n",
            o->predominant, names[o->predominant]);
