@@ -26,12 +26,23 @@ seeds=${3:-10}
 threads=${4:-1}
 data=$(dirname "$0")/../data/mfeat
 mkdir -p "$out"
+# The options every run of OUTDIR shares: a measurement resumes only with
+# the same ones, so runs of different settings are never mixed.
+stamp="seeds $seeds threads $threads extra ${GOALS_EXTRA:-}"
+if [ -f "$out/options" ]; then
+  if [ "$(cat "$out/options")" != "$stamp" ]; then
+    echo "goals.sh: $out holds runs with other options ($(cat "$out/options")); use another OUTDIR" >&2
+    exit 2
+  fi
+else
+  echo "$stamp" >"$out/options"
+fi
 
 run() { # NAME SUBSAMPLE FILES...
   name=$1
   sub=$2
   shift 2
-  if [ -f "$out/$name.txt" ] && grep -q '^IMML conditional minus' "$out/$name.txt"; then
+  if [ -f "$out/$name.txt" ]; then
     return
   fi
   echo "== $name" >&2
@@ -56,6 +67,7 @@ for sub in 1 0.25 0.1; do
 done
 
 # The summary: one row per run, in the order above.
+status=0
 {
   echo "| run | IMML cond. | late fusion | LF + heads | best alone | OGM-GE | QMF | IMML strict | cond - LF | cond - LFH | cond - best | p gap, worst seed | goals met |"
   echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
@@ -89,6 +101,11 @@ done
           best = cond - dbest
         }
         END {
+          if (cond == "" || lf == "" || lfh == "" || ogm == "" || qmf == "" ||
+              strict == "" || dlf == "" || dlfh == "" || dbest == "" || pworst == "") {
+            printf "| %s | ? (an output line is missing or has another format) |\n", name
+            exit 1
+          }
           ok = 0; miss = ""
           if (dlf + 0 >= 0) ok++; else miss = miss " LF"
           if (dlfh + 0 >= -0.5) ok++; else miss = miss " LFH"
@@ -97,8 +114,9 @@ done
           printf "| %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %+.2f | %+.2f | %+.2f | %+.2f | %d/4%s |\n",
             name, cond, lf, lfh, best, ogm, qmf, strict, dlf, dlfh, dbest, pworst, ok,
             miss == "" ? "" : " (not:" miss ")"
-        }' "$out/$name.txt"
+        }' "$out/$name.txt" || status=1
     done
   done
 } >"$out/summary.md"
 cat "$out/summary.md"
+exit "$status"

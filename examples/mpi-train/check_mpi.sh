@@ -150,6 +150,7 @@ echo "== --precision bf16: 1 rank is imml-train --precision bf16 bit for bit"
 # shellcheck disable=SC2086
 "$imml_train" $common $ref_only --batch 64 --precision bf16 \
   --save "$work/ref-bf16.ckpt" "$fac" "$mor" 2>"$work/ref-bf16.err" >/dev/null
+# shellcheck disable=SC2086
 "$mpirun" --oversubscribe --bind-to none -np 1 "$mpi_train" $common \
   --batch 64 --precision bf16 --save "$work/r1-bf16.ckpt" "$fac" "$mor" \
   </dev/null >/dev/null 2>"$work/r1-bf16.err"

@@ -430,13 +430,16 @@ static imml_model *make_model(const opts *o, int m, const int *dims, int c,
     int ok = st == IMML_OK, all = 0;
     MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
     if (!all) {
-      if (g_rank == 0)
+      /* each rank that lacks bf16 says why; rank 0 says what happens */
+      if (!ok)
         fprintf(stderr,
-                "mpi-train: warning: --precision bf16 is unavailable on %s "
-                "(%s%s%s); training in fp32\n",
-                ok ? "another rank" : "rank 0",
-                ok ? "" : imml_status_string(st), ok ? "" : ": ",
-                ok ? "" : (model ? imml_model_errmsg(model) : ""));
+                "mpi-train: rank %d: --precision bf16 is unavailable (%s: "
+                "%s)\n",
+                g_rank, imml_status_string(st),
+                model ? imml_model_errmsg(model) : "");
+      if (g_rank == 0)
+        fprintf(stderr, "mpi-train: warning: --precision bf16 is "
+                        "unavailable on some rank; training in fp32\n");
       imml_model_free(model);
       model = NULL;
       cfg.precision = IMML_PRECISION_FP32;
