@@ -64,6 +64,23 @@ typedef struct gemm_entry {
 static gemm_entry gemm_log[GEMM_LOG_MAX];
 static int n_gemm_log, gemm_log_on, want_gemm_log;
 
+/* Adds one timed product to the --gemms log, by transposes and shape. */
+static void gemm_log_add(enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb,
+                         int m, int n, int k, double dt) {
+  int i = 0;
+  while (i < n_gemm_log &&
+         !(gemm_log[i].ta == ta && gemm_log[i].tb == tb && gemm_log[i].m == m &&
+           gemm_log[i].n == n && gemm_log[i].k == k))
+    i++;
+  if (i == n_gemm_log) {
+    if (n_gemm_log == GEMM_LOG_MAX)
+      return;
+    gemm_log[n_gemm_log++] = (gemm_entry){ta, tb, m, n, k, 0, 0.0};
+  }
+  gemm_log[i].calls++;
+  gemm_log[i].seconds += dt;
+}
+
 static double now(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -81,20 +98,8 @@ void cblas_sgemm(const enum CBLAS_ORDER order, const enum CBLAS_TRANSPOSE ta,
   const double dt = now() - t0;
   sgemm_seconds += dt;
   sgemm_flops += 2.0 * m * n * k;
-  if (!gemm_log_on)
-    return;
-  int i = 0;
-  while (i < n_gemm_log &&
-         !(gemm_log[i].ta == ta && gemm_log[i].tb == tb && gemm_log[i].m == m &&
-           gemm_log[i].n == n && gemm_log[i].k == k))
-    i++;
-  if (i == n_gemm_log) {
-    if (n_gemm_log == GEMM_LOG_MAX)
-      return;
-    gemm_log[n_gemm_log++] = (gemm_entry){ta, tb, m, n, k, 0, 0.0};
-  }
-  gemm_log[i].calls++;
-  gemm_log[i].seconds += dt;
+  if (gemm_log_on)
+    gemm_log_add(ta, tb, m, n, k, dt);
 }
 
 void __real_imml_bf16_gemm(void *scratch, int threads, int trans_a, int trans_b,
@@ -117,22 +122,9 @@ void __wrap_imml_bf16_gemm(void *scratch, int threads, int trans_a, int trans_b,
   const double dt = now() - t0;
   sgemm_seconds += dt;
   sgemm_flops += 2.0 * m * n * kk;
-  if (!gemm_log_on)
-    return;
-  const enum CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans,
-                             tb = trans_b ? CblasTrans : CblasNoTrans;
-  int i = 0;
-  while (i < n_gemm_log &&
-         !(gemm_log[i].ta == ta && gemm_log[i].tb == tb && gemm_log[i].m == m &&
-           gemm_log[i].n == n && gemm_log[i].k == kk))
-    i++;
-  if (i == n_gemm_log) {
-    if (n_gemm_log == GEMM_LOG_MAX)
-      return;
-    gemm_log[n_gemm_log++] = (gemm_entry){ta, tb, m, n, kk, 0, 0.0};
-  }
-  gemm_log[i].calls++;
-  gemm_log[i].seconds += dt;
+  if (gemm_log_on)
+    gemm_log_add(trans_a ? CblasTrans : CblasNoTrans,
+                 trans_b ? CblasTrans : CblasNoTrans, m, n, kk, dt);
 }
 
 /* --gemms: the step's products grouped by shape, per training step. */

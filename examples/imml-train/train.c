@@ -605,6 +605,22 @@ static int snapshot_restore(imml_model **model, const snapshot *s,
   return h && h->attach ? h->attach(h->ctx, m) : 0;
 }
 
+/* r's training accuracy, and its test accuracy (NaN without test rows),
+ * of the model as it is; pred holds max(tr->n, te->n) classes. */
+static int measure_acc(imml_model *model, const dataset *tr, const dataset *te,
+                       int *pred, epoch_report *r) {
+  if (predict_rows(model, tr, NULL, pred, NULL) != 0)
+    return -1;
+  r->train_acc = accuracy(tr->y, pred, tr->n);
+  r->test_acc = NAN;
+  if (te->n > 0) {
+    if (predict_rows(model, te, NULL, pred, NULL) != 0)
+      return -1;
+    r->test_acc = accuracy(te->y, pred, te->n);
+  }
+  return 0;
+}
+
 int train_run(const train_opts *o, const imml_config *cfg0, const dataset *tr,
               const dataset *va, const dataset *te, const run_spec *spec,
               imml_model **out, run_result *res) {
@@ -750,15 +766,8 @@ int train_run(const train_opts *o, const imml_config *cfg0, const dataset *tr,
     }
     res->epochs_run = ep;
     if (spec->eval_each_epoch) {
-      if (predict_rows(model, tr, NULL, pred, NULL) != 0)
+      if (measure_acc(model, tr, te, pred, &r) != 0)
         goto out;
-      r.train_acc = accuracy(tr->y, pred, N);
-      r.test_acc = NAN;
-      if (te->n > 0) {
-        if (predict_rows(model, te, NULL, pred, NULL) != 0)
-          goto out;
-        r.test_acc = accuracy(te->y, pred, te->n);
-      }
     }
     int p_now = -1, fixed = 0;
     imml_predominant_get(model, &p_now, &fixed);
@@ -830,15 +839,8 @@ int train_run(const train_opts *o, const imml_config *cfg0, const dataset *tr,
   /* The returned model's accuracies (measured again after a restore, or
    * when they were not measured every epoch). */
   if (res->restored || !spec->eval_each_epoch) {
-    if (predict_rows(model, tr, NULL, pred, NULL) != 0)
+    if (measure_acc(model, tr, te, pred, &r) != 0)
       goto out;
-    r.train_acc = accuracy(tr->y, pred, N);
-    r.test_acc = NAN;
-    if (te->n > 0) {
-      if (predict_rows(model, te, NULL, pred, NULL) != 0)
-        goto out;
-      r.test_acc = accuracy(te->y, pred, te->n);
-    }
   }
   if (!res->p_by_host) {
     int p = -1, fixed = 0;
