@@ -102,23 +102,23 @@ void cblas_sgemm(const enum CBLAS_ORDER order, const enum CBLAS_TRANSPOSE ta,
     gemm_log_add(ta, tb, m, n, k, dt);
 }
 
-void __real_imml_bf16_gemm(void *scratch, int threads, int trans_a, int trans_b,
-                           int m, int n, int kk, float alpha, const float *a,
-                           int lda, const float *b, int ldb, float beta,
-                           float *c, int ldc);
-void __wrap_imml_bf16_gemm(void *scratch, int threads, int trans_a, int trans_b,
-                           int m, int n, int kk, float alpha, const float *a,
-                           int lda, const float *b, int ldb, float beta,
-                           float *c, int ldc);
+void __real_imml_bf16_gemm(struct k_ctx *ctx, int threads, int trans_a,
+                           int trans_b, int m, int n, int kk, float alpha,
+                           const float *a, int lda, const float *b, int ldb,
+                           float beta, float *c, int ldc);
+void __wrap_imml_bf16_gemm(struct k_ctx *ctx, int threads, int trans_a,
+                           int trans_b, int m, int n, int kk, float alpha,
+                           const float *a, int lda, const float *b, int ldb,
+                           float beta, float *c, int ldc);
 
 /* The library's calls of its bf16 kernel, timed (--wrap). */
-void __wrap_imml_bf16_gemm(void *scratch, int threads, int trans_a, int trans_b,
-                           int m, int n, int kk, float alpha, const float *a,
-                           int lda, const float *b, int ldb, float beta,
-                           float *c, int ldc) {
+void __wrap_imml_bf16_gemm(struct k_ctx *ctx, int threads, int trans_a,
+                           int trans_b, int m, int n, int kk, float alpha,
+                           const float *a, int lda, const float *b, int ldb,
+                           float beta, float *c, int ldc) {
   const double t0 = now();
-  __real_imml_bf16_gemm(scratch, threads, trans_a, trans_b, m, n, kk, alpha, a,
-                        lda, b, ldb, beta, c, ldc);
+  __real_imml_bf16_gemm(ctx, threads, trans_a, trans_b, m, n, kk, alpha, a, lda,
+                        b, ldb, beta, c, ldc);
   const double dt = now() - t0;
   sgemm_seconds += dt;
   sgemm_flops += 2.0 * m * n * kk;
@@ -216,7 +216,12 @@ static double bf16_ceiling(int reps, int threads) {
   const int m = 64, n = 512, k = 6144;
   float *a = malloc(sizeof(float) * m * k), *b = malloc(sizeof(float) * k * n),
         *c = malloc(sizeof(float) * m * n), *d = malloc(sizeof(float) * k * n);
-  void *scr = aligned_alloc(64, imml_bf16_scratch_bytes());
+  const imml_allocator plain = {NULL, NULL, NULL};
+  struct k_ctx *ctx = imml_bf16_ctx_create(&plain);
+  if (!ctx) {
+    fprintf(stderr, "bench: out of memory\n");
+    exit(1);
+  }
   for (int i = 0; i < m * k; i++)
     a[i] = frand();
   for (int i = 0; i < k * n; i++)
@@ -224,11 +229,11 @@ static double bf16_ceiling(int reps, int threads) {
   double *t = malloc(sizeof(double) * (size_t)reps);
   for (int r = -3; r < reps; r++) {
     const double t0 = now();
-    __real_imml_bf16_gemm(scr, threads, 0, 0, m, n, k, 1.0f, a, k, b, n, 0.0f,
+    __real_imml_bf16_gemm(ctx, threads, 0, 0, m, n, k, 1.0f, a, k, b, n, 0.0f,
                           c, n);
-    __real_imml_bf16_gemm(scr, threads, 1, 0, k, n, m, 1.0f, a, k, c, n, 1.0f,
+    __real_imml_bf16_gemm(ctx, threads, 1, 0, k, n, m, 1.0f, a, k, c, n, 1.0f,
                           d, n);
-    __real_imml_bf16_gemm(scr, threads, 0, 1, m, k, n, 1.0f, c, n, b, n, 0.0f,
+    __real_imml_bf16_gemm(ctx, threads, 0, 1, m, k, n, 1.0f, c, n, b, n, 0.0f,
                           a, k);
     if (r >= 0)
       t[r] = now() - t0;
@@ -238,7 +243,7 @@ static double bf16_ceiling(int reps, int threads) {
   free(b);
   free(c);
   free(d);
-  free(scr);
+  imml_bf16_ctx_free(&plain, ctx);
   free(t);
   return 3.0 * 2.0 * m * n * k / s / 1e9;
 }

@@ -16,14 +16,17 @@
 #include "bf16.h"
 #include "internal.h"
 #include "kernels.h"
+#include "team.h"
 
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
-/* The context, then the scratch from the next 64-byte boundary on. */
+/* The context, its team, then the scratch from the next 64-byte boundary
+ * on. */
 #define CTX_ALIGN 64
-#define CTX_HEAD ((sizeof(k_ctx) + CTX_ALIGN - 1) / CTX_ALIGN * CTX_ALIGN)
+#define CTX_HEAD                                                               \
+  ((sizeof(k_ctx) + sizeof(imml_team) + CTX_ALIGN - 1) / CTX_ALIGN * CTX_ALIGN)
 
 size_t imml_bf16_ctx_bytes(void) {
   return imml_bf16_scratch_bytes() + CTX_HEAD + CTX_ALIGN;
@@ -35,16 +38,30 @@ struct k_ctx *imml_bf16_ctx_create(const imml_allocator *alloc) {
   if (!block)
     return NULL;
   k_ctx *ctx = (k_ctx *)(void *)block;
+  ctx->team = (imml_team *)(void *)(block + sizeof(k_ctx));
+  if (imml_team_init(ctx->team) != 0) {
+    imml_free(alloc, block);
+    return NULL;
+  }
   const uintptr_t at = (uintptr_t)(block + head);
   ctx->bf16 = 1;
+  ctx->start_min_macs = IMML_BF16_START_MIN_MACS;
+  ctx->part_min_macs = IMML_BF16_PART_MIN_MACS;
   ctx->scratch = block + head + (align - at % align) % align;
   ctx->block = block;
   return ctx;
 }
 
-void imml_bf16_ctx_free(const imml_allocator *alloc, struct k_ctx *ctx) {
+void imml_bf16_ctx_end(struct k_ctx *ctx) {
   if (ctx)
+    imml_team_end(ctx->team);
+}
+
+void imml_bf16_ctx_free(const imml_allocator *alloc, struct k_ctx *ctx) {
+  if (ctx) {
+    imml_team_destroy(ctx->team);
     imml_free(alloc, ctx->block);
+  }
 }
 
 /* Software rounding: the tests' reference, and the conversion's contract.
@@ -71,8 +88,6 @@ float imml_bf16_round(float x) {
 
 #include <cpuid.h>
 #include <immintrin.h>
-#include <pthread.h>
-#include <signal.h>
 
 #define BF16_TARGET                                                            \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
@@ -340,26 +355,24 @@ BF16_TARGET static void gemm_serial(const gemm_job *g) {
   }
 }
 
-static void *gemm_thread(void *arg) {
-  gemm_serial(arg);
-  return NULL;
+static void gemm_part(void *arg, int part) {
+  gemm_serial((const gemm_job *)arg + part);
 }
 
-/* A product shorter than this many multiply-adds per part is not split:
- * starting and joining a thread costs about 20 microseconds, the time of
- * some 4 M multiply-adds here. */
-#define PART_MIN_MACS 4.0e6
-
-void imml_bf16_gemm(void *scratch, int threads, int trans_a, int trans_b, int m,
-                    int n, int kk, float alpha, const float *a, int lda,
+void imml_bf16_gemm(struct k_ctx *ctx, int threads, int trans_a, int trans_b,
+                    int m, int n, int kk, float alpha, const float *a, int lda,
                     const float *b, int ldb, float beta, float *c, int ldc) {
-  const gemm_job whole = {trans_a != 0, trans_b != 0, m, n,      kk,
-                          alpha,        beta,         a, b,      (size_t)lda,
-                          (size_t)ldb,  (size_t)ldc,  c, scratch};
+  const gemm_job whole = {
+      trans_a != 0, trans_b != 0, m, n,           kk,
+      alpha,        beta,         a, b,           (size_t)lda,
+      (size_t)ldb,  (size_t)ldc,  c, ctx->scratch};
   const double macs = (double)m * n * kk;
+  /* Without running helpers a split pays for starting them. */
+  const double part_min =
+      imml_team_running(ctx->team) ? ctx->part_min_macs : ctx->start_min_macs;
   int parts = threads < IMML_BF16_THREADS_MAX ? threads : IMML_BF16_THREADS_MAX;
-  if (macs / PART_MIN_MACS < parts)
-    parts = (int)(macs / PART_MIN_MACS);
+  if (macs / part_min < parts)
+    parts = (int)(macs / part_min);
   /* Split along n (every part packs all of A) or along m (every part
    * packs all of B), whichever repeats the smaller operand, in whole
    * micro-tiles. */
@@ -375,13 +388,11 @@ void imml_bf16_gemm(void *scratch, int threads, int trans_a, int trans_b, int m,
   int chunk = (len + parts - 1) / parts;
   chunk = (chunk + unit - 1) / unit * unit;
   gemm_job job[IMML_BF16_THREADS_MAX];
-  pthread_t tid[IMML_BF16_THREADS_MAX];
-  int started[IMML_BF16_THREADS_MAX] = {0};
   int np = 0;
   for (int lo = 0; lo < len; lo += chunk, np++) {
     const int cnt = len - lo < chunk ? len - lo : chunk;
     job[np] = whole;
-    job[np].region = (unsigned char *)scratch + (size_t)np * REGION;
+    job[np].region = (unsigned char *)ctx->scratch + (size_t)np * REGION;
     if (by_n) {
       job[np].n = cnt;
       job[np].b = trans_b ? b + (size_t)lo * ldb : b + lo;
@@ -392,21 +403,7 @@ void imml_bf16_gemm(void *scratch, int threads, int trans_a, int trans_b, int m,
       job[np].c = c + (size_t)lo * ldc;
     }
   }
-  /* Helpers start with every signal blocked, as lib/par.c's. */
-  sigset_t all, old;
-  sigfillset(&all);
-  const int masked = pthread_sigmask(SIG_SETMASK, &all, &old) == 0;
-  for (int i = 1; i < np; i++)
-    started[i] = pthread_create(&tid[i], NULL, gemm_thread, &job[i]) == 0;
-  if (masked)
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-  gemm_serial(&job[0]);
-  for (int i = 1; i < np; i++) {
-    if (started[i])
-      pthread_join(tid[i], NULL);
-    else
-      gemm_serial(&job[i]);
-  }
+  imml_team_run(ctx->team, threads, np, gemm_part, job);
 }
 
 #else /* no kernel in this build */
@@ -422,11 +419,11 @@ int imml_bf16_supported(char *why, size_t n) {
   return 0;
 }
 
-void imml_bf16_gemm(void *scratch, int threads, int trans_a, int trans_b, int m,
-                    int n, int kk, float alpha, const float *a, int lda,
+void imml_bf16_gemm(struct k_ctx *ctx, int threads, int trans_a, int trans_b,
+                    int m, int n, int kk, float alpha, const float *a, int lda,
                     const float *b, int ldb, float beta, float *c, int ldc) {
   /* unreachable: no bf16 model is created without the kernel */
-  (void)scratch, (void)threads, (void)trans_a, (void)trans_b, (void)m;
+  (void)ctx, (void)threads, (void)trans_a, (void)trans_b, (void)m;
   (void)n, (void)kk, (void)alpha, (void)a, (void)lda, (void)b, (void)ldb;
   (void)beta, (void)c, (void)ldc;
 }

@@ -22,20 +22,34 @@ int imml_bf16_supported(char *why, size_t n);
 /* Bytes of scratch a context needs: IMML_BF16_THREADS_MAX regions. */
 size_t imml_bf16_scratch_bytes(void);
 
-/* C = alpha op(A) op(B) + beta C with the contract of k_gemm (C is not
- * read when beta is 0), on up to `threads` threads, in `scratch` (64-byte
- * aligned, imml_bf16_scratch_bytes() long).  Only call it once
- * imml_bf16_supported() said 1.  m, n >= 1 and kk >= 1. */
-void imml_bf16_gemm(void *scratch, int threads, int trans_a, int trans_b, int m,
-                    int n, int kk, float alpha, const float *a, int lda,
-                    const float *b, int ldb, float beta, float *c, int ldc);
+/* A product is split across threads only where every part gets at least
+ * this many multiply-adds: IMML_BF16_START_MIN_MACS when the split would
+ * start the call's helpers (starting and joining a thread costs about 20
+ * microseconds, the time of some 4 M multiply-adds here), and
+ * IMML_BF16_PART_MIN_MACS once they run and a part costs a wake-up.  The
+ * context holds both (start_min_macs, part_min_macs): tests lower them. */
+#define IMML_BF16_START_MIN_MACS 4.0e6
+#define IMML_BF16_PART_MIN_MACS 1.0e6
 
-/* A bf16 product context (kernels.h) with its scratch, in one block from
- * `alloc` (lib/arena.c's imml_alloc); NULL when out of memory.  A model
- * and each of its shares own one: no state is shared between them. */
 struct k_ctx;
 struct imml_allocator;
+
+/* C = alpha op(A) op(B) + beta C with the contract of k_gemm (C is not
+ * read when beta is 0), on up to `threads` threads (the context's team),
+ * in the context's scratch.  Only call it once imml_bf16_supported() said
+ * 1.  m, n >= 1 and kk >= 1. */
+void imml_bf16_gemm(struct k_ctx *ctx, int threads, int trans_a, int trans_b,
+                    int m, int n, int kk, float alpha, const float *a, int lda,
+                    const float *b, int ldb, float beta, float *c, int ldc);
+
+/* A bf16 product context (kernels.h) with its scratch and its team
+ * (team.h), in one block from `alloc` (lib/arena.c's imml_alloc); NULL
+ * when out of memory.  A model and each of its shares own one: no state
+ * is shared between them. */
 struct k_ctx *imml_bf16_ctx_create(const struct imml_allocator *alloc);
+/* Joins the helpers the context's products started in this call: every
+ * public call that runs products calls it before it returns. */
+void imml_bf16_ctx_end(struct k_ctx *ctx);
 void imml_bf16_ctx_free(const struct imml_allocator *alloc, struct k_ctx *ctx);
 /* The bytes imml_bf16_ctx_create allocates. */
 size_t imml_bf16_ctx_bytes(void);

@@ -19,6 +19,12 @@ imml_status imml_enter(imml_model *m, int writes) {
   return IMML_OK;
 }
 
+imml_status imml_leave(imml_model *m, imml_status st) {
+  if (m && !m->failed)
+    imml_bf16_ctx_end(m->gemm);
+  return st;
+}
+
 imml_model *imml_failed_handle(const imml_allocator *a, const char *msg) {
   imml_allocator use = {NULL, NULL, NULL};
   if (a && !a->malloc_fn == !a->free_fn)

@@ -275,6 +275,10 @@ imml_status imml_enter(imml_model *m, int writes);
     if (st_enter_ != IMML_OK)                                                  \
       return st_enter_;                                                        \
   } while (0)
+/* Leaves a public call that may have run matrix products, passing its
+ * status through: the helper threads the products started in the call
+ * (team.h) are joined, so no thread outlives a call. */
+imml_status imml_leave(imml_model *m, imml_status st);
 /* A failed handle holding `msg`, allocated with `a` (or malloc when a is
  * NULL or inconsistent); NULL when even that fails. */
 imml_model *imml_failed_handle(const imml_allocator *a, const char *msg);

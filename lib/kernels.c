@@ -10,7 +10,7 @@
 #include <stdint.h>
 #include <string.h>
 
-void k_gemm(const k_ctx *ctx, int trans_a, int trans_b, int m, int n, int kk,
+void k_gemm(k_ctx *ctx, int trans_a, int trans_b, int m, int n, int kk,
             float alpha, const float *a, int lda, const float *b, int ldb,
             float beta, float *c, int ldc) {
   if (m <= 0 || n <= 0)
@@ -24,8 +24,8 @@ void k_gemm(const k_ctx *ctx, int trans_a, int trans_b, int m, int n, int kk,
   }
   if (ctx && ctx->bf16) {
     /* as many threads as the BLAS is set to (imml_threads_set) */
-    imml_bf16_gemm(ctx->scratch, imml_threads_set(0), trans_a, trans_b, m, n,
-                   kk, alpha, a, lda, b, ldb, beta, c, ldc);
+    imml_bf16_gemm(ctx, imml_threads_set(0), trans_a, trans_b, m, n, kk, alpha,
+                   a, lda, b, ldb, beta, c, ldc);
     return;
   }
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
@@ -33,7 +33,7 @@ void k_gemm(const k_ctx *ctx, int trans_a, int trans_b, int m, int n, int kk,
               ldb, beta, c, ldc);
 }
 
-void k_linear_forward(const k_ctx *ctx, int batch, int n_in, int n_out,
+void k_linear_forward(k_ctx *ctx, int batch, int n_in, int n_out,
                       const float *x, int ldx, const float *w, const float *b,
                       float *y) {
   float beta = 0.0f;
@@ -46,7 +46,7 @@ void k_linear_forward(const k_ctx *ctx, int batch, int n_in, int n_out,
   k_gemm(ctx, 0, 0, batch, n_out, n_in, 1.0f, x, ldx, w, n_out, beta, y, n_out);
 }
 
-void k_linear_backward(const k_ctx *ctx, int batch, int n_in, int n_out,
+void k_linear_backward(k_ctx *ctx, int batch, int n_in, int n_out,
                        const float *x, int ldx, const float *w, const float *dy,
                        float *dw, float *db, float *dx, int lddx,
                        float dx_beta) {

@@ -68,26 +68,30 @@ static inline float k_bits_float(uint32_t u) {
  * owns one, with the scratch of lib/bf16.c allocated at its creation; so
  * does each of its shares, which may predict on another thread. */
 typedef struct k_ctx {
-  int bf16;      /* 1: operands rounded to bf16, float32 accumulation */
-  void *scratch; /* imml_bf16_scratch_bytes(), 64-byte aligned */
-  void *block;   /* the allocation holding the context and its scratch */
+  int bf16; /* 1: operands rounded to bf16, float32 accumulation */
+  /* the least work of a part, to start the call's helpers and once they
+   * run (bf16.h; tests lower them to split small products) */
+  double start_min_macs, part_min_macs;
+  struct imml_team *team; /* helper threads of the current call (team.h) */
+  void *scratch;          /* imml_bf16_scratch_bytes(), 64-byte aligned */
+  void *block; /* the allocation holding the context and its scratch */
 } k_ctx;
 
 /* C = alpha op(A) op(B) + beta C; op(A): m x kk, op(B): kk x n.  C is not
  * read when beta is 0. */
-void k_gemm(const k_ctx *ctx, int trans_a, int trans_b, int m, int n, int kk,
+void k_gemm(k_ctx *ctx, int trans_a, int trans_b, int m, int n, int kk,
             float alpha, const float *a, int lda, const float *b, int ldb,
             float beta, float *c, int ldc);
 
 /* y = x W + b.  x: (B, n_in) with row stride ldx, W: (n_in, n_out),
  * b: (n_out) or NULL, y: (B, n_out). */
-void k_linear_forward(const k_ctx *ctx, int batch, int n_in, int n_out,
+void k_linear_forward(k_ctx *ctx, int batch, int n_in, int n_out,
                       const float *x, int ldx, const float *w, const float *b,
                       float *y);
 
 /* dW += xᵀ dy; db += sum_i dy_i (if db); dx = dx_beta dx + dy Wᵀ (if dx).
  * dy: (B, n_out), dx: (B, n_in) with row stride lddx. */
-void k_linear_backward(const k_ctx *ctx, int batch, int n_in, int n_out,
+void k_linear_backward(k_ctx *ctx, int batch, int n_in, int n_out,
                        const float *x, int ldx, const float *w, const float *dy,
                        float *dw, float *db, float *dx, int lddx,
                        float dx_beta);

@@ -363,9 +363,9 @@ imml_status imml_run_forward(const imml_model *m, imml_acts *a,
   return IMML_OK;
 }
 
-imml_status imml_forward(imml_model *m, imml_mode mode, int B,
-                         const float *const *x, const int *labels,
-                         float *logits, imml_losses *losses) {
+static imml_status forward_call(imml_model *m, imml_mode mode, int B,
+                                const float *const *x, const int *labels,
+                                float *logits, imml_losses *losses) {
   IMML_ENTER(m);
   if (mode != IMML_MODE_TRAIN && mode != IMML_MODE_EVAL)
     return imml_fail(m, IMML_ERR_INVALID_ARG,
@@ -408,6 +408,12 @@ imml_status imml_forward(imml_model *m, imml_mode mode, int B,
   else
     m->eval_valid = 1;
   return IMML_OK;
+}
+
+imml_status imml_forward(imml_model *m, imml_mode mode, int B,
+                         const float *const *x, const int *labels,
+                         float *logits, imml_losses *losses) {
+  return imml_leave(m, forward_call(m, mode, B, x, labels, logits, losses));
 }
 
 /* Adds the finished micro-batch to the step: its knowledge rows (the
@@ -489,7 +495,7 @@ static const char *nonfinite_tensor(const imml_model *m, const float *G) {
   return "a parameter";
 }
 
-imml_status imml_backward(imml_model *m, float *const *dh) {
+static imml_status backward_call(imml_model *m, float *const *dh) {
   IMML_ENTER_TRAIN(m);
   if (!m->pending)
     return imml_fail(m, IMML_ERR_STATE,
@@ -565,6 +571,10 @@ refuse:
   return st;
 }
 
+imml_status imml_backward(imml_model *m, float *const *dh) {
+  return imml_leave(m, backward_call(m, dh));
+}
+
 imml_status imml_commit(imml_model *m) {
   IMML_ENTER_TRAIN(m);
   imml_accum *s = &m->acc;
@@ -590,8 +600,8 @@ imml_status imml_commit(imml_model *m) {
   return IMML_OK;
 }
 
-imml_status imml_fdc_adjust(imml_model *m, int B, const float *const *z,
-                            float *const *slots) {
+static imml_status fdc_adjust_call(imml_model *m, int B, const float *const *z,
+                                   float *const *slots) {
   IMML_ENTER(m);
   const imml_config *c = &m->cfg;
   const int k = c->knowledge_dim, M = c->n_modalities;
@@ -623,6 +633,11 @@ imml_status imml_fdc_adjust(imml_model *m, int B, const float *const *z,
     v = fdc_batch_view(m, z, B);
   fdc_forward(m, a, &m->eval_att, m->p, z, slots, &v);
   return IMML_OK;
+}
+
+imml_status imml_fdc_adjust(imml_model *m, int B, const float *const *z,
+                            float *const *slots) {
+  return imml_leave(m, fdc_adjust_call(m, B, z, slots));
 }
 
 int imml_fdc_dict_fill(const imml_model *m) {

@@ -6,8 +6,8 @@
 
 #include <string.h>
 
-imml_status imml_predict(imml_model *m, int B, const float *const *x,
-                         float *logits, float *probs, int *classes) {
+static imml_status predict_call(imml_model *m, int B, const float *const *x,
+                                float *logits, float *probs, int *classes) {
   IMML_ENTER(m);
   m->eval_valid = 0;
   imml_status st =
@@ -30,6 +30,11 @@ imml_status imml_predict(imml_model *m, int B, const float *const *x,
       classes[i] = k_argmax(C, a->logits + (size_t)i * C);
   m->eval_valid = 1;
   return IMML_OK;
+}
+
+imml_status imml_predict(imml_model *m, int B, const float *const *x,
+                         float *logits, float *probs, int *classes) {
+  return imml_leave(m, predict_call(m, B, x, logits, probs, classes));
 }
 
 imml_status imml_unimodal_get(imml_model *m, int mod, float *logits) {

@@ -21,6 +21,7 @@
 #include "common.h"
 #include "kernels.h"
 
+#include <dirent.h>
 #include <float.h>
 #include <math.h>
 #include <pthread.h>
@@ -108,9 +109,10 @@ static void note_unsupported(const char *test) {
           test, why);
 }
 
-/* The test's own scratch for calling the kernel directly. */
-static void *kernel_scratch(void) {
-  void *p = aligned_alloc(64, imml_bf16_scratch_bytes());
+/* The test's own context for calling the kernel directly. */
+static const imml_allocator plain_alloc = {NULL, NULL, NULL};
+static k_ctx *kernel_ctx(void) {
+  k_ctx *p = imml_bf16_ctx_create(&plain_alloc);
   ck_assert_ptr_nonnull(p);
   return p;
 }
@@ -186,7 +188,7 @@ START_TEST(test_round_kernel) {
     note_unsupported("round_kernel");
     return;
   }
-  void *scr = kernel_scratch();
+  k_ctx *scr = kernel_ctx();
   drng r = {11};
   const float one = 1.0f;
   int ties = 0;
@@ -215,7 +217,7 @@ START_TEST(test_round_kernel) {
   x = INFINITY;
   imml_bf16_gemm(scr, 1, 0, 0, 1, 1, 1, 1.0f, &x, 1, &one, 1, 0.0f, &c, 1);
   ck_assert(same_f(c, INFINITY));
-  free(scr);
+  imml_bf16_ctx_free(&plain_alloc, scr);
 }
 END_TEST
 
@@ -244,7 +246,10 @@ START_TEST(test_gemm_reference) {
   }
   const int m = gemm_shapes[_i][0], n = gemm_shapes[_i][1],
             kk = gemm_shapes[_i][2];
-  void *scr = kernel_scratch();
+  k_ctx *scr = kernel_ctx();
+  /* split every product that has two micro-tiles along m or n, on the
+   * context's helpers (threads 2 and 3 below) */
+  scr->start_min_macs = scr->part_min_macs = 1.0;
   drng r = {100u + (uint64_t)_i};
   int differs_from_fp32 = 0;
   for (int v = 0; v < 8; v++) {
@@ -323,7 +328,7 @@ START_TEST(test_gemm_reference) {
   }
   /* the operands really were rounded: float32 products differ */
   ck_assert_msg(differs_from_fp32, "no element differs from float32");
-  free(scr);
+  imml_bf16_ctx_free(&plain_alloc, scr);
 }
 END_TEST
 
@@ -345,7 +350,7 @@ START_TEST(test_kgemm_dispatch) {
     a[i] = drng_unif(&r);
   for (int i = 0; i < K * N; i++)
     b[i] = drng_unif(&r);
-  void *scr = kernel_scratch();
+  k_ctx *scr = kernel_ctx();
   k_gemm(ctx, 0, 0, M, N, K, 1.0f, a, K, b, N, 0.0f, c1, N);
   imml_bf16_gemm(scr, 1, 0, 0, M, N, K, 1.0f, a, K, b, N, 0.0f, c2, N);
   k_gemm(NULL, 0, 0, M, N, K, 1.0f, a, K, b, N, 0.0f, c3, N);
@@ -357,7 +362,7 @@ START_TEST(test_kgemm_dispatch) {
   k_gemm(ctx, 0, 0, M, N, 0, 1.0f, a, 1, b, N, 0.0f, c1, N);
   for (int i = 0; i < M * N; i++)
     ck_assert(same_f(c1[i], 0.0f));
-  free(scr);
+  imml_bf16_ctx_free(&plain_alloc, scr);
   imml_bf16_ctx_free(&plain, ctx);
 }
 END_TEST
@@ -689,6 +694,9 @@ START_TEST(test_threads_identical) {
   for (int t = 0; t < 2; t++) {
     imml_threads_set(t + 1);
     imml_model *m = create_ok(&c, NULL);
+    /* two threads: every product with two micro-tiles along m or n split */
+    if (t == 1)
+      m->gemm->start_min_macs = m->gemm->part_min_macs = 1.0;
     ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
     drng r = {3};
     for (int i = 0; i < 4; i++) {
@@ -714,6 +722,135 @@ START_TEST(test_threads_identical) {
     snap_free(&s[t]);
     free(logits[t]);
   }
+}
+END_TEST
+
+/* Threads of this process (entries of /proc/self/task), or -1. */
+static int task_count(void) {
+  DIR *d = opendir("/proc/self/task");
+  if (!d)
+    return -1;
+  int n = 0;
+  for (const struct dirent *e; (e = readdir(d));)
+    n += e->d_name[0] != '.';
+  closedir(d);
+  return n;
+}
+
+/* The process's thread count returns to `base` (a joined thread can stay
+ * listed for a moment after its join): 1 if it does within a second. */
+static int tasks_back_to(int base) {
+  for (int i = 0; i < 1000; i++) {
+    if (task_count() == base)
+      return 1;
+    const struct timespec ms = {0, 1000000};
+    nanosleep(&ms, NULL);
+  }
+  return 0;
+}
+
+/* A host F&T that notes the most threads it saw while it ran. */
+typedef struct host_seen {
+  int most;
+} host_seen;
+
+static int seen_forward(void *ud, int training, int B, int M, int k,
+                        const float *const *slots, int C, float *logits) {
+  (void)training;
+  host_seen *h = ud;
+  const int n = task_count();
+  h->most = n > h->most ? n : h->most;
+  for (int i = 0; i < B; i++)
+    for (int j = 0; j < C; j++)
+      logits[(size_t)i * C + j] = slots[j % M][(size_t)i * k + j % k];
+  return 0;
+}
+
+static int seen_backward(void *ud, int B, int M, int k,
+                         const float *const *slots, const float *dlogits, int C,
+                         float *const *dslots) {
+  (void)ud;
+  for (int mm = 0; mm < M; mm++)
+    for (size_t i = 0; i < (size_t)B * k; i++)
+      dslots[mm][i] = 0.01f * slots[mm][i] + dlogits[i % ((size_t)B * C)];
+  return 0;
+}
+
+/* The helpers a call's products start live while the call runs (the host
+ * F&T, called after the knowledge network's products, sees them) and are
+ * joined before it returns: after imml_forward, imml_backward,
+ * imml_predict and imml_fdc_adjust the process has the threads it had. */
+START_TEST(test_no_thread_outlives_call) {
+  if (!have_bf16()) {
+    note_unsupported("no_thread_outlives_call");
+    return;
+  }
+  const int before = imml_threads_set(0);
+  if (imml_threads_set(2) < 2 || task_count() < 1) {
+    imml_threads_set(before);
+    fprintf(stderr, "# no_thread_outlives_call: SKIP (%s)\n",
+            task_count() < 1 ? "no /proc/self/task"
+                             : "the BLAS ignores thread settings");
+    return;
+  }
+  imml_config c;
+  big_config(&c);
+  host_seen h = {0};
+  imml_ft_ops ops;
+  imml_ft_ops_init(&ops);
+  ops.forward = seen_forward;
+  ops.backward = seen_backward;
+  ops.user_data = &h;
+  imml_model *m = create_ok(&c, &ops);
+  m->gemm->start_min_macs = m->gemm->part_min_macs = 1.0;
+  imml_optim_config oc;
+  imml_optim_config_init(&oc, IMML_OPTIM_ADAMW);
+  ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
+  const int base = task_count();
+  drng r = {21};
+  batch b;
+  batch_random(&b, 2, big_dims, c.max_batch, c.n_classes, &r);
+  for (int step = 0; step < 2; step++) {
+    h.most = 0;
+    ck_assert_int_eq(
+        imml_forward(m, IMML_MODE_TRAIN, b.B, feats(&b), b.y, NULL, NULL),
+        IMML_OK);
+    ck_assert_msg(h.most > base, "forward: %d threads inside, %d before",
+                  h.most, base);
+    ck_assert_msg(tasks_back_to(base), "forward left %d threads, had %d",
+                  task_count(), base);
+    backward_ok(m, NULL);
+    ck_assert_msg(tasks_back_to(base), "backward left %d threads, had %d",
+                  task_count(), base);
+    ck_assert_int_eq(imml_optim_step(m), IMML_OK);
+  }
+  h.most = 0;
+  ck_assert_int_eq(imml_predict(m, b.B, feats(&b), NULL, NULL, NULL), IMML_OK);
+  ck_assert_msg(h.most > base, "predict: %d threads inside, %d before", h.most,
+                base);
+  ck_assert_msg(tasks_back_to(base), "predict left %d threads, had %d",
+                task_count(), base);
+  /* fdc_adjust's attention products, on the fixed predominant modality */
+  const int k = c.knowledge_dim;
+  float *z[2], *slots[2];
+  for (int mm = 0; mm < 2; mm++) {
+    z[mm] = xcalloc((size_t)b.B * k, sizeof(float));
+    slots[mm] = xcalloc((size_t)b.B * k, sizeof(float));
+    for (size_t i = 0; i < (size_t)b.B * k; i++)
+      z[mm][i] = drng_unif(&r);
+  }
+  ck_assert_int_eq(
+      imml_fdc_adjust(m, b.B, (const float *const *)z, (float *const *)slots),
+      IMML_OK);
+  ck_assert_msg(tasks_back_to(base), "fdc_adjust left %d threads, had %d",
+                task_count(), base);
+  for (int mm = 0; mm < 2; mm++) {
+    free(z[mm]);
+    free(slots[mm]);
+  }
+  batch_free(&b);
+  imml_model_free(m);
+  imml_threads_set(before);
 }
 END_TEST
 
@@ -1036,6 +1173,7 @@ static Suite *bf16_suite(void) {
   tcase_add_test(tc, test_refused_or_created);
   tcase_add_test(tc, test_memory_limit_counts_scratch);
   tcase_add_test(tc, test_threads_identical);
+  tcase_add_test(tc, test_no_thread_outlives_call);
   tcase_add_test(tc, test_shares_concurrent);
 #if defined(HAVE_INTERPOSER)
   tcase_add_test(tc, test_interposer_counts);

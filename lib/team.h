@@ -1,0 +1,67 @@
+/*
+ * A team: helper threads that serve one public call (doc/DECISIONS.md,
+ * "The library's own threads").  The first job worth splitting in a call
+ * starts the helpers; between jobs they spin for a moment and then sleep,
+ * so the next job costs a wake-up rather than a thread start; the call
+ * ends the team (imml_team_end) before it returns, so no thread outlives
+ * a call.  Jobs are split into numbered parts that any member, the caller
+ * included, claims one at a time: a helper the system has not scheduled
+ * yet leaves its part to the others.  Internal: not exported.
+ */
+#ifndef IMML_TEAM_H
+#define IMML_TEAM_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+/* The most parts of a job, and the most threads of a team (the caller's
+ * included). */
+#define IMML_TEAM_MAX 8
+
+/* Runs part `part` of a job. */
+typedef void (*imml_team_fn)(void *arg, int part);
+
+typedef struct imml_team_member {
+  struct imml_team *team;
+  uint64_t seen; /* the generation this member has last served */
+} imml_team_member;
+
+typedef struct imml_team {
+  /* Generation << 16 | parts << 8 | next part to claim: one word, so a
+   * claim (a compare-and-swap) can only take a part of the job it saw. */
+  _Atomic uint64_t state;
+  atomic_int finished; /* parts of the current job done */
+  atomic_int sleepers; /* helpers waiting on `wake` */
+  atomic_int quit;     /* set by imml_team_end */
+  imml_team_fn fn;     /* the current job, stable while any part runs */
+  void *arg;
+  pthread_mutex_t mu;
+  pthread_cond_t wake;
+  int helpers; /* helpers running in this call */
+  int tried;   /* helpers were asked for in this call */
+  pthread_t tid[IMML_TEAM_MAX];
+  imml_team_member member[IMML_TEAM_MAX];
+} imml_team;
+
+/* 0 on success; else the team cannot be used (and needs no destroy). */
+int imml_team_init(imml_team *t);
+/* Ends the team if it runs, then frees its mutex and condition. */
+void imml_team_destroy(imml_team *t);
+
+/* 1 if a job run now would find helpers running (no start to pay). */
+int imml_team_running(const imml_team *t);
+
+/* Runs fn(arg, 0 .. parts-1) and returns once every part is done, on the
+ * caller and up to `threads` - 1 helpers, which it starts if none run yet
+ * in this call.  Parts run in no fixed order and concurrently: each must
+ * touch memory of its own.  Without helpers (none could be started, or
+ * threads or parts is 1) the caller runs every part itself, in order. */
+void imml_team_run(imml_team *t, int threads, int parts, imml_team_fn fn,
+                   void *arg);
+
+/* Stops and joins the helpers, if any run: every public call that may
+ * have started them calls this before it returns. */
+void imml_team_end(imml_team *t);
+
+#endif /* IMML_TEAM_H */
