@@ -22,33 +22,57 @@
 #include <stdio.h>
 #include <string.h>
 
-/* The context, its team, then the scratch from the next 64-byte boundary
- * on. */
+/* The context, one single-thread context per team member (its scratch
+ * region and work floats, for tasks), the team; then from the next 64-byte
+ * boundary on the scratch regions, then the members' work floats. */
 #define CTX_ALIGN 64
 #define CTX_HEAD                                                               \
-  ((sizeof(k_ctx) + sizeof(imml_team) + CTX_ALIGN - 1) / CTX_ALIGN * CTX_ALIGN)
+  ((sizeof(k_ctx) * (1 + IMML_BF16_THREADS_MAX) + sizeof(imml_team) +          \
+    CTX_ALIGN - 1) /                                                           \
+   CTX_ALIGN * CTX_ALIGN)
 
-size_t imml_bf16_ctx_bytes(void) {
-  return imml_bf16_scratch_bytes() + CTX_HEAD + CTX_ALIGN;
+/* Work floats of one member, rounded up to whole 64-byte lines. */
+static size_t work_round(size_t work_floats) {
+  return (work_floats + 15) / 16 * 16;
 }
 
-struct k_ctx *imml_bf16_ctx_create(const imml_allocator *alloc) {
+size_t imml_bf16_ctx_bytes(size_t work_floats) {
+  const size_t work =
+      work_round(work_floats) * sizeof(float) * IMML_BF16_THREADS_MAX;
+  return imml_bf16_scratch_bytes() + work + CTX_HEAD + CTX_ALIGN;
+}
+
+struct k_ctx *imml_bf16_ctx_create(const imml_allocator *alloc,
+                                   size_t work_floats) {
   const size_t align = CTX_ALIGN, head = CTX_HEAD;
-  unsigned char *block = imml_alloc(alloc, imml_bf16_ctx_bytes());
+  if (work_floats >
+      (SIZE_MAX / 2 - head) / sizeof(float) / (IMML_BF16_THREADS_MAX + 1))
+    return NULL;
+  unsigned char *block = imml_alloc(alloc, imml_bf16_ctx_bytes(work_floats));
   if (!block)
     return NULL;
   k_ctx *ctx = (k_ctx *)(void *)block;
-  ctx->team = (imml_team *)(void *)(block + sizeof(k_ctx));
+  k_ctx *solo = ctx + 1;
+  ctx->team = (imml_team *)(void *)(solo + IMML_BF16_THREADS_MAX);
   if (imml_team_init(ctx->team) != 0) {
     imml_free(alloc, block);
     return NULL;
   }
   const uintptr_t at = (uintptr_t)(block + head);
-  ctx->bf16 = 1;
-  ctx->start_min_macs = IMML_BF16_START_MIN_MACS;
-  ctx->part_min_macs = IMML_BF16_PART_MIN_MACS;
-  ctx->scratch = block + head + (align - at % align) % align;
-  ctx->block = block;
+  unsigned char *scratch = block + head + (align - at % align) % align;
+  float *work = (float *)(void *)(scratch + imml_bf16_scratch_bytes());
+  const size_t per = work_round(work_floats);
+  for (int i = 0; i < IMML_BF16_THREADS_MAX; i++)
+    solo[i] = (k_ctx){.bf16 = 1,
+                      .start_min_macs = IMML_BF16_START_MIN_MACS,
+                      .part_min_macs = IMML_BF16_PART_MIN_MACS,
+                      .scratch = scratch + (size_t)i * imml_bf16_region_bytes(),
+                      .work = work + (size_t)i * per,
+                      .work_floats = work_floats,
+                      .block = block};
+  *ctx = solo[0];
+  ctx->team = (imml_team *)(void *)(solo + IMML_BF16_THREADS_MAX);
+  ctx->solo = solo;
   return ctx;
 }
 
@@ -62,6 +86,24 @@ void imml_bf16_ctx_free(const imml_allocator *alloc, struct k_ctx *ctx) {
     imml_team_destroy(ctx->team);
     imml_free(alloc, ctx->block);
   }
+}
+
+typedef struct task_call {
+  k_task_fn fn;
+  void *arg;
+  k_ctx *solo;
+} task_call;
+
+static void task_part(void *arg, int part, int member) {
+  const task_call *t = arg;
+  t->fn(t->arg, part, &t->solo[member]);
+}
+
+void imml_bf16_tasks(struct k_ctx *ctx, int threads, int parts,
+                     void (*fn)(void *arg, int part, struct k_ctx *solo),
+                     void *arg) {
+  task_call t = {fn, arg, ctx->solo};
+  imml_team_run(ctx->team, threads, parts, task_part, &t);
 }
 
 /* Software rounding: the tests' reference, and the conversion's contract.
@@ -108,6 +150,8 @@ enum {
 size_t imml_bf16_scratch_bytes(void) {
   return (size_t)REGION * IMML_BF16_THREADS_MAX;
 }
+
+size_t imml_bf16_region_bytes(void) { return REGION; }
 
 /* XCR0: the operating system saves the SSE, AVX and the three AVX-512
  * register states (opmask, upper halves of zmm0-15, zmm16-31). */
@@ -355,7 +399,8 @@ BF16_TARGET static void gemm_serial(const gemm_job *g) {
   }
 }
 
-static void gemm_part(void *arg, int part) {
+static void gemm_part(void *arg, int part, int member) {
+  (void)member; /* part i runs in region i, whoever runs it */
   gemm_serial((const gemm_job *)arg + part);
 }
 
@@ -367,6 +412,10 @@ void imml_bf16_gemm(struct k_ctx *ctx, int threads, int trans_a, int trans_b,
       alpha,        beta,         a, b,           (size_t)lda,
       (size_t)ldb,  (size_t)ldc,  c, ctx->scratch};
   const double macs = (double)m * n * kk;
+  if (!ctx->team) { /* a team member's own context: one thread */
+    gemm_serial(&whole);
+    return;
+  }
   /* Without running helpers a split pays for starting them. */
   const double part_min =
       imml_team_running(ctx->team) ? ctx->part_min_macs : ctx->start_min_macs;
@@ -409,6 +458,8 @@ void imml_bf16_gemm(struct k_ctx *ctx, int threads, int trans_a, int trans_b,
 #else /* no kernel in this build */
 
 size_t imml_bf16_scratch_bytes(void) { return 0; }
+
+size_t imml_bf16_region_bytes(void) { return 0; }
 
 int imml_bf16_supported(char *why, size_t n) {
   if (why && n)

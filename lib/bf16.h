@@ -21,6 +21,8 @@ int imml_bf16_supported(char *why, size_t n);
 
 /* Bytes of scratch a context needs: IMML_BF16_THREADS_MAX regions. */
 size_t imml_bf16_scratch_bytes(void);
+/* Bytes of one region: one thread's part of a product. */
+size_t imml_bf16_region_bytes(void);
 
 /* A product is split across threads only where every part gets at least
  * this many multiply-adds: IMML_BF16_START_MIN_MACS when the split would
@@ -42,17 +44,26 @@ void imml_bf16_gemm(struct k_ctx *ctx, int threads, int trans_a, int trans_b,
                     int m, int n, int kk, float alpha, const float *a, int lda,
                     const float *b, int ldb, float beta, float *c, int ldc);
 
-/* A bf16 product context (kernels.h) with its scratch and its team
- * (team.h), in one block from `alloc` (lib/arena.c's imml_alloc); NULL
+/* A bf16 product context (kernels.h) with its scratch, its team (team.h)
+ * and `work_floats` floats of work memory per team member (for tasks,
+ * k_tasks), in one block from `alloc` (lib/arena.c's imml_alloc); NULL
  * when out of memory.  A model and each of its shares own one: no state
  * is shared between them. */
-struct k_ctx *imml_bf16_ctx_create(const struct imml_allocator *alloc);
+struct k_ctx *imml_bf16_ctx_create(const struct imml_allocator *alloc,
+                                   size_t work_floats);
 /* Joins the helpers the context's products started in this call: every
  * public call that runs products calls it before it returns. */
 void imml_bf16_ctx_end(struct k_ctx *ctx);
 void imml_bf16_ctx_free(const struct imml_allocator *alloc, struct k_ctx *ctx);
 /* The bytes imml_bf16_ctx_create allocates. */
-size_t imml_bf16_ctx_bytes(void);
+size_t imml_bf16_ctx_bytes(size_t work_floats);
+
+/* Runs fn(arg, part, solo) for part 0 .. parts-1 on up to `threads`
+ * threads of the context's team, solo the running member's own
+ * single-thread context (kernels.h's k_tasks). */
+void imml_bf16_tasks(struct k_ctx *ctx, int threads, int parts,
+                     void (*fn)(void *arg, int part, struct k_ctx *solo),
+                     void *arg);
 
 /* Rounds x to the nearest bfloat16 (ties to even), as the kernel does with
  * every operand, and returns it as a float: the reference of the tests. */

@@ -101,13 +101,14 @@ imml_status imml_model_share(imml_model *model, imml_model **out) {
     return imml_fail(model, IMML_ERR_NOMEM,
                      "out of memory for a share's %zu-byte scratch", c.used);
   }
-  /* its own product scratch: a share may predict on another thread */
-  if (model->gemm && !(s->gemm = imml_bf16_ctx_create(&s->alloc))) {
+  /* its own product scratch: a share may predict on another thread (and
+   * only predicts: its branches need no work memory) */
+  if (model->gemm && !(s->gemm = imml_bf16_ctx_create(&s->alloc, 0))) {
     imml_free(&s->alloc, s->arena);
     imml_free(&s->alloc, s);
     return imml_fail(model, IMML_ERR_NOMEM,
                      "out of memory for a share's %zu-byte bf16 scratch",
-                     imml_bf16_ctx_bytes());
+                     imml_bf16_ctx_bytes(0));
   }
   c.base = s->arena;
   c.used = 0;

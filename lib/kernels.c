@@ -33,6 +33,18 @@ void k_gemm(k_ctx *ctx, int trans_a, int trans_b, int m, int n, int kk,
               ldb, beta, c, ldc);
 }
 
+int k_tasks(k_ctx *ctx, int parts, size_t work_floats, k_task_fn fn,
+            void *arg) {
+  if (!ctx || !ctx->bf16 || !ctx->team || parts < 2 ||
+      work_floats > ctx->work_floats)
+    return 0;
+  const int threads = imml_threads_set(0);
+  if (threads < 2)
+    return 0;
+  imml_bf16_tasks(ctx, threads, parts, fn, arg);
+  return 1;
+}
+
 void k_linear_forward(k_ctx *ctx, int batch, int n_in, int n_out,
                       const float *x, int ldx, const float *w, const float *b,
                       float *y) {

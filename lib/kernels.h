@@ -72,10 +72,25 @@ typedef struct k_ctx {
   /* the least work of a part, to start the call's helpers and once they
    * run (bf16.h; tests lower them to split small products) */
   double start_min_macs, part_min_macs;
-  struct imml_team *team; /* helper threads of the current call (team.h) */
-  void *scratch;          /* imml_bf16_scratch_bytes(), 64-byte aligned */
+  struct imml_team *team; /* helper threads of the current call (team.h);
+                             NULL in a member's single-thread context */
+  struct k_ctx *solo;     /* the members' single-thread contexts */
+  void *scratch;          /* 64-byte aligned: all regions, or a member's */
+  float *work;            /* a member's work floats (k_tasks) */
+  size_t work_floats;
   void *block; /* the allocation holding the context and its scratch */
 } k_ctx;
+
+/* Independent tasks: runs fn(arg, part, sub) for part 0 .. parts-1 on the
+ * threads of a bf16 context's team (imml_threads_set), in any order and
+ * concurrently, where sub is the running thread's own single-thread
+ * context: its products are not split further, and sub->work holds at
+ * least `work_floats` floats no other task touches meanwhile.  Returns 0,
+ * having run nothing, where that is not possible (a float32 or NULL
+ * context, one thread, fewer than 2 parts, too little work memory): the
+ * caller then runs the parts itself. */
+typedef void (*k_task_fn)(void *arg, int part, struct k_ctx *sub);
+int k_tasks(k_ctx *ctx, int parts, size_t work_floats, k_task_fn fn, void *arg);
 
 /* C = alpha op(A) op(B) + beta C; op(A): m x kk, op(B): kk x n.  C is not
  * read when beta is 0. */

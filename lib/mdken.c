@@ -6,31 +6,97 @@
 
 #include <string.h>
 
-void mdken_forward(const imml_model *m, imml_acts *a, const float *const *h) {
+/* Branches run as tasks on a bf16 model's threads (k_tasks) where the
+ * largest branch is no more than its share of the work: each thread then
+ * runs whole branches with products of its own, no product split and no
+ * operand packed twice.  Otherwise (float32, whose BLAS has its own
+ * threads; one branch that outweighs the rest) the branches run in turn
+ * and each product may split.  Either way every value is computed the
+ * same way: the results are the same bits.  order[] lists the branches
+ * largest first, so the threads finish close together. */
+typedef struct branch_plan {
+  int n;
+  int order[IMML_MAX_MODALITIES];
+} branch_plan;
+
+static int plan_branches(const imml_model *m, branch_plan *bp) {
   const imml_config *c = &m->cfg;
-  const int B = a->batch, H = c->hidden_dim, k = c->knowledge_dim,
-            C = c->n_classes;
-  double dis = 0.0;
-  for (int mm = 0; mm < c->n_modalities; mm++) {
-    const imml_ptensors *P = &m->pt;
-    const int d = c->dims[mm];
-    /* u (B, H) = relu(h (B, d) W1 (d, H) + b1) */
-    k_linear_forward(m->gemm, B, d, H, h[mm], d, P->w1[mm], P->b1[mm],
-                     a->u[mm]);
-    k_relu_forward((size_t)B * H, a->u[mm], a->u[mm]);
-    /* z (B, k) = u W2 + b2 */
-    k_linear_forward(m->gemm, B, H, k, a->u[mm], H, P->w2[mm], P->b2[mm],
-                     a->z[mm]);
-    /* o (B, C) = z Wc + bc */
-    k_linear_forward(m->gemm, B, k, C, a->z[mm], k, P->wc[mm], P->bc[mm],
-                     a->o[mm]);
-    if (a->has_labels) {
-      a->ce[mm] = k_xent_forward(B, C, a->o[mm], a->labels, a->po[mm]);
-      dis += a->ce[mm];
-      a->correct[mm] = k_count_correct(B, C, a->o[mm], a->labels);
+  const int M = c->n_modalities, threads = imml_threads_set(0);
+  if (!m->gemm || threads < 2)
+    return 0;
+  double cost[IMML_MAX_MODALITIES], total = 0.0, top = 0.0;
+  for (int mm = 0; mm < M; mm++) {
+    cost[mm] = (double)c->hidden_dim * (c->dims[mm] + c->knowledge_dim) +
+               (double)c->knowledge_dim * c->n_classes;
+    total += cost[mm];
+    top = cost[mm] > top ? cost[mm] : top;
+    int at = mm; /* insertion, largest first, ties by index */
+    while (at > 0 && cost[bp->order[at - 1]] < cost[mm]) {
+      bp->order[at] = bp->order[at - 1];
+      at--;
     }
+    bp->order[at] = mm;
   }
-  a->losses.dis = dis / c->n_modalities;
+  bp->n = M;
+  return top * (threads < M ? threads : M) <= total;
+}
+
+int mdken_branches_as_tasks(const imml_model *m) {
+  branch_plan bp;
+  return plan_branches(m, &bp);
+}
+
+typedef struct branch_job {
+  const imml_model *m;
+  imml_acts *a;        /* forward */
+  const imml_acts *ca; /* backward */
+  const float *const *h;
+  imml_grads_scratch *g;
+  const imml_ptensors *dP;
+  float *const *dh;
+  float ce_scale;
+  const branch_plan *plan;
+} branch_job;
+
+/* Branch mm: u = relu(h W1 + b1), z = u W2 + b2, o = z Wc + bc, and its
+ * head's cross-entropy. */
+static void branch_forward(const imml_model *m, k_ctx *ctx, imml_acts *a,
+                           const float *const *h, int mm) {
+  const imml_config *c = &m->cfg;
+  const imml_ptensors *P = &m->pt;
+  const int B = a->batch, H = c->hidden_dim, k = c->knowledge_dim,
+            C = c->n_classes, d = c->dims[mm];
+  /* u (B, H) = relu(h (B, d) W1 (d, H) + b1) */
+  k_linear_forward(ctx, B, d, H, h[mm], d, P->w1[mm], P->b1[mm], a->u[mm]);
+  k_relu_forward((size_t)B * H, a->u[mm], a->u[mm]);
+  /* z (B, k) = u W2 + b2 */
+  k_linear_forward(ctx, B, H, k, a->u[mm], H, P->w2[mm], P->b2[mm], a->z[mm]);
+  /* o (B, C) = z Wc + bc */
+  k_linear_forward(ctx, B, k, C, a->z[mm], k, P->wc[mm], P->bc[mm], a->o[mm]);
+  if (a->has_labels) {
+    a->ce[mm] = k_xent_forward(B, C, a->o[mm], a->labels, a->po[mm]);
+    a->correct[mm] = k_count_correct(B, C, a->o[mm], a->labels);
+  }
+}
+
+static void branch_forward_task(void *arg, int part, k_ctx *sub) {
+  const branch_job *j = arg;
+  branch_forward(j->m, sub, j->a, j->h, j->plan->order[part]);
+}
+
+void mdken_forward(const imml_model *m, imml_acts *a, const float *const *h) {
+  const int M = m->cfg.n_modalities;
+  branch_plan bp;
+  branch_job j = {m, a, a, h, NULL, NULL, NULL, 0.0f, &bp};
+  if (!plan_branches(m, &bp) ||
+      !k_tasks(m->gemm, M, 0, branch_forward_task, &j))
+    for (int mm = 0; mm < M; mm++)
+      branch_forward(m, m->gemm, a, h, mm);
+  double dis = 0.0;
+  if (a->has_labels)
+    for (int mm = 0; mm < M; mm++)
+      dis += a->ce[mm];
+  a->losses.dis = dis / M;
 }
 
 double mdken_contrastive_forward(const imml_model *m, int p,
@@ -93,31 +159,57 @@ static void contrastive_backward(const imml_model *m, const imml_acts *a,
                     g->dz[p]);
 }
 
+/* Branch mm backward from dz[mm] (and its head's loss), with dout (B, C)
+ * and du (B, H) as work memory. */
+static void branch_backward(const branch_job *j, k_ctx *ctx, int mm,
+                            float *dout, float *du) {
+  const imml_model *m = j->m;
+  const imml_config *c = &m->cfg;
+  const imml_ptensors *P = &m->pt, *dP = j->dP;
+  const imml_acts *a = j->ca;
+  imml_grads_scratch *g = j->g;
+  const int B = a->batch, H = c->hidden_dim, k = c->knowledge_dim,
+            C = c->n_classes, d = c->dims[mm];
+  const float head_scale = j->ce_scale * c->gamma2 / (float)c->n_modalities;
+  if (head_scale != 0.0f) {
+    /* do (B, C) = (gamma2/M) (softmax(o) - onehot(y)) / B */
+    k_xent_backward(B, C, a->po[mm], a->labels, head_scale, dout, 0.0f);
+    k_linear_backward(ctx, B, k, C, a->z[mm], k, P->wc[mm], dout, dP->wc[mm],
+                      dP->bc[mm], g->dz[mm], k, 1.0f);
+  }
+  /* z = u W2 + b2: dW2 += uᵀ dz, db2 += sum dz, du = dz W2ᵀ */
+  k_linear_backward(ctx, B, H, k, a->u[mm], H, P->w2[mm], g->dz[mm], dP->w2[mm],
+                    dP->b2[mm], du, H, 0.0f);
+  k_relu_backward((size_t)B * H, a->u[mm], du, du);
+  float *dx = j->dh ? j->dh[mm] : NULL;
+  k_linear_backward(ctx, B, d, H, a->h[mm], d, P->w1[mm], du, dP->w1[mm],
+                    dP->b1[mm], dx, d, 0.0f);
+}
+
+static void branch_backward_task(void *arg, int part, k_ctx *sub) {
+  const branch_job *j = arg;
+  const size_t B = (size_t)j->ca->batch;
+  branch_backward(j, sub, j->plan->order[part], sub->work,
+                  sub->work + B * (size_t)j->m->cfg.n_classes);
+}
+
+size_t mdken_work_floats(const imml_config *c, int batch) {
+  return (size_t)batch * ((size_t)c->n_classes + (size_t)c->hidden_dim);
+}
+
 void mdken_backward(const imml_model *m, const imml_acts *a,
                     imml_grads_scratch *g, const con_space *cs,
                     const imml_ptensors *dP, float *const *dh, int off,
                     float con_scale, float ce_scale) {
   const imml_config *c = &m->cfg;
-  const imml_ptensors *P = &m->pt;
-  const int B = a->batch, H = c->hidden_dim, k = c->knowledge_dim,
-            C = c->n_classes, M = c->n_modalities;
+  const int M = c->n_modalities;
   if (!a->warm && c->gamma1 != 0.0f)
     contrastive_backward(m, a, g, cs, off, con_scale);
-  const float head_scale = ce_scale * c->gamma2 / (float)M;
-  for (int mm = 0; mm < M; mm++) {
-    const int d = c->dims[mm];
-    if (head_scale != 0.0f) {
-      /* do (B, C) = (gamma2/M) (softmax(o) - onehot(y)) / B */
-      k_xent_backward(B, C, a->po[mm], a->labels, head_scale, g->dout, 0.0f);
-      k_linear_backward(m->gemm, B, k, C, a->z[mm], k, P->wc[mm], g->dout,
-                        dP->wc[mm], dP->bc[mm], g->dz[mm], k, 1.0f);
-    }
-    /* z = u W2 + b2: dW2 += uᵀ dz, db2 += sum dz, du = dz W2ᵀ */
-    k_linear_backward(m->gemm, B, H, k, a->u[mm], H, P->w2[mm], g->dz[mm],
-                      dP->w2[mm], dP->b2[mm], g->du, H, 0.0f);
-    k_relu_backward((size_t)B * H, a->u[mm], g->du, g->du);
-    float *dx = dh ? dh[mm] : NULL;
-    k_linear_backward(m->gemm, B, d, H, a->h[mm], d, P->w1[mm], g->du,
-                      dP->w1[mm], dP->b1[mm], dx, d, 0.0f);
-  }
+  branch_plan bp;
+  branch_job j = {m, NULL, a, NULL, g, dP, dh, ce_scale, &bp};
+  if (!plan_branches(m, &bp) ||
+      !k_tasks(m->gemm, M, mdken_work_floats(c, a->batch), branch_backward_task,
+               &j))
+    for (int mm = 0; mm < M; mm++)
+      branch_backward(&j, m->gemm, mm, g->dout, g->du);
 }

@@ -142,10 +142,20 @@ imml_status imml_model_build(const imml_config *cfg, const int *dims,
    * the memory limit is checked on the exact count before the arena is
    * allocated. */
   size_t total = c.used;
-  /* a bf16 model's product scratch (lib/bf16.c) counts too */
-  const size_t gemm_bytes =
-      cfg->precision == IMML_PRECISION_BF16 ? imml_bf16_ctx_bytes() : 0;
-  const int saturated = c.overflow || !imml_size_add(&total, extra_bytes) ||
+  /* a bf16 model's product scratch and its threads' work memory for the
+   * knowledge network's branches (lib/bf16.c, mdken.c) count too */
+  size_t work = 0, gemm_bytes = 0;
+  const int bf16 = cfg->precision == IMML_PRECISION_BF16;
+  int work_ok = 1;
+  if (bf16) {
+    work = mdken_work_floats(cfg, cfg->max_batch);
+    work_ok = work / (size_t)cfg->max_batch ==
+                  (size_t)cfg->n_classes + (size_t)cfg->hidden_dim &&
+              work <= SIZE_MAX / 64;
+    gemm_bytes = work_ok ? imml_bf16_ctx_bytes(work) : SIZE_MAX;
+  }
+  const int saturated = c.overflow || !work_ok ||
+                        !imml_size_add(&total, extra_bytes) ||
                         !imml_size_add(&total, gemm_bytes);
   if (saturated || total > cfg->memory_limit) {
     *out = m;
@@ -159,7 +169,7 @@ imml_status imml_model_build(const imml_config *cfg, const int *dims,
     imml_free(&m->alloc, m);
     return IMML_ERR_NOMEM;
   }
-  if (gemm_bytes && !(m->gemm = imml_bf16_ctx_create(&m->alloc))) {
+  if (bf16 && !(m->gemm = imml_bf16_ctx_create(&m->alloc, work))) {
     imml_set_err(err, n, "out of memory allocating the %zu-byte bf16 scratch",
                  gemm_bytes);
     imml_free(&m->alloc, m->arena);

@@ -43,12 +43,12 @@ static int64_t now_ns(void) {
 }
 
 /* Claims and runs parts of generation `gen` until none is left. */
-static void serve(imml_team *t, uint64_t gen) {
+static void serve(imml_team *t, uint64_t gen, int member) {
   uint64_t s = atomic_load(&t->state);
   while (GEN(s) == gen && NEXT(s) < PARTS(s)) {
     if (!atomic_compare_exchange_weak(&t->state, &s, s + 1))
       continue; /* s now holds the word as it is */
-    t->fn(t->arg, NEXT(s));
+    t->fn(t->arg, NEXT(s), member);
     atomic_fetch_add(&t->finished, 1);
     s = atomic_load(&t->state);
   }
@@ -83,7 +83,7 @@ static void *helper_main(void *arg) {
     me->seen = GEN(s);
     if (atomic_load(&t->quit))
       return NULL;
-    serve(t, me->seen);
+    serve(t, me->seen, me->index);
   }
 }
 
@@ -134,7 +134,7 @@ static void start(imml_team *t, int n) {
   sigfillset(&all);
   const int masked = pthread_sigmask(SIG_SETMASK, &all, &old) == 0;
   for (int i = 0; i < n; i++) {
-    t->member[t->helpers] = (imml_team_member){t, gen};
+    t->member[t->helpers] = (imml_team_member){t, t->helpers + 1, gen};
     if (pthread_create(&t->tid[t->helpers], NULL, helper_main,
                        &t->member[t->helpers]) != 0)
       break;
@@ -146,22 +146,20 @@ static void start(imml_team *t, int n) {
 
 void imml_team_run(imml_team *t, int threads, int parts, imml_team_fn fn,
                    void *arg) {
-  if (parts > IMML_TEAM_MAX)
-    parts = IMML_TEAM_MAX;
   if (threads > IMML_TEAM_MAX)
     threads = IMML_TEAM_MAX;
-  if (threads > 1 && parts > 1 && !t->tried)
+  if (threads > 1 && parts > 1 && parts <= IMML_TEAM_PARTS && !t->tried)
     start(t, threads - 1);
-  if (t->helpers == 0 || parts < 2) {
+  if (t->helpers == 0 || parts < 2 || parts > IMML_TEAM_PARTS) {
     for (int i = 0; i < parts; i++)
-      fn(arg, i);
+      fn(arg, i, 0);
     return;
   }
   t->fn = fn;
   t->arg = arg;
   atomic_store(&t->finished, 0);
   publish(t, parts);
-  serve(t, GEN(atomic_load(&t->state)));
+  serve(t, GEN(atomic_load(&t->state)), 0);
   /* what is left runs on helpers now: wait for it */
   for (unsigned i = 1; atomic_load(&t->finished) < parts; i++) {
     CPU_RELAX();

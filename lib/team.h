@@ -15,15 +15,18 @@
 #include <stdatomic.h>
 #include <stdint.h>
 
-/* The most parts of a job, and the most threads of a team (the caller's
- * included). */
+/* The most threads of a team (the caller's included). */
 #define IMML_TEAM_MAX 8
+/* The most parts of a job. */
+#define IMML_TEAM_PARTS 255
 
-/* Runs part `part` of a job. */
-typedef void (*imml_team_fn)(void *arg, int part);
+/* Runs part `part` of a job on member `member` of the team (0 the caller,
+ * 1 .. the helpers): a part may use memory of its member's. */
+typedef void (*imml_team_fn)(void *arg, int part, int member);
 
 typedef struct imml_team_member {
   struct imml_team *team;
+  int index;     /* 1 .. IMML_TEAM_MAX - 1 */
   uint64_t seen; /* the generation this member has last served */
 } imml_team_member;
 
@@ -55,8 +58,9 @@ int imml_team_running(const imml_team *t);
 /* Runs fn(arg, 0 .. parts-1) and returns once every part is done, on the
  * caller and up to `threads` - 1 helpers, which it starts if none run yet
  * in this call.  Parts run in no fixed order and concurrently: each must
- * touch memory of its own.  Without helpers (none could be started, or
- * threads or parts is 1) the caller runs every part itself, in order. */
+ * touch memory of its own (or of its member's).  Without helpers (none could be
+ * started, or threads or parts is 1, or parts is over IMML_TEAM_PARTS) the
+ * caller runs every part itself, in order, as member 0. */
 void imml_team_run(imml_team *t, int threads, int parts, imml_team_fn fn,
                    void *arg);
 

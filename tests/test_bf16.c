@@ -112,7 +112,7 @@ static void note_unsupported(const char *test) {
 /* The test's own context for calling the kernel directly. */
 static const imml_allocator plain_alloc = {NULL, NULL, NULL};
 static k_ctx *kernel_ctx(void) {
-  k_ctx *p = imml_bf16_ctx_create(&plain_alloc);
+  k_ctx *p = imml_bf16_ctx_create(&plain_alloc, 0);
   ck_assert_ptr_nonnull(p);
   return p;
 }
@@ -340,7 +340,7 @@ START_TEST(test_kgemm_dispatch) {
     return;
   }
   imml_allocator plain = {NULL, NULL, NULL};
-  k_ctx *ctx = imml_bf16_ctx_create(&plain);
+  k_ctx *ctx = imml_bf16_ctx_create(&plain, 0);
   ck_assert_ptr_nonnull(ctx);
   ck_assert_int_eq(((uintptr_t)ctx->scratch) % 64, 0);
   enum { M = 9, N = 70, K = 33 };
@@ -676,9 +676,22 @@ static void train_step(imml_model *m, const batch *b, float **dh) {
   ck_assert_int_eq(imml_optim_step(m), IMML_OK);
 }
 
+/* Four balanced modalities: the knowledge network's branches run as tasks
+ * on a bf16 model's threads (lib/mdken.c), each with products of its own. */
+static const int branch_dims[4] = {192, 160, 192, 96};
+
+static void branch_config(imml_config *c) {
+  small_config(c, 4, branch_dims, 128, 64, 7, 96, 128);
+  c->predominant = 1;
+  c->precision = IMML_PRECISION_BF16;
+}
+
 /* The kernel gives every element from the same sums in the same order
- * whichever thread computes it: one and two threads agree bit for bit,
- * for the whole state after training steps and for a prediction. */
+ * whichever thread computes it, and a branch run as a task computes what
+ * it computes in turn: one and two threads agree bit for bit, for the
+ * whole state after training steps (input gradients included) and for a
+ * prediction.  Case 0 splits products (every product with two micro-tiles
+ * along m or n, at two threads); case 1 runs the branches as tasks. */
 START_TEST(test_threads_identical) {
   if (!have_bf16()) {
     note_unsupported("threads_identical");
@@ -686,41 +699,67 @@ START_TEST(test_threads_identical) {
   }
   const int before = imml_threads_set(0);
   imml_config c;
-  big_config(&c);
+  if (_i == 0)
+    big_config(&c);
+  else
+    branch_config(&c);
+  const int M = c.n_modalities;
   imml_optim_config oc;
   imml_optim_config_init(&oc, IMML_OPTIM_ADAMW);
   snap s[2];
-  float *logits[2];
+  float *logits[2], *dh[2][4];
   for (int t = 0; t < 2; t++) {
     imml_threads_set(t + 1);
+    if (t == 1 && imml_threads_set(0) < 2) {
+      fprintf(stderr, "# threads_identical: SKIP (the BLAS ignores thread "
+                      "settings)\n");
+      snap_free(&s[0]);
+      free(logits[0]);
+      for (int mm = 0; mm < M; mm++)
+        free(dh[0][mm]);
+      imml_threads_set(before);
+      return;
+    }
     imml_model *m = create_ok(&c, NULL);
-    /* two threads: every product with two micro-tiles along m or n split */
-    if (t == 1)
+    if (t == 1 && _i == 0)
       m->gemm->start_min_macs = m->gemm->part_min_macs = 1.0;
+    ck_assert_int_eq(mdken_branches_as_tasks(m), t == 1 && _i == 1);
     ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
+    for (int mm = 0; mm < M; mm++)
+      dh[t][mm] = xcalloc((size_t)c.max_batch * c.dims[mm], sizeof(float));
     drng r = {3};
     for (int i = 0; i < 4; i++) {
       batch b;
-      batch_random(&b, 2, big_dims, c.max_batch, c.n_classes, &r);
-      train_step(m, &b, NULL);
+      batch_random(&b, M, c.dims, c.max_batch - i, c.n_classes, &r);
+      train_step(m, &b, dh[t]);
       batch_free(&b);
     }
     batch b;
-    batch_random(&b, 2, big_dims, 100, c.n_classes, &r);
-    logits[t] = xcalloc((size_t)100 * c.n_classes, sizeof(float));
-    ck_assert_int_eq(imml_predict(m, 100, feats(&b), logits[t], NULL, NULL),
+    batch_random(&b, M, c.dims, 100 < c.max_batch ? 100 : c.max_batch,
+                 c.n_classes, &r);
+    logits[t] = xcalloc((size_t)b.B * c.n_classes, sizeof(float));
+    ck_assert_int_eq(imml_predict(m, b.B, feats(&b), logits[t], NULL, NULL),
                      IMML_OK);
-    batch_free(&b);
     snap_take(m, &s[t]);
+    if (t == 1) {
+      ck_assert(memcmp(logits[0], logits[1],
+                       (size_t)b.B * c.n_classes * sizeof(float)) == 0);
+      for (int mm = 0; mm < M; mm++)
+        ck_assert_msg(
+            memcmp(dh[0][mm], dh[1][mm],
+                   (size_t)(c.max_batch - 3) * c.dims[mm] * sizeof(float)) == 0,
+            "input gradient of modality %d differs", mm);
+    }
+    batch_free(&b);
     imml_model_free(m);
   }
   imml_threads_set(before);
   snap_check(&s[0], &s[1], "1 thread against 2");
-  ck_assert(memcmp(logits[0], logits[1],
-                   (size_t)100 * c.n_classes * sizeof(float)) == 0);
   for (int t = 0; t < 2; t++) {
     snap_free(&s[t]);
     free(logits[t]);
+    for (int mm = 0; mm < M; mm++)
+      free(dh[t][mm]);
   }
 }
 END_TEST
@@ -1146,11 +1185,14 @@ START_TEST(test_memory_limit_counts_scratch) {
   const size_t arena = f->arena_bytes;
   imml_model_free(f);
   c.precision = IMML_PRECISION_BF16;
-  c.memory_limit = arena + imml_bf16_ctx_bytes() - 1;
+  /* with each thread's work memory for a branch's backward */
+  const size_t ctx = imml_bf16_ctx_bytes(mdken_work_floats(&c, c.max_batch));
+  ck_assert_uint_gt(ctx, imml_bf16_ctx_bytes(0));
+  c.memory_limit = arena + ctx - 1;
   char msg[IMML_ERRMSG_SIZE];
   create_fails(&c, NULL, IMML_ERR_TOO_LARGE, msg, sizeof msg);
   ck_assert_msg(strstr(msg, "bf16 scratch") != NULL, "%s", msg);
-  c.memory_limit = arena + imml_bf16_ctx_bytes();
+  c.memory_limit = arena + ctx;
   imml_model_free(create_ok(&c, NULL));
 }
 END_TEST
@@ -1172,7 +1214,7 @@ static Suite *bf16_suite(void) {
   tc = tcase_create("model");
   tcase_add_test(tc, test_refused_or_created);
   tcase_add_test(tc, test_memory_limit_counts_scratch);
-  tcase_add_test(tc, test_threads_identical);
+  tcase_add_loop_test(tc, test_threads_identical, 0, 2);
   tcase_add_test(tc, test_no_thread_outlives_call);
   tcase_add_test(tc, test_shares_concurrent);
 #if defined(HAVE_INTERPOSER)
