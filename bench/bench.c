@@ -50,10 +50,12 @@ typedef void (*sgemm_fn)(const enum CBLAS_ORDER, const enum CBLAS_TRANSPOSE,
                          const blasint, const float, float *, const blasint);
 
 static sgemm_fn real_sgemm;
-/* time and flops inside the matrix products (sgemm or the bf16 kernel), on
- * the thread that runs the step: a bf16 model's branch tasks (lib/mdken.c)
- * run products on the library's helper threads too, which are not timed,
- * so the share is that of the caller's time and the rate one thread's */
+/* time and flops inside the matrix products (sgemm or the bf16 kernel)
+ * called from the thread that runs the step.  A product split across the
+ * library's helpers counts whole, with its wall time; but where a bf16
+ * model runs its branches as tasks (lib/mdken.c), the products a helper
+ * runs are not counted: the share is then that of the step thread's time,
+ * and the rate that of the products it ran itself */
 static double sgemm_seconds;
 static double sgemm_flops;
 static pthread_t step_thread;

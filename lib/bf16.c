@@ -22,14 +22,16 @@
 #include <stdio.h>
 #include <string.h>
 
-/* The context, one single-thread context per team member (its scratch
- * region and work floats, for tasks), the team; then from the next 64-byte
- * boundary on the scratch regions, then the members' work floats. */
+/* The context and one single-thread context per team member (its scratch
+ * region and work floats, for tasks); then, each from the next 64-byte
+ * boundary on, the team, the scratch regions and the members' work
+ * floats. */
 #define CTX_ALIGN 64
-#define CTX_HEAD                                                               \
-  ((sizeof(k_ctx) * (1 + IMML_BF16_THREADS_MAX) + sizeof(imml_team) +          \
-    CTX_ALIGN - 1) /                                                           \
-   CTX_ALIGN * CTX_ALIGN)
+#define CTX_HEAD (sizeof(k_ctx) * (1 + IMML_BF16_THREADS_MAX))
+
+static unsigned char *align_up(unsigned char *p) {
+  return p + (CTX_ALIGN - (uintptr_t)p % CTX_ALIGN) % CTX_ALIGN;
+}
 
 /* Work floats of one member, rounded up to whole 64-byte lines. */
 static size_t work_round(size_t work_floats) {
@@ -39,27 +41,25 @@ static size_t work_round(size_t work_floats) {
 size_t imml_bf16_ctx_bytes(size_t work_floats) {
   const size_t work =
       work_round(work_floats) * sizeof(float) * IMML_BF16_THREADS_MAX;
-  return imml_bf16_scratch_bytes() + work + CTX_HEAD + CTX_ALIGN;
+  return CTX_HEAD + CTX_ALIGN + sizeof(imml_team) + CTX_ALIGN +
+         imml_bf16_scratch_bytes() + work;
 }
 
 struct k_ctx *imml_bf16_ctx_create(const imml_allocator *alloc,
                                    size_t work_floats) {
-  const size_t align = CTX_ALIGN, head = CTX_HEAD;
-  if (work_floats >
-      (SIZE_MAX / 2 - head) / sizeof(float) / (IMML_BF16_THREADS_MAX + 1))
+  if (work_floats > SIZE_MAX / 4 / sizeof(float) / IMML_BF16_THREADS_MAX)
     return NULL;
   unsigned char *block = imml_alloc(alloc, imml_bf16_ctx_bytes(work_floats));
   if (!block)
     return NULL;
   k_ctx *ctx = (k_ctx *)(void *)block;
   k_ctx *solo = ctx + 1;
-  ctx->team = (imml_team *)(void *)(solo + IMML_BF16_THREADS_MAX);
-  if (imml_team_init(ctx->team) != 0) {
+  imml_team *team = (imml_team *)(void *)align_up(block + CTX_HEAD);
+  if (imml_team_init(team) != 0) {
     imml_free(alloc, block);
     return NULL;
   }
-  const uintptr_t at = (uintptr_t)(block + head);
-  unsigned char *scratch = block + head + (align - at % align) % align;
+  unsigned char *scratch = align_up((unsigned char *)(team + 1));
   float *work = (float *)(void *)(scratch + imml_bf16_scratch_bytes());
   const size_t per = work_round(work_floats);
   for (int i = 0; i < IMML_BF16_THREADS_MAX; i++)
@@ -71,7 +71,7 @@ struct k_ctx *imml_bf16_ctx_create(const imml_allocator *alloc,
                       .work_floats = work_floats,
                       .block = block};
   *ctx = solo[0];
-  ctx->team = (imml_team *)(void *)(solo + IMML_BF16_THREADS_MAX);
+  ctx->team = team;
   ctx->solo = solo;
   return ctx;
 }
@@ -87,6 +87,16 @@ void imml_bf16_ctx_free(const imml_allocator *alloc, struct k_ctx *ctx) {
     imml_free(alloc, ctx->block);
   }
 }
+
+double imml_bf16_part_min(const struct k_ctx *ctx) {
+  /* without running helpers a split pays for starting them */
+  return ctx->team && imml_team_running(ctx->team) ? ctx->part_min_macs
+                                                   : ctx->start_min_macs;
+}
+
+/* A task's member indexes the single-thread contexts. */
+_Static_assert(IMML_TEAM_MAX <= IMML_BF16_THREADS_MAX,
+               "a team member without a context of its own");
 
 typedef struct task_call {
   k_task_fn fn;
@@ -416,9 +426,7 @@ void imml_bf16_gemm(struct k_ctx *ctx, int threads, int trans_a, int trans_b,
     gemm_serial(&whole);
     return;
   }
-  /* Without running helpers a split pays for starting them. */
-  const double part_min =
-      imml_team_running(ctx->team) ? ctx->part_min_macs : ctx->start_min_macs;
+  const double part_min = imml_bf16_part_min(ctx);
   int parts = threads < IMML_BF16_THREADS_MAX ? threads : IMML_BF16_THREADS_MAX;
   if (macs / part_min < parts)
     parts = (int)(macs / part_min);

@@ -58,6 +58,11 @@ void imml_bf16_ctx_free(const struct imml_allocator *alloc, struct k_ctx *ctx);
 /* The bytes imml_bf16_ctx_create allocates. */
 size_t imml_bf16_ctx_bytes(size_t work_floats);
 
+/* The least multiply-adds a part of a job must have to go to another
+ * thread now: start_min_macs while the context's helpers are not running
+ * in this call, part_min_macs once they are. */
+double imml_bf16_part_min(const struct k_ctx *ctx);
+
 /* Runs fn(arg, part, solo) for part 0 .. parts-1 on up to `threads`
  * threads of the context's team, solo the running member's own
  * single-thread context (kernels.h's k_tasks). */

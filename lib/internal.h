@@ -355,10 +355,12 @@ void imml_ptensors_point(const imml_model *m, float *base, imml_ptensors *t);
 
 /* mdken.c (METHOD.md section 1) */
 void mdken_forward(const imml_model *m, imml_acts *a, const float *const *h);
-/* 1 if the branches run as tasks on the model's threads (mdken.c). */
-int mdken_branches_as_tasks(const imml_model *m);
 /* Work floats one thread needs for a branch's backward at this batch. */
 size_t mdken_work_floats(const imml_config *c, int batch);
+/* Work floats per thread a bf16 model's context holds: those of max_batch
+ * where the branches may ever run as tasks (balanced at two threads),
+ * else 0. */
+size_t mdken_ctx_work_floats(const imml_config *c);
 /* Contrastive loss over `n` rows (the batch, or a gathered global batch);
  * the backward adds the gradient for this rank's rows. */
 typedef struct con_space {

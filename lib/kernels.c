@@ -33,15 +33,19 @@ void k_gemm(k_ctx *ctx, int trans_a, int trans_b, int m, int n, int kk,
               ldb, beta, c, ldc);
 }
 
-int k_tasks(k_ctx *ctx, int parts, size_t work_floats, k_task_fn fn,
-            void *arg) {
+int k_tasks(k_ctx *ctx, int parts, size_t work_floats, double macs,
+            k_task_fn fn, void *arg) {
   if (!ctx || !ctx->bf16 || !ctx->team || parts < 2 ||
       work_floats > ctx->work_floats)
     return 0;
   const int threads = imml_threads_set(0);
   if (threads < 2)
     return 0;
+  const int per = threads < parts ? threads : parts;
+  if (macs / per < imml_bf16_part_min(ctx))
+    return 0;
   imml_bf16_tasks(ctx, threads, parts, fn, arg);
+  ctx->tasks_run++;
   return 1;
 }
 

@@ -78,7 +78,8 @@ typedef struct k_ctx {
   void *scratch;          /* 64-byte aligned: all regions, or a member's */
   float *work;            /* a member's work floats (k_tasks) */
   size_t work_floats;
-  void *block; /* the allocation holding the context and its scratch */
+  long tasks_run; /* jobs k_tasks ran on the team (the tests read it) */
+  void *block;    /* the allocation holding the context and its scratch */
 } k_ctx;
 
 /* Independent tasks: runs fn(arg, part, sub) for part 0 .. parts-1 on the
@@ -86,11 +87,14 @@ typedef struct k_ctx {
  * concurrently, where sub is the running thread's own single-thread
  * context: its products are not split further, and sub->work holds at
  * least `work_floats` floats no other task touches meanwhile.  Returns 0,
- * having run nothing, where that is not possible (a float32 or NULL
- * context, one thread, fewer than 2 parts, too little work memory): the
- * caller then runs the parts itself. */
+ * having run nothing, where that is not possible or not worth it (a
+ * float32 or NULL context, one thread, fewer than 2 parts, too little
+ * work memory, or `macs` multiply-adds in all too few for a thread each:
+ * bf16.h's thresholds of a product's part): the caller then runs the
+ * parts itself. */
 typedef void (*k_task_fn)(void *arg, int part, struct k_ctx *sub);
-int k_tasks(k_ctx *ctx, int parts, size_t work_floats, k_task_fn fn, void *arg);
+int k_tasks(k_ctx *ctx, int parts, size_t work_floats, double macs,
+            k_task_fn fn, void *arg);
 
 /* C = alpha op(A) op(B) + beta C; op(A): m x kk, op(B): kk x n.  C is not
  * read when beta is 0. */

@@ -15,21 +15,37 @@
  * same way: the results are the same bits.  order[] lists the branches
  * largest first, so the threads finish close together. */
 typedef struct branch_plan {
-  int n;
+  double macs; /* the branches' multiply-adds per row, all together */
   int order[IMML_MAX_MODALITIES];
 } branch_plan;
 
+/* Multiply-adds per row of branch mm's forward products. */
+static double branch_cost(const imml_config *c, int mm) {
+  return (double)c->hidden_dim * (c->dims[mm] + c->knowledge_dim) +
+         (double)c->knowledge_dim * c->n_classes;
+}
+
+/* 1 if no branch is more than its share of `threads` threads' work. */
+static int branches_balanced(const imml_config *c, int threads) {
+  const int M = c->n_modalities;
+  double total = 0.0, top = 0.0;
+  for (int mm = 0; mm < M; mm++) {
+    const double x = branch_cost(c, mm);
+    total += x;
+    top = x > top ? x : top;
+  }
+  return threads >= 2 && top * (threads < M ? threads : M) <= total;
+}
+
 static int plan_branches(const imml_model *m, branch_plan *bp) {
   const imml_config *c = &m->cfg;
-  const int M = c->n_modalities, threads = imml_threads_set(0);
-  if (!m->gemm || threads < 2)
+  if (!m->gemm || !branches_balanced(c, imml_threads_set(0)))
     return 0;
-  double cost[IMML_MAX_MODALITIES], total = 0.0, top = 0.0;
-  for (int mm = 0; mm < M; mm++) {
-    cost[mm] = (double)c->hidden_dim * (c->dims[mm] + c->knowledge_dim) +
-               (double)c->knowledge_dim * c->n_classes;
-    total += cost[mm];
-    top = cost[mm] > top ? cost[mm] : top;
+  double cost[IMML_MAX_MODALITIES];
+  bp->macs = 0.0;
+  for (int mm = 0; mm < c->n_modalities; mm++) {
+    cost[mm] = branch_cost(c, mm);
+    bp->macs += cost[mm];
     int at = mm; /* insertion, largest first, ties by index */
     while (at > 0 && cost[bp->order[at - 1]] < cost[mm]) {
       bp->order[at] = bp->order[at - 1];
@@ -37,13 +53,11 @@ static int plan_branches(const imml_model *m, branch_plan *bp) {
     }
     bp->order[at] = mm;
   }
-  bp->n = M;
-  return top * (threads < M ? threads : M) <= total;
+  return 1;
 }
 
-int mdken_branches_as_tasks(const imml_model *m) {
-  branch_plan bp;
-  return plan_branches(m, &bp);
+size_t mdken_ctx_work_floats(const imml_config *c) {
+  return branches_balanced(c, 2) ? mdken_work_floats(c, c->max_batch) : 0;
 }
 
 typedef struct branch_job {
@@ -89,7 +103,7 @@ void mdken_forward(const imml_model *m, imml_acts *a, const float *const *h) {
   branch_plan bp;
   branch_job j = {m, a, a, h, NULL, NULL, NULL, 0.0f, &bp};
   if (!plan_branches(m, &bp) ||
-      !k_tasks(m->gemm, M, 0, branch_forward_task, &j))
+      !k_tasks(m->gemm, M, 0, bp.macs * a->batch, branch_forward_task, &j))
     for (int mm = 0; mm < M; mm++)
       branch_forward(m, m->gemm, a, h, mm);
   double dis = 0.0;
@@ -207,9 +221,10 @@ void mdken_backward(const imml_model *m, const imml_acts *a,
     contrastive_backward(m, a, g, cs, off, con_scale);
   branch_plan bp;
   branch_job j = {m, NULL, a, NULL, g, dP, dh, ce_scale, &bp};
+  /* the backward's products: twice the forward's (dW and dx) */
   if (!plan_branches(m, &bp) ||
-      !k_tasks(m->gemm, M, mdken_work_floats(c, a->batch), branch_backward_task,
-               &j))
+      !k_tasks(m->gemm, M, mdken_work_floats(c, a->batch),
+               2.0 * bp.macs * a->batch, branch_backward_task, &j))
     for (int mm = 0; mm < M; mm++)
       branch_backward(&j, m->gemm, mm, g->dout, g->du);
 }

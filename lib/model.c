@@ -148,10 +148,11 @@ imml_status imml_model_build(const imml_config *cfg, const int *dims,
   const int bf16 = cfg->precision == IMML_PRECISION_BF16;
   int work_ok = 1;
   if (bf16) {
-    work = mdken_work_floats(cfg, cfg->max_batch);
-    work_ok = work / (size_t)cfg->max_batch ==
-                  (size_t)cfg->n_classes + (size_t)cfg->hidden_dim &&
-              work <= SIZE_MAX / 64;
+    work = mdken_ctx_work_floats(cfg);
+    work_ok =
+        (work == 0 || work / (size_t)cfg->max_batch ==
+                          (size_t)cfg->n_classes + (size_t)cfg->hidden_dim) &&
+        work <= SIZE_MAX / 128;
     gemm_bytes = work_ok ? imml_bf16_ctx_bytes(work) : SIZE_MAX;
   }
   const int saturated = c.overflow || !work_ok ||
@@ -170,7 +171,9 @@ imml_status imml_model_build(const imml_config *cfg, const int *dims,
     return IMML_ERR_NOMEM;
   }
   if (bf16 && !(m->gemm = imml_bf16_ctx_create(&m->alloc, work))) {
-    imml_set_err(err, n, "out of memory allocating the %zu-byte bf16 scratch",
+    imml_set_err(err, n,
+                 "out of memory allocating the %zu-byte bf16 scratch (or "
+                 "its threads' lock)",
                  gemm_bytes);
     imml_free(&m->alloc, m->arena);
     imml_free(&m->alloc, m);

@@ -17,6 +17,7 @@
  * mutex.  No wake-up is lost. */
 #include "team.h"
 
+#include <sched.h>
 #include <signal.h>
 #include <time.h>
 
@@ -106,7 +107,7 @@ int imml_team_init(imml_team *t) {
   t->fn = NULL;
   t->arg = NULL;
   t->helpers = 0;
-  t->tried = 0;
+  t->asked = 0;
   if (pthread_mutex_init(&t->mu, NULL) != 0)
     return -1;
   if (pthread_cond_init(&t->wake, NULL) != 0) {
@@ -124,16 +125,17 @@ void imml_team_destroy(imml_team *t) {
 
 int imml_team_running(const imml_team *t) { return t->helpers > 0; }
 
-/* Starts up to n helpers, each with every signal blocked (they inherit the
- * mask at creation), so no host signal handler ever runs on a libimml
- * thread.  A helper that cannot be had is simply not there. */
+/* Starts helpers until n run, each with every signal blocked (they
+ * inherit the mask at creation), so no host signal handler ever runs on a
+ * libimml thread.  A helper that cannot be had is simply not there, and
+ * is not asked for again in this call. */
 static void start(imml_team *t, int n) {
-  t->tried = 1;
+  t->asked = n;
   const uint64_t gen = GEN(atomic_load(&t->state));
   sigset_t all, old;
   sigfillset(&all);
   const int masked = pthread_sigmask(SIG_SETMASK, &all, &old) == 0;
-  for (int i = 0; i < n; i++) {
+  while (t->helpers < n) {
     t->member[t->helpers] = (imml_team_member){t, t->helpers + 1, gen};
     if (pthread_create(&t->tid[t->helpers], NULL, helper_main,
                        &t->member[t->helpers]) != 0)
@@ -148,8 +150,9 @@ void imml_team_run(imml_team *t, int threads, int parts, imml_team_fn fn,
                    void *arg) {
   if (threads > IMML_TEAM_MAX)
     threads = IMML_TEAM_MAX;
-  if (threads > 1 && parts > 1 && parts <= IMML_TEAM_PARTS && !t->tried)
-    start(t, threads - 1);
+  const int want = (parts < threads ? parts : threads) - 1;
+  if (want > t->asked && parts <= IMML_TEAM_PARTS)
+    start(t, want);
   if (t->helpers == 0 || parts < 2 || parts > IMML_TEAM_PARTS) {
     for (int i = 0; i < parts; i++)
       fn(arg, i, 0);
@@ -177,5 +180,5 @@ void imml_team_end(imml_team *t) {
     atomic_store(&t->quit, 0);
   }
   t->helpers = 0;
-  t->tried = 0;
+  t->asked = 0;
 }

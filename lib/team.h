@@ -1,6 +1,6 @@
 /*
  * A team: helper threads that serve one public call (doc/DECISIONS.md,
- * "The library's own threads").  The first job worth splitting in a call
+ * "Threads: a team per call").  The first job worth splitting in a call
  * starts the helpers; between jobs they spin for a moment and then sleep,
  * so the next job costs a wake-up rather than a thread start; the call
  * ends the team (imml_team_end) before it returns, so no thread outlives
@@ -32,17 +32,18 @@ typedef struct imml_team_member {
 
 typedef struct imml_team {
   /* Generation << 16 | parts << 8 | next part to claim: one word, so a
-   * claim (a compare-and-swap) can only take a part of the job it saw. */
-  _Atomic uint64_t state;
-  atomic_int finished; /* parts of the current job done */
-  atomic_int sleepers; /* helpers waiting on `wake` */
-  atomic_int quit;     /* set by imml_team_end */
-  imml_team_fn fn;     /* the current job, stable while any part runs */
+   * claim (a compare-and-swap) can only take a part of the job it saw.
+   * On a cache line of its own: idle helpers spin reading it. */
+  _Alignas(64) _Atomic uint64_t state;
+  _Alignas(64) atomic_int finished; /* parts of the current job done */
+  atomic_int sleepers;              /* helpers waiting on `wake` */
+  atomic_int quit;                  /* set by imml_team_end */
+  imml_team_fn fn; /* the current job, stable while any part runs */
   void *arg;
   pthread_mutex_t mu;
   pthread_cond_t wake;
   int helpers; /* helpers running in this call */
-  int tried;   /* helpers were asked for in this call */
+  int asked;   /* the most helpers asked for in this call */
   pthread_t tid[IMML_TEAM_MAX];
   imml_team_member member[IMML_TEAM_MAX];
 } imml_team;
@@ -56,8 +57,10 @@ void imml_team_destroy(imml_team *t);
 int imml_team_running(const imml_team *t);
 
 /* Runs fn(arg, 0 .. parts-1) and returns once every part is done, on the
- * caller and up to `threads` - 1 helpers, which it starts if none run yet
- * in this call.  Parts run in no fixed order and concurrently: each must
+ * caller and min(threads, parts) - 1 helpers, which it starts if fewer
+ * were asked for so far in this call (helpers started stay until the
+ * call's imml_team_end, and serve every later job of the call whatever
+ * its `threads`).  Parts run in no fixed order and concurrently: each must
  * touch memory of its own (or of its member's).  Without helpers (none could be
  * started, or threads or parts is 1, or parts is over IMML_TEAM_PARTS) the
  * caller runs every part itself, in order, as member 0. */

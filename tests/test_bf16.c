@@ -723,7 +723,6 @@ START_TEST(test_threads_identical) {
     imml_model *m = create_ok(&c, NULL);
     if (t == 1 && _i == 0)
       m->gemm->start_min_macs = m->gemm->part_min_macs = 1.0;
-    ck_assert_int_eq(mdken_branches_as_tasks(m), t == 1 && _i == 1);
     ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
     for (int mm = 0; mm < M; mm++)
       dh[t][mm] = xcalloc((size_t)c.max_batch * c.dims[mm], sizeof(float));
@@ -741,6 +740,10 @@ START_TEST(test_threads_identical) {
     ck_assert_int_eq(imml_predict(m, b.B, feats(&b), logits[t], NULL, NULL),
                      IMML_OK);
     snap_take(m, &s[t]);
+    /* case 1 at two threads ran its branches as tasks, nothing else did */
+    ck_assert_msg((m->gemm->tasks_run > 0) == (t == 1 && _i == 1),
+                  "case %d, %d threads: %ld task jobs", _i, t + 1,
+                  m->gemm->tasks_run);
     if (t == 1) {
       ck_assert(memcmp(logits[0], logits[1],
                        (size_t)b.B * c.n_classes * sizeof(float)) == 0);
@@ -1179,14 +1182,14 @@ START_TEST(test_memory_limit_counts_scratch) {
     return;
   }
   imml_config c;
-  const int dims[2] = {5, 4};
+  const int dims[2] = {5, 5}; /* balanced: work memory for tasks */
   small_config(&c, 2, dims, 6, 4, 3, 8, 10);
   imml_model *f = create_ok(&c, NULL);
   const size_t arena = f->arena_bytes;
   imml_model_free(f);
   c.precision = IMML_PRECISION_BF16;
   /* with each thread's work memory for a branch's backward */
-  const size_t ctx = imml_bf16_ctx_bytes(mdken_work_floats(&c, c.max_batch));
+  const size_t ctx = imml_bf16_ctx_bytes(mdken_ctx_work_floats(&c));
   ck_assert_uint_gt(ctx, imml_bf16_ctx_bytes(0));
   c.memory_limit = arena + ctx - 1;
   char msg[IMML_ERRMSG_SIZE];
