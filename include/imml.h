@@ -38,8 +38,12 @@
  *   (imml_model_share()).
  * - imml_backward() and imml_optim_step() split their passes over every
  *   parameter (from 1 Mi parameters on) over as many threads as the BLAS
- *   uses; those threads start and end within the call, with every signal
- *   blocked, and results are the same for any thread count.
+ *   uses; a bf16 model (imml_config.precision) also runs its matrix
+ *   products on that many threads in imml_forward(), imml_backward(),
+ *   imml_predict() and imml_fdc_adjust().  Those threads start and end
+ *   within the call (they are alive while the call runs the host's
+ *   callbacks), with every signal blocked, and results are the same for
+ *   any thread count.
  * - Memory: every buffer a training or inference step needs is carved from
  *   one arena when the model is created or loaded; imml_forward(),
  *   imml_backward(), imml_commit(), imml_fdc_adjust(), imml_optim_step()

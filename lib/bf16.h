@@ -26,8 +26,8 @@ size_t imml_bf16_region_bytes(void);
 
 /* A product is split across threads only where every part gets at least
  * this many multiply-adds: IMML_BF16_START_MIN_MACS when the split would
- * start the call's helpers (starting and joining a thread costs about 20
- * microseconds, the time of some 4 M multiply-adds here), and
+ * start the call's helpers (starting and joining a thread costs some 50
+ * microseconds here, about what a part of 4 M multiply-adds gains), and
  * IMML_BF16_PART_MIN_MACS once they run and a part costs a wake-up.  The
  * context holds both (start_min_macs, part_min_macs): tests lower them. */
 #define IMML_BF16_START_MIN_MACS 4.0e6

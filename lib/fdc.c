@@ -58,6 +58,29 @@ static const float *strata_matrix(const fdc_view *v) {
   return v->one_block ? v->d[0] : NULL;
 }
 
+/* The modalities' slots, one task each (independent outputs; k_tasks). */
+typedef struct slot_job {
+  const imml_model *m;
+  const fdc_scratch *att;
+  const fdc_view *v;
+  const float *const *z;
+  float *const *slot;
+  int B, p;
+} slot_job;
+
+static void slot_task(void *arg, int mm, k_ctx *ctx) {
+  const slot_job *j = arg;
+  const int B = j->B, k = j->m->cfg.knowledge_dim, J = j->v->n;
+  const int cond = j->m->cfg.slot_mode == IMML_SLOT_CONDITIONAL;
+  if ((mm == j->p || cond) && j->slot[mm] != j->z[mm])
+    memcpy(j->slot[mm], j->z[mm], (size_t)B * k * sizeof(float));
+  if (mm == j->p)
+    return;
+  /* xhat_a (B, k) = w (B, J) d_a (J, k); conditional adds it to z_a */
+  k_gemm(ctx, 0, 0, B, k, J, 1.0f, j->att->w, J, j->v->d[mm], j->v->ld,
+         cond ? 1.0f : 0.0f, j->slot[mm], k);
+}
+
 void fdc_forward(const imml_model *m, imml_acts *a, const fdc_scratch *att,
                  int p, const float *const *z, float *const *slot,
                  const fdc_view *v) {
@@ -99,18 +122,55 @@ void fdc_forward(const imml_model *m, imml_acts *a, const fdc_scratch *att,
   const size_t nw = (size_t)B * J;
   for (size_t i = 0; i < nw; i++)
     att->w[i] = beta * att->alpha[i] + flat;
-  const int cond = c->slot_mode == IMML_SLOT_CONDITIONAL;
-  for (int mm = 0; mm < M; mm++) {
-    if ((mm == p || cond) && slot[mm] != z[mm])
-      memcpy(slot[mm], z[mm], (size_t)B * k * sizeof(float));
-    if (mm == p)
-      continue;
-    /* xhat_a (B, k) = w (B, J) d_a (J, k); conditional adds it to z_a */
-    k_gemm(m->gemm, 0, 0, B, k, J, 1.0f, att->w, J, v->d[mm], v->ld,
-           cond ? 1.0f : 0.0f, slot[mm], k);
-  }
+  slot_job sj = {m, att, v, z, slot, B, p};
+  if (!k_tasks(m->gemm, M, 0, (double)(M - 1) * B * k * J, slot_task, &sj))
+    for (int mm = 0; mm < M; mm++)
+      slot_task(&sj, mm, m->gemm);
   a->view = *v;
   a->p = p;
+}
+
+/* The backward's independent products, as tasks (k_tasks). */
+typedef struct back_job {
+  const imml_model *m;
+  const imml_acts *a;
+  const fdc_scratch *att;
+  imml_grads_scratch *g;
+  const imml_ptensors *dg;
+  const fdc_view *v;
+  float inv_sqrt_k;
+} back_job;
+
+/* Keys side: 0: dQ (B, k) = dE c / sqrt(k); 1: dK (J, k) = dEᵀ Q / sqrt(k). */
+static void dqk_task(void *arg, int i, k_ctx *ctx) {
+  const back_job *j = arg;
+  const int B = j->a->batch, k = j->m->cfg.knowledge_dim, J = j->v->n;
+  if (i == 0)
+    k_gemm(ctx, 0, 0, B, k, J, j->inv_sqrt_k, j->att->de, J, j->att->kk, k,
+           0.0f, j->g->dq, k);
+  else
+    k_gemm(ctx, 1, 0, J, k, B, j->inv_sqrt_k, j->att->de, J, j->a->q, k, 0.0f,
+           j->att->dk, k);
+}
+
+/* Keys side: dWk block pos += d_mᵀ dK. */
+static void dwk_task(void *arg, int pos, k_ctx *ctx) {
+  const back_job *j = arg;
+  const int k = j->m->cfg.knowledge_dim, J = j->v->n;
+  k_gemm(ctx, 1, 0, k, k, J, 1.0f, j->v->d[order_at(j->a->p, pos)], j->v->ld,
+         j->att->dk, k, 1.0f, j->dg->wk + (size_t)pos * k * k, k);
+}
+
+/* dWq block pos += z_mᵀ dQ; dz_m += dQ Wq_blockᵀ. */
+static void dwq_task(void *arg, int pos, k_ctx *ctx) {
+  const back_job *j = arg;
+  const int B = j->a->batch, k = j->m->cfg.knowledge_dim;
+  const int mm = order_at(j->a->p, pos);
+  const size_t blk = (size_t)pos * k * k;
+  k_gemm(ctx, 1, 0, k, k, B, 1.0f, j->a->z[mm], k, j->g->dq, k, 1.0f,
+         j->dg->wq + blk, k);
+  k_gemm(ctx, 0, 1, B, k, k, 1.0f, j->g->dq, k, j->m->pt.wq + blk, k, 1.0f,
+         j->g->dz[mm], k);
 }
 
 void fdc_backward(const imml_model *m, const imml_acts *a,
@@ -132,8 +192,9 @@ void fdc_backward(const imml_model *m, const imml_acts *a,
   const fdc_view *v = &a->view;
   const int J = v->n, p = a->p;
   const float inv_sqrt_k = 1.0f / sqrtf((float)k);
-  float *dwq = dg->wq, *dwk = dg->wk;
-  const float *wq = m->pt.wq, *wk = m->pt.wk;
+  float *dwk = dg->wk;
+  const float *wk = m->pt.wk;
+  back_job j = {m, a, att, g, dg, v, inv_sqrt_k};
   /* dalpha (B, J) = beta sum_a dxhat_a (B, k) d_aᵀ (k, J) */
   int first = 1;
   for (int mm = 0; mm < M; mm++) {
@@ -165,25 +226,18 @@ void fdc_backward(const imml_model *m, const imml_acts *a,
       k_gemm(m->gemm, 1, 0, k, k, B, 1.0f, blk, ldq, a->q, k, 1.0f, dwk + w, k);
     }
   } else {
-    /* dQ (B, k) = dE (B, J) c (J, k) / sqrt(k); dK (J, k) = dEᵀ Q / sqrt(k);
-     * dWk block += d_mᵀ dK */
-    k_gemm(m->gemm, 0, 0, B, k, J, inv_sqrt_k, att->de, J, att->kk, k, 0.0f,
-           g->dq, k);
-    k_gemm(m->gemm, 1, 0, J, k, B, inv_sqrt_k, att->de, J, a->q, k, 0.0f,
-           att->dk, k);
+    /* dQ (B, k) = dE (B, J) c (J, k) / sqrt(k) and dK (J, k) = dEᵀ Q /
+     * sqrt(k), then dWk block += d_mᵀ dK: one task each */
+    if (!k_tasks(m->gemm, 2, 0, 2.0 * B * k * J, dqk_task, &j))
+      for (int i = 0; i < 2; i++)
+        dqk_task(&j, i, m->gemm);
+    if (!k_tasks(m->gemm, M, 0, (double)M * k * k * J, dwk_task, &j))
+      for (int pos = 0; pos < M; pos++)
+        dwk_task(&j, pos, m->gemm);
+  }
+  if (!k_tasks(m->gemm, M, 0, 2.0 * M * B * k * k, dwq_task, &j))
     for (int pos = 0; pos < M; pos++)
-      k_gemm(m->gemm, 1, 0, k, k, J, 1.0f, v->d[order_at(p, pos)], v->ld,
-             att->dk, k, 1.0f, dwk + (size_t)pos * k * k, k);
-  }
-  for (int pos = 0; pos < M; pos++) {
-    const int mm = order_at(p, pos);
-    const size_t blk = (size_t)pos * k * k;
-    /* dWq block += z_mᵀ dQ; dz_m += dQ Wq_blockᵀ */
-    k_gemm(m->gemm, 1, 0, k, k, B, 1.0f, a->z[mm], k, g->dq, k, 1.0f, dwq + blk,
-           k);
-    k_gemm(m->gemm, 0, 1, B, k, k, 1.0f, g->dq, k, wq + blk, k, 1.0f, g->dz[mm],
-           k);
-  }
+      dwq_task(&j, pos, m->gemm);
 }
 
 /* Staged knowledge of the step's micro-batches (imml_backward), kept in a

@@ -78,8 +78,10 @@ typedef struct k_ctx {
   void *scratch;          /* 64-byte aligned: all regions, or a member's */
   float *work;            /* a member's work floats (k_tasks) */
   size_t work_floats;
-  long tasks_run; /* jobs k_tasks ran on the team (the tests read it) */
-  void *block;    /* the allocation holding the context and its scratch */
+  /* jobs k_tasks ran on the team, and how many of them were the
+   * knowledge network's branches (mdken.c); the tests read them */
+  long tasks_run, branch_jobs;
+  void *block; /* the allocation holding the context and its scratch */
 } k_ctx;
 
 /* Independent tasks: runs fn(arg, part, sub) for part 0 .. parts-1 on the

@@ -102,8 +102,10 @@ void mdken_forward(const imml_model *m, imml_acts *a, const float *const *h) {
   const int M = m->cfg.n_modalities;
   branch_plan bp;
   branch_job j = {m, a, a, h, NULL, NULL, NULL, 0.0f, &bp};
-  if (!plan_branches(m, &bp) ||
-      !k_tasks(m->gemm, M, 0, bp.macs * a->batch, branch_forward_task, &j))
+  if (plan_branches(m, &bp) &&
+      k_tasks(m->gemm, M, 0, bp.macs * a->batch, branch_forward_task, &j))
+    m->gemm->branch_jobs++;
+  else
     for (int mm = 0; mm < M; mm++)
       branch_forward(m, m->gemm, a, h, mm);
   double dis = 0.0;
@@ -113,30 +115,49 @@ void mdken_forward(const imml_model *m, imml_acts *a, const float *const *h) {
   a->losses.dis = dis / M;
 }
 
+/* One auxiliary modality's alignment with the predominant one: its S,
+ * Sᵀ, softmax rows and loss (independent of the others'; k_tasks). */
+typedef struct pair_job {
+  const imml_model *m;
+  const con_space *cs;
+  int p;
+  double loss[IMML_MAX_MODALITIES];
+} pair_job;
+
+static void pair_task(void *arg, int part, k_ctx *ctx) {
+  pair_job *j = arg;
+  const con_space *cs = j->cs;
+  const int N = cs->n, k = j->m->cfg.knowledge_dim, p = j->p;
+  const int aa = part < p ? part : part + 1; /* the auxiliary modalities */
+  /* S (N, N) = n_p n_aᵀ / tau */
+  k_gemm(ctx, 0, 1, N, N, k, 1.0f / j->m->cfg.tau, cs->nz[p], k, cs->nz[aa], k,
+         0.0f, cs->s[aa], N);
+  /* l(Sᵀ) reads the rows of an explicit transpose: contiguous rows are
+   * several times faster than a column walk once N is in the hundreds. */
+  k_transpose(N, N, cs->s[aa], N, cs->st[aa], N, 0);
+  /* Each pass leaves its softmax rows in place of S (Sᵀ) for the
+   * backward, which then needs no exponential. */
+  const double l_rows =
+      k_supcon_forward(N, cs->s[aa], N, 1, cs->labels, cs->s[aa]);
+  const double l_cols =
+      k_supcon_forward(N, cs->st[aa], N, 1, cs->labels, cs->st[aa]);
+  j->loss[aa] = 0.5 * (l_rows + l_cols);
+}
+
 double mdken_contrastive_forward(const imml_model *m, int p,
                                  const con_space *cs) {
   const imml_config *c = &m->cfg;
   const int N = cs->n, k = c->knowledge_dim, M = c->n_modalities;
-  double con = 0.0;
   for (int mm = 0; mm < M; mm++)
     k_l2norm_forward(N, k, cs->z[mm], cs->nz[mm], cs->r[mm]);
-  for (int aa = 0; aa < M; aa++) {
-    if (aa == p)
-      continue;
-    /* S (N, N) = n_p n_aᵀ / tau */
-    k_gemm(m->gemm, 0, 1, N, N, k, 1.0f / c->tau, cs->nz[p], k, cs->nz[aa], k,
-           0.0f, cs->s[aa], N);
-    /* l(Sᵀ) reads the rows of an explicit transpose: contiguous rows are
-     * several times faster than a column walk once N is in the hundreds. */
-    k_transpose(N, N, cs->s[aa], N, cs->st[aa], N, 0);
-    /* Each pass leaves its softmax rows in place of S (Sᵀ) for the
-     * backward, which then needs no exponential. */
-    const double l_rows =
-        k_supcon_forward(N, cs->s[aa], N, 1, cs->labels, cs->s[aa]);
-    const double l_cols =
-        k_supcon_forward(N, cs->st[aa], N, 1, cs->labels, cs->st[aa]);
-    con += 0.5 * (l_rows + l_cols);
-  }
+  pair_job j = {m, cs, p, {0}};
+  if (!k_tasks(m->gemm, M - 1, 0, (double)(M - 1) * N * N * k, pair_task, &j))
+    for (int part = 0; part < M - 1; part++)
+      pair_task(&j, part, m->gemm);
+  double con = 0.0;
+  for (int aa = 0; aa < M; aa++)
+    if (aa != p)
+      con += j.loss[aa];
   return con / (M - 1);
 }
 
@@ -222,9 +243,11 @@ void mdken_backward(const imml_model *m, const imml_acts *a,
   branch_plan bp;
   branch_job j = {m, NULL, a, NULL, g, dP, dh, ce_scale, &bp};
   /* the backward's products: twice the forward's (dW and dx) */
-  if (!plan_branches(m, &bp) ||
-      !k_tasks(m->gemm, M, mdken_work_floats(c, a->batch),
-               2.0 * bp.macs * a->batch, branch_backward_task, &j))
+  if (plan_branches(m, &bp) &&
+      k_tasks(m->gemm, M, mdken_work_floats(c, a->batch),
+              2.0 * bp.macs * a->batch, branch_backward_task, &j))
+    m->gemm->branch_jobs++;
+  else
     for (int mm = 0; mm < M; mm++)
       branch_backward(&j, m->gemm, mm, g->dout, g->du);
 }

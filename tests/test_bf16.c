@@ -740,10 +740,15 @@ START_TEST(test_threads_identical) {
     ck_assert_int_eq(imml_predict(m, b.B, feats(&b), logits[t], NULL, NULL),
                      IMML_OK);
     snap_take(m, &s[t]);
-    /* case 1 at two threads ran its branches as tasks, nothing else did */
-    ck_assert_msg((m->gemm->tasks_run > 0) == (t == 1 && _i == 1),
+    /* two threads ran tasks (the attention's independent products), and
+     * case 1 its branches among them (forward and backward of each
+     * step, and the prediction's forward); one thread ran none */
+    ck_assert_msg((m->gemm->tasks_run > 0) == (t == 1),
                   "case %d, %d threads: %ld task jobs", _i, t + 1,
                   m->gemm->tasks_run);
+    ck_assert_msg(m->gemm->branch_jobs == (t == 1 && _i == 1 ? 9 : 0),
+                  "case %d, %d threads: %ld branch jobs", _i, t + 1,
+                  m->gemm->branch_jobs);
     if (t == 1) {
       ck_assert(memcmp(logits[0], logits[1],
                        (size_t)b.B * c.n_classes * sizeof(float)) == 0);
