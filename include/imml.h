@@ -39,8 +39,9 @@
  * - imml_backward() and imml_optim_step() split their passes over every
  *   parameter (from 1 Mi parameters on) over as many threads as the BLAS
  *   uses; a bf16 model (imml_config.precision) also runs its matrix
- *   products on that many threads in imml_forward(), imml_backward(),
- *   imml_predict() and imml_fdc_adjust().  Those threads start and end
+ *   products on up to that many threads (at most 8), where they are large
+ *   enough, in imml_forward(), imml_backward(), imml_predict() and
+ *   imml_fdc_adjust().  Those threads start and end
  *   within the call (they are alive while the call runs the host's
  *   callbacks), with every signal blocked, and results are the same for
  *   any thread count.
@@ -490,7 +491,8 @@ IMML_API imml_status imml_predict(imml_model *model, int batch,
  *  @param batch     B, 1..max_batch.
  *  @param knowledge M pointers to B x k matrices, all finite.
  *  @param slots     M pointers to B x k outputs, not overlapping
- *                   knowledge.
+ *                   knowledge; slots that overlap each other are
+ *                   refused with ::IMML_ERR_INVALID_ARG.
  *  @return ::IMML_OK, or the status of the failure (message in the
  *          handle, imml_model_errmsg()).
  */

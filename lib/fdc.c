@@ -58,7 +58,8 @@ static const float *strata_matrix(const fdc_view *v) {
   return v->one_block ? v->d[0] : NULL;
 }
 
-/* The modalities' slots, one task each (independent outputs; k_tasks). */
+/* The auxiliary modalities' slots, one task each (independent outputs;
+ * k_tasks); the predominant one's is its knowledge. */
 typedef struct slot_job {
   const imml_model *m;
   const fdc_scratch *att;
@@ -68,14 +69,13 @@ typedef struct slot_job {
   int B, p;
 } slot_job;
 
-static void slot_task(void *arg, int mm, k_ctx *ctx) {
+static void slot_task(void *arg, int part, k_ctx *ctx) {
   const slot_job *j = arg;
   const int B = j->B, k = j->m->cfg.knowledge_dim, J = j->v->n;
+  const int mm = part < j->p ? part : part + 1; /* the auxiliary modalities */
   const int cond = j->m->cfg.slot_mode == IMML_SLOT_CONDITIONAL;
-  if ((mm == j->p || cond) && j->slot[mm] != j->z[mm])
+  if (cond && j->slot[mm] != j->z[mm])
     memcpy(j->slot[mm], j->z[mm], (size_t)B * k * sizeof(float));
-  if (mm == j->p)
-    return;
   /* xhat_a (B, k) = w (B, J) d_a (J, k); conditional adds it to z_a */
   k_gemm(ctx, 0, 0, B, k, J, 1.0f, j->att->w, J, j->v->d[mm], j->v->ld,
          cond ? 1.0f : 0.0f, j->slot[mm], k);
@@ -122,10 +122,12 @@ void fdc_forward(const imml_model *m, imml_acts *a, const fdc_scratch *att,
   const size_t nw = (size_t)B * J;
   for (size_t i = 0; i < nw; i++)
     att->w[i] = beta * att->alpha[i] + flat;
+  if (slot[p] != z[p])
+    memcpy(slot[p], z[p], (size_t)B * k * sizeof(float));
   slot_job sj = {m, att, v, z, slot, B, p};
-  if (!k_tasks(m->gemm, M, 0, (double)(M - 1) * B * k * J, slot_task, &sj))
-    for (int mm = 0; mm < M; mm++)
-      slot_task(&sj, mm, m->gemm);
+  if (!k_tasks(m->gemm, M - 1, 0, (double)(M - 1) * B * k * J, slot_task, &sj))
+    for (int part = 0; part < M - 1; part++)
+      slot_task(&sj, part, m->gemm);
   a->view = *v;
   a->p = p;
 }

@@ -632,6 +632,17 @@ static imml_status fdc_adjust_call(imml_model *m, int B, const float *const *z,
       return imml_fail(m, IMML_ERR_NONFINITE,
                        "knowledge[%d] holds NaN or infinity", mm);
   }
+  /* the slots are written at once (on several threads in bf16) */
+  const uintptr_t bytes = (uintptr_t)B * k * sizeof(float);
+  for (int mm = 0; mm < M; mm++)
+    for (int nn = 0; nn < mm; nn++) {
+      const uintptr_t x = (uintptr_t)slots[mm], y = (uintptr_t)slots[nn];
+      if (x < y + bytes && y < x + bytes)
+        return imml_fail(m, IMML_ERR_INVALID_ARG,
+                         "slots[%d] and slots[%d] overlap: each modality "
+                         "needs a B x k output of its own",
+                         nn, mm);
+    }
   imml_share_sync(m);
   imml_acts *a = &m->eval;
   m->eval_valid = 0; /* the attention scratch is about to change */

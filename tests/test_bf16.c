@@ -686,12 +686,25 @@ static void branch_config(imml_config *c) {
   c->precision = IMML_PRECISION_BF16;
 }
 
+/* Three modalities, strict slots, the predominant one last. */
+static const int strict_dims[3] = {160, 192, 96};
+
+static void strict_config(imml_config *c) {
+  small_config(c, 3, strict_dims, 128, 64, 7, 96, 128);
+  c->predominant = 2;
+  c->slot_mode = IMML_SLOT_STRICT;
+  c->precision = IMML_PRECISION_BF16;
+}
+
 /* The kernel gives every element from the same sums in the same order
  * whichever thread computes it, and a branch run as a task computes what
  * it computes in turn: one and two threads agree bit for bit, for the
  * whole state after training steps (input gradients included) and for a
- * prediction.  Case 0 splits products (every product with two micro-tiles
- * along m or n, at two threads); case 1 runs the branches as tasks. */
+ * prediction.  At two threads every job worth splitting at all is split
+ * (the thresholds lowered to 1 multiply-add): case 0 (two unbalanced
+ * modalities) splits products and runs the attention's blocks as tasks;
+ * cases 1 (four modalities, conditional slots) and 2 (three, strict) also
+ * run the branches and the alignment's pairs as tasks. */
 START_TEST(test_threads_identical) {
   if (!have_bf16()) {
     note_unsupported("threads_identical");
@@ -701,8 +714,10 @@ START_TEST(test_threads_identical) {
   imml_config c;
   if (_i == 0)
     big_config(&c);
-  else
+  else if (_i == 1)
     branch_config(&c);
+  else
+    strict_config(&c);
   const int M = c.n_modalities;
   imml_optim_config oc;
   imml_optim_config_init(&oc, IMML_OPTIM_ADAMW);
@@ -721,7 +736,7 @@ START_TEST(test_threads_identical) {
       return;
     }
     imml_model *m = create_ok(&c, NULL);
-    if (t == 1 && _i == 0)
+    if (t == 1)
       m->gemm->start_min_macs = m->gemm->part_min_macs = 1.0;
     ck_assert_int_eq(imml_optim_setup(m, &oc), IMML_OK);
     for (int mm = 0; mm < M; mm++)
@@ -741,12 +756,12 @@ START_TEST(test_threads_identical) {
                      IMML_OK);
     snap_take(m, &s[t]);
     /* two threads ran tasks (the attention's independent products), and
-     * case 1 its branches among them (forward and backward of each
-     * step, and the prediction's forward); one thread ran none */
+     * cases 1 and 2 their branches among them (forward and backward of
+     * each step, and the prediction's forward); one thread ran none */
     ck_assert_msg((m->gemm->tasks_run > 0) == (t == 1),
                   "case %d, %d threads: %ld task jobs", _i, t + 1,
                   m->gemm->tasks_run);
-    ck_assert_msg(m->gemm->branch_jobs == (t == 1 && _i == 1 ? 9 : 0),
+    ck_assert_msg(m->gemm->branch_jobs == (t == 1 && _i > 0 ? 9 : 0),
                   "case %d, %d threads: %ld branch jobs", _i, t + 1,
                   m->gemm->branch_jobs);
     if (t == 1) {
@@ -1222,7 +1237,7 @@ static Suite *bf16_suite(void) {
   tc = tcase_create("model");
   tcase_add_test(tc, test_refused_or_created);
   tcase_add_test(tc, test_memory_limit_counts_scratch);
-  tcase_add_loop_test(tc, test_threads_identical, 0, 2);
+  tcase_add_loop_test(tc, test_threads_identical, 0, 3);
   tcase_add_test(tc, test_no_thread_outlives_call);
   tcase_add_test(tc, test_shares_concurrent);
 #if defined(HAVE_INTERPOSER)

@@ -1245,6 +1245,16 @@ START_TEST(test_fdc_adjust_errors) {
   expect_fail(m, imml_fdc_adjust(m, 2, z, s), IMML_ERR_NONFINITE, &s0,
               "NaN knowledge");
   z1[k + 1] = 0.5f;
+  /* slots sharing memory (the same buffer, or one row apart) */
+  float *same[2] = {s0b, s0b}, *shifted[2] = {s0b + k, s0b};
+  expect_fail(m, imml_fdc_adjust(m, 2, z, same), IMML_ERR_INVALID_ARG, &s0,
+              "the same slot twice");
+  ck_assert_ptr_nonnull(strstr(last_msg, "overlap"));
+  expect_fail(m, imml_fdc_adjust(m, 2, z, shifted), IMML_ERR_INVALID_ARG, &s0,
+              "overlapping slots");
+  /* two B x k outputs side by side in one array are fine */
+  float *halves[2] = {s0b, s0b + 2 * k};
+  ck_assert_int_eq(imml_fdc_adjust(m, 2, z, halves), IMML_OK);
   ck_assert_int_eq(imml_fdc_adjust(m, 2, z, s), IMML_OK);
   ck_assert_str_eq(imml_model_errmsg(m), "");
   snap_free(&s0);
