@@ -8,6 +8,7 @@
 #define IMML_EXPERIMENTAL
 #include "imml.h"
 
+#include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -355,7 +356,8 @@ void imml_ptensors_point(const imml_model *m, float *base, imml_ptensors *t);
 
 /* mdken.c (METHOD.md section 1) */
 void mdken_forward(const imml_model *m, imml_acts *a, const float *const *h);
-/* Work floats one thread needs for a branch's backward at this batch. */
+/* Work floats one thread needs for a branch's backward at this batch
+ * (SIZE_MAX if that overflows). */
 size_t mdken_work_floats(const imml_config *c, int batch);
 /* Work floats per thread a bf16 model's context holds: those of max_batch
  * where the branches may ever run as tasks (balanced at two threads),
@@ -394,6 +396,10 @@ void mdken_backward(const imml_model *m, const imml_acts *a,
 #define IMML_PAR_MAX 8
 typedef void (*imml_range_fn)(void *ctx, int part, size_t lo, size_t hi);
 int imml_par_parts(size_t n);
+/* pthread_create with every signal blocked in the new thread (it inherits
+ * the mask at creation), so no host signal handler ever runs on a libimml
+ * thread: 1 if the thread started. */
+int imml_thread_start(pthread_t *t, void *(*fn)(void *), void *arg);
 int imml_par_for(size_t n, imml_range_fn fn, void *ctx);
 /* k_all_zero and k_max_abs, split the same way. */
 float imml_par_max_abs(size_t n, const float *x);

@@ -229,7 +229,11 @@ static void branch_backward_task(void *arg, int part, k_ctx *sub) {
 }
 
 size_t mdken_work_floats(const imml_config *c, int batch) {
-  return (size_t)batch * ((size_t)c->n_classes + (size_t)c->hidden_dim);
+  size_t n; /* saturates: a size past SIZE_MAX is refused, not wrapped */
+  return imml_size_mul(&n, (size_t)batch,
+                       (size_t)c->n_classes + (size_t)c->hidden_dim)
+             ? n
+             : SIZE_MAX;
 }
 
 void mdken_backward(const imml_model *m, const imml_acts *a,

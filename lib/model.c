@@ -149,10 +149,7 @@ imml_status imml_model_build(const imml_config *cfg, const int *dims,
   int work_ok = 1;
   if (bf16) {
     work = mdken_ctx_work_floats(cfg);
-    work_ok =
-        (work == 0 || work / (size_t)cfg->max_batch ==
-                          (size_t)cfg->n_classes + (size_t)cfg->hidden_dim) &&
-        work <= SIZE_MAX / 128;
+    work_ok = work <= SIZE_MAX / 128;
     gemm_bytes = work_ok ? imml_bf16_ctx_bytes(work) : SIZE_MAX;
   }
   const int saturated = c.overflow || !work_ok ||

@@ -43,6 +43,16 @@ static void *par_run(void *arg) {
   return NULL;
 }
 
+int imml_thread_start(pthread_t *t, void *(*fn)(void *), void *arg) {
+  sigset_t all, old;
+  sigfillset(&all);
+  const int masked = pthread_sigmask(SIG_SETMASK, &all, &old) == 0;
+  const int ok = pthread_create(t, NULL, fn, arg) == 0;
+  if (masked)
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+  return ok;
+}
+
 int imml_par_parts(size_t n) {
   int threads = imml_threads_set(0);
   if (threads > IMML_PAR_MAX)
@@ -70,15 +80,8 @@ int imml_par_for(size_t n, imml_range_fn fn, void *ctx) {
     const size_t hi = lo + chunk < n ? lo + chunk : n;
     task[i] = (par_task){fn, ctx, i, lo, hi};
   }
-  /* Helpers start with every signal blocked (they inherit the mask at
-   * creation), so no host signal handler ever runs on a libimml thread. */
-  sigset_t all, old;
-  sigfillset(&all);
-  const int masked = pthread_sigmask(SIG_SETMASK, &all, &old) == 0;
   for (int i = 1; i < parts; i++)
-    started[i] = pthread_create(&tid[i], NULL, par_run, &task[i]) == 0;
-  if (masked)
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    started[i] = imml_thread_start(&tid[i], par_run, &task[i]);
   par_run(&task[0]);
   for (int i = 1; i < parts; i++) {
     if (started[i])

@@ -16,9 +16,9 @@
  * the new job or the caller sees a sleeper and broadcasts under the
  * mutex.  No wake-up is lost. */
 #include "team.h"
+#include "internal.h"
 
 #include <sched.h>
-#include <signal.h>
 #include <time.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -125,25 +125,19 @@ void imml_team_destroy(imml_team *t) {
 
 int imml_team_running(const imml_team *t) { return t->helpers > 0; }
 
-/* Starts helpers until n run, each with every signal blocked (they
- * inherit the mask at creation), so no host signal handler ever runs on a
- * libimml thread.  A helper that cannot be had is simply not there, and
- * is not asked for again in this call. */
+/* Starts helpers until n run, each with every signal blocked
+ * (imml_thread_start).  A helper that cannot be had is simply not there,
+ * and is not asked for again in this call. */
 static void start(imml_team *t, int n) {
   t->asked = n;
   const uint64_t gen = GEN(atomic_load(&t->state));
-  sigset_t all, old;
-  sigfillset(&all);
-  const int masked = pthread_sigmask(SIG_SETMASK, &all, &old) == 0;
   while (t->helpers < n) {
     t->member[t->helpers] = (imml_team_member){t, t->helpers + 1, gen};
-    if (pthread_create(&t->tid[t->helpers], NULL, helper_main,
-                       &t->member[t->helpers]) != 0)
+    if (!imml_thread_start(&t->tid[t->helpers], helper_main,
+                           &t->member[t->helpers]))
       break;
     t->helpers++;
   }
-  if (masked)
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
 void imml_team_run(imml_team *t, int threads, int parts, imml_team_fn fn,
